@@ -1,0 +1,83 @@
+"""The ``vargen`` command line."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vargen", description="Fast autoregressive image generation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images from a class (or prompt) and save them",
+                         description="Generate images and save them (several images are tiled into a grid).")
+    gen.add_argument("conditions", nargs="+", metavar="PROMPT_OR_CLASS",
+                     help="class id or class name (c2i models); several give several images")
+    gen.add_argument("-o", "--output", default="outputs/sample.png", help="output image path (PNG)")
+    gen.add_argument("--model", default=None,
+                     help="pipeline folder (VarGenPipeline.save_pretrained) or 'tiny-random'; "
+                          "default: the smallest model available")
+    gen.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = all)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    gen.add_argument("-n", "--num-images", type=_positive_int, default=1, help="images per condition")
+    gen.add_argument("--stats", default=None, help="write DecodeStats as JSON to this path")
+    gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def cmd_generate(args) -> int:
+    from torchvision.utils import make_grid, save_image
+
+    from .pipeline import TINY_RANDOM, VarGenPipeline
+
+    if args.model is None:
+        print(f"vargen: no trained default model is bundled yet; using {TINY_RANDOM!r} "
+              "(random weights: the images are noise)", file=sys.stderr)
+    pipe = VarGenPipeline.load(args.model, device=args.device)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    start = time.perf_counter()
+    out = pipe(args.conditions, num_images_per_prompt=args.num_images, cfg_scale=args.cfg,
+               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+               output_type="pt", progress=not args.quiet)
+    images = out.images
+    folder = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(args.output)}")
+    grid = make_grid(images, nrow=max(1, math.ceil(math.sqrt(len(images))))) if len(images) > 1 else images[0]
+    save_image(grid, tmp, format="png")
+    os.replace(tmp, args.output)  # never leave a half-written image
+    stats = out.stats
+    if args.stats:
+        stats.extra.update(model=args.model or TINY_RANDOM, total_wall_s=time.perf_counter() - start)
+        stats.to_json(args.stats)
+    print(f"wrote {len(images)} image(s) to {args.output} ({stats.forward_passes} forward passes for "
+          f"{stats.tokens} tokens, {stats.wall_s:.2f} s decoding)")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"vargen: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Logits to probabilities (CFG, temperature, top-k, top-p in fp32) and exact sampling.
+
+Every decoding method draws and verifies with the tensors produced here, so a draft's
+``q`` and a verifier's ``p`` are always the same kind of object: fp32 probabilities
+after guidance and filtering.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How logits become a sampling distribution.
+
+    Attributes:
+        cfg_scale: classifier-free guidance ``l_u + s * (l_c - l_u)``; 1 disables it.
+        temperature: divides logits; 0 means greedy (argmax).
+        top_k: keep the k most likely tokens (ties at the k-th value kept); 0 keeps all.
+        top_p: keep the smallest set whose mass reaches ``top_p``; 1 keeps all.
+    """
+
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def validate(self, vocab_size: int, has_null_condition: bool = True) -> "SamplingConfig":
+        """Raise ``ValueError`` with a fix for settings that cannot work with this vocabulary/model."""
+        if not (self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (self.cfg_scale >= 0):
+            raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
+        if self.top_k < 0 or self.top_k > vocab_size:
+            raise ValueError(f"top_k must be in [0, {vocab_size}] for a vocabulary of {vocab_size} "
+                             f"tokens (0 = off), got {self.top_k}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.uses_cfg and not has_null_condition:
+            raise ValueError(f"cfg_scale={self.cfg_scale} needs a null condition, but this model has none "
+                             "(it was trained without condition dropout); use cfg_scale=1")
+        return self
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg_scale != 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def guided_logits(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Combine a CFG-doubled batch ``[cond; uncond]`` into guided fp32 logits (half the batch)."""
+    logits = logits.float()
+    if cfg_scale == 1.0:
+        return logits
+    cond, uncond = logits.chunk(2, dim=0)
+    return uncond + cfg_scale * (cond - uncond)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k / top-p support to ``-inf`` (fp32, last dim = vocabulary)."""
+    logits = logits.float()
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p (so the crossing token stays)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def logits_to_probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """Raw model logits (CFG-doubled if ``config.uses_cfg``) -> fp32 sampling probabilities.
+
+    Order as LlamaGen: CFG, temperature, top-k, top-p, softmax. Temperature 0 gives a
+    one-hot distribution on the argmax. NaN/inf logits raise instead of sampling garbage.
+    """
+    logits = guided_logits(logits, config.cfg_scale)
+    if not torch.isfinite(logits).all():
+        bad = (~torch.isfinite(logits)).sum().item()  # one sync, only on the error path check
+        raise FloatingPointError(f"model produced {bad} non-finite logits (NaN/inf); check the weights "
+                                 "and dtype (fp16 overflow?) before sampling")
+    if config.temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = filter_logits(logits / config.temperature, config.top_k, config.top_p)
+    return logits.softmax(-1)
+
+
+def make_generators(seeds: Sequence[int], device=None) -> list:
+    """One ``torch.Generator`` per sample, so a sample depends only on its own seed."""
+    gens = []
+    for s in seeds:
+        g = torch.Generator(device=device or "cpu")
+        g.manual_seed(int(s))
+        gens.append(g)
+    return gens
+
+
+def exponential_noise(shape_per_sample: Sequence[int], generators: Sequence[torch.Generator],
+                      device=None) -> torch.Tensor:
+    """``[B, *shape]`` i.i.d. Exp(1) noise, row b drawn from ``generators[b]``."""
+    return torch.stack([
+        torch.empty(*shape_per_sample, device=device or g.device).exponential_(generator=g) for g in generators
+    ])
+
+
+def uniform_noise(shape_per_sample: Sequence[int], generators: Sequence[torch.Generator], device=None) -> torch.Tensor:
+    """``[B, *shape]`` i.i.d. U(0, 1) coins, row b drawn from ``generators[b]``."""
+    return torch.stack([
+        torch.rand(*shape_per_sample, device=device or g.device, generator=g) for g in generators
+    ])
+
+
+def sample_categorical(probs: torch.Tensor, generators: Optional[Sequence[torch.Generator]] = None,
+                       noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact draw from ``probs`` (``[B, ..., V]``) as ``argmax(p / E)``, ``E ~ Exp(1)``.
+
+    Equivalent to Gumbel-max; zero-probability tokens never win; no host sync. Either
+    per-sample ``generators`` or precomputed ``noise`` of the same shape as ``probs``.
+    """
+    if noise is None:
+        if generators is None:
+            noise = torch.empty_like(probs).exponential_()
+        else:
+            if len(generators) != probs.shape[0]:
+                raise ValueError(f"need one generator per sample: {len(generators)} for batch {probs.shape[0]}")
+            noise = exponential_noise(probs.shape[1:], generators, probs.device)
+    return (probs / noise).argmax(-1)

@@ -1,0 +1,101 @@
+"""The shared substrate of every decoding method: condition prefill, CFG doubling, cache, probs.
+
+A method asks a :class:`DecodeSession` for next-token distributions of any tokens at any
+positions and slots; the session runs the model once per call, folds the CFG halves,
+applies the sampling config in fp32 and counts forward passes. Methods never touch the
+model's internals or duplicate this bookkeeping.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from .sampling import SamplingConfig, logits_to_probs, make_generators
+from .stats import DecodeStats
+
+
+class DecodeSession:
+    """One batch of generations in flight.
+
+    Args:
+        model: any model implementing the vargen protocol (``forward``, ``new_cache``,
+            ``condition_embeddings``, ``prefix_len``, ``num_tokens``, ``vocab_size``).
+        cond: class ids ``[B]`` or caption features ``[B, P, C]``.
+        sampling: the :class:`SamplingConfig`; validated against the model here.
+        seeds: one seed per sample (default ``0..B-1``); drives that sample's generator.
+        cond_mask: ``[B, P]`` bool for caption padding (pads see only themselves).
+        method: name written into the stats.
+    """
+
+    def __init__(self, model, cond, sampling: SamplingConfig, seeds: Optional[Sequence[int]] = None,
+                 cond_mask: Optional[torch.Tensor] = None, method: str = "ar", max_len: Optional[int] = None):
+        self.model = model
+        self.sampling = sampling.validate(model.vocab_size, model.has_null_condition)
+        device = next(model.parameters()).device
+        self.device = device
+        prefix = model.condition_embeddings(cond)
+        if sampling.uses_cfg:
+            prefix = torch.cat([prefix, model.condition_embeddings(cond, null=True)])
+        self.batch = prefix.shape[0] // (2 if sampling.uses_cfg else 1)
+        self.prefix = prefix
+        self.prefix_len = prefix.shape[1]
+        if cond_mask is not None:
+            cond_mask = cond_mask.to(device).bool()
+            if sampling.uses_cfg:
+                cond_mask = torch.cat([cond_mask, cond_mask])  # LlamaGen masks both halves alike
+        self.cond_mask = cond_mask
+        seeds = list(range(self.batch)) if seeds is None else list(seeds)
+        if len(seeds) != self.batch:
+            raise ValueError(f"got {len(seeds)} seeds for a batch of {self.batch}")
+        self.generators = make_generators(seeds, device)
+        self.cache = model.new_cache(prefix.shape[0], max_len or self.prefix_len + model.num_tokens)
+        self.stats = DecodeStats(method=method, batch_size=self.batch, tokens=model.num_tokens)
+        self._t0 = None
+
+    # ----------------------------------------------------------------------------- model calls
+    def _double(self, x: torch.Tensor) -> torch.Tensor:
+        """CFG halves share tokens, positions and slots."""
+        return torch.cat([x, x]) if self.sampling.uses_cfg else x
+
+    @torch.no_grad()
+    def prefill(self) -> torch.Tensor:
+        """Run the condition prefix; returns ``[B, V]`` probabilities of the first image token."""
+        self._t0 = time.perf_counter()
+        P, rows = self.prefix_len, self.prefix.shape[0]
+        slots = torch.arange(P, device=self.device).expand(rows, P)
+        positions = torch.full_like(slots, -1)
+        mask = None
+        if self.cond_mask is not None:
+            causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
+            mask = torch.zeros(rows, P, self.cache.max_len, dtype=torch.bool, device=self.device)
+            mask[:, :, :P] = (causal[None] & self.cond_mask[:, None, :]) | torch.eye(P, dtype=torch.bool,
+                                                                                     device=self.device)
+        logits = self.model(embeds=self.prefix, positions=positions, slots=slots, mask=mask, cache=self.cache)
+        if self.cond_mask is not None:
+            self.cache.visible[:, :P] = self.cond_mask
+        self.cache.length.fill_(P)
+        self.stats.forward_passes += 1
+        return logits_to_probs(logits[:, -1], self.sampling)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Feed image ``tokens`` ``[B, T]`` at grid ``positions`` into cache ``slots``; returns ``[B, T, V]`` probs.
+
+        Slots count from 0 at the first image token (the prefix is added here).
+        """
+        slots = slots + self.prefix_len
+        logits = self.model(tokens=self._double(tokens), positions=self._double(positions),
+                            slots=self._double(slots), mask=None if mask is None else self._double(mask),
+                            cache=self.cache)
+        self.stats.forward_passes += 1
+        return logits_to_probs(logits, self.sampling)
+
+    def finish(self) -> DecodeStats:
+        """Stop the clock (synchronising the device) and return the stats."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats.wall_s = time.perf_counter() - (self._t0 or time.perf_counter())
+        return self.stats

@@ -1,0 +1,51 @@
+"""What a decoding run costs: forward passes, tokens, accepted lengths, wall time."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+
+@dataclass
+class DecodeStats:
+    """Counters for one decoding run over a batch.
+
+    ``forward_passes`` counts model calls including the condition prefill; ``tokens`` is
+    the number of image tokens produced per sample; ``accepted_hist`` maps tokens committed
+    in one forward to how often that happened (summed over samples).
+    """
+
+    method: str
+    batch_size: int
+    tokens: int
+    forward_passes: int = 0
+    wall_s: float = 0.0
+    accepted_hist: dict = field(default_factory=dict)
+    per_sample_forward_passes: Optional[list] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens / max(self.forward_passes, 1)
+
+    def record_accepted(self, lengths) -> None:
+        """Add accepted lengths (an iterable of ints, one per sample) to the histogram."""
+        hist = Counter(self.accepted_hist)
+        hist.update(int(n) for n in lengths)
+        self.accepted_hist = dict(sorted(hist.items()))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tokens_per_forward"] = self.tokens_per_forward
+        d["accepted_hist"] = {str(k): v for k, v in self.accepted_hist.items()}
+        return d
+
+    def to_json(self, path) -> None:
+        """Write the stats as JSON (atomically: temporary file, then rename)."""
+        import os
+
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)

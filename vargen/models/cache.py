@@ -1,0 +1,73 @@
+"""Static KV cache with per-sample length pointers (gpt-fast style).
+
+Buffers are preallocated as ``[B, heads, max_len, head_dim]`` per layer and written at
+explicit slots. Rolling back rejected drafts is moving ``length``; stale entries stay in
+memory but are never visible because masks are built from slots and ``visible``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StaticKVCache:
+    """Per-layer key/value buffers plus the bookkeeping every decoding method shares.
+
+    Attributes:
+        k, v: lists (one per layer) of ``[B, H, max_len, D]`` tensors.
+        visible: ``[B, max_len]`` bool, slots that later tokens may attend to (written,
+            real tokens; condition padding stays ``False``).
+        length: ``[B]`` long, the number of committed slots per sample.
+    """
+
+    k: list
+    v: list
+    visible: torch.Tensor
+    length: torch.Tensor
+
+    @classmethod
+    def allocate(cls, n_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
+                 dtype=torch.float32, device=None) -> "StaticKVCache":
+        shape = (batch, heads, max_len, head_dim)
+        return cls(
+            k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+            v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+            visible=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+            length=torch.zeros(batch, dtype=torch.long, device=device),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.visible.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.visible.shape[1]
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k, v`` (``[B, T, H, D]``) at ``slots`` (``[B, T]``) of ``layer``."""
+        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+        self.k[layer][rows, :, slots] = k.to(self.k[layer].dtype)
+        self.v[layer][rows, :, slots] = v.to(self.v[layer].dtype)
+
+    def rollback(self, length: torch.Tensor) -> None:
+        """Move each sample's committed length back (or forward) to ``length``; no copies."""
+        self.length.copy_(length)
+        slots = torch.arange(self.max_len, device=length.device)
+        self.visible &= slots[None, :] < length[:, None]
+
+
+def causal_slot_mask(slots: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    """Generation-order causal mask ``[B, T, max_len]`` for new tokens at ``slots``.
+
+    A new token sees every visible cache slot written before it, the new tokens of this
+    forward at earlier slots, and always itself (a row with nothing visible gives NaN).
+    """
+    all_slots = torch.arange(cache.max_len, device=slots.device)
+    earlier = all_slots[None, None, :] <= slots[:, :, None]
+    new = torch.zeros_like(cache.visible)
+    new.scatter_(1, slots, True)
+    seen = (cache.visible | new)[:, None, :] & earlier
+    return seen | (all_slots[None, None, :] == slots[:, :, None])

@@ -1,0 +1,108 @@
+"""Reading checkpoint files as research code releases them.
+
+LlamaGen ships `.pt` files that hold `{"model": ..., "optimizer": ..., "args": Namespace}`
+(DDP), raw FSDP state dicts, or `{"ema": ...}`. This module turns any of them into a
+plain state dict and checks it against a module with errors that name the keys.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Iterable, Mapping
+
+import torch
+
+_WRAPPER_KEYS = ("model", "module", "state_dict")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the module it is loaded into."""
+
+
+def read_state_dict(path_or_state_dict, prefer_ema: bool = False) -> dict:
+    """Return a flat ``{name: tensor}`` dict from a file path or an (optionally wrapped) dict.
+
+    Accepts safetensors files, ``.pt``/``.pth``/``.bin`` files (including ones that
+    pickle an ``argparse.Namespace`` under ``"args"``, as LlamaGen's do), and dicts
+    wrapped under ``"model"``, ``"module"``, ``"state_dict"`` (or ``"ema"`` when
+    ``prefer_ema``). ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are stripped.
+    """
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        path = os.fspath(path_or_state_dict)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            obj = load_file(path)
+        else:
+            obj = _torch_load(path)
+    else:
+        obj = path_or_state_dict
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+    if prefer_ema and isinstance(obj.get("ema"), Mapping):
+        obj = obj["ema"]
+    else:
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError(f"no tensors found in checkpoint (top-level keys: {sorted(obj)[:10]})")
+    # wrappers' prefixes: DDP "module.", torch.compile "_orig_mod."
+    for prefix in ("module.", "_orig_mod."):
+        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return state
+
+
+def _torch_load(path: str):
+    # LlamaGen checkpoints pickle argparse.Namespace under "args": allow exactly that class
+    # so the safe loader still refuses arbitrary code.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as safe_error:  # noqa: BLE001 - report both failures together
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as full_error:  # noqa: BLE001
+            raise CheckpointError(
+                f"could not read {path}: {safe_error!s}; unsafe load also failed: {full_error!s}"
+            ) from full_error
+
+
+def load_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, what: str,
+                 ignore: Iterable[str] = ()) -> None:
+    """Load ``state`` into ``module`` or raise :class:`CheckpointError` naming the bad keys.
+
+    ``ignore`` lists key suffixes that may be present in files but are not parameters
+    here (stale RoPE tables, usage counters); they are dropped silently.
+    """
+    ignore = tuple(ignore)
+    state = {k: v for k, v in state.items() if not (ignore and k.endswith(ignore))}
+    own = module.state_dict()
+    missing = sorted(k for k in own if k not in state and not (ignore and k.endswith(ignore)))
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in state if k in own and state[k].shape != own[k].shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_head(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_head(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_head(mismatched)}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint does not match {what}: " + "; ".join(problems)
+            + ". Check the size/config you passed (e.g. size='GPT-B', downsample=16) matches the file."
+        )
+    module.load_state_dict({k: v for k, v in state.items()}, strict=False)
+
+
+def _head(items, n: int = 8) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f", ... (+{len(items) - n} more)" if len(items) > n else "")

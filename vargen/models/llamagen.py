@@ -1,0 +1,364 @@
+"""LlamaGen's GPT (class- and text-conditional), speaking vargen's model protocol.
+
+Parameter names, initialisation, RMSNorm, SwiGLU sizing and the 2D RoPE follow
+FoundationVision/LlamaGen ``autoregressive/models/gpt.py`` so its released checkpoints
+load unchanged (:meth:`LlamaGen.from_llamagen`). Inference goes through one forward over
+explicit positions, cache slots and a mask (see ``vargen.models.protocol``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from .cache import StaticKVCache, causal_slot_mask
+from .checkpoint import load_checked, read_state_dict
+from .rope import apply_rope, rope_2d_table
+
+# Named sizes as in LlamaGen (layers, heads, dim); tiny sizes are for tests and CPU recipes.
+GPT_SIZES = {
+    "GPT-B": dict(n_layer=12, n_head=12, dim=768),
+    "GPT-L": dict(n_layer=24, n_head=16, dim=1024),
+    "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),
+    "GPT-XXL": dict(n_layer=48, n_head=24, dim=1536),
+    "GPT-XXXL": dict(n_layer=48, n_head=40, dim=2560),
+    "GPT-1B": dict(n_layer=22, n_head=32, dim=2048),
+    "GPT-3B": dict(n_layer=24, n_head=32, dim=3200),
+    "GPT-7B": dict(n_layer=32, n_head=32, dim=4096),
+    "GPT-tiny": dict(n_layer=2, n_head=4, dim=64, multiple_of=32),
+    "GPT-mini": dict(n_layer=6, n_head=8, dim=256, multiple_of=64),
+    "GPT-small": dict(n_layer=8, n_head=8, dim=384, multiple_of=128),
+}
+
+
+def _round_up(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - n % k
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row (index ``num_classes``) for the null class when CFG is trained."""
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels, train: bool):
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels).unsqueeze(1)
+
+
+class CaptionMLP(nn.Module):
+    def __init__(self, in_features: int, hidden: int, out_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden, bias=False)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, out_features, bias=False)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CaptionEmbedder(nn.Module):
+    """Caption features (e.g. 120 x 2048 FLAN-T5) through a bias-free MLP; fixed uncond embedding."""
+
+    def __init__(self, caption_dim: int, dim: int, uncond_prob: float, token_num: int = 120):
+        super().__init__()
+        self.cap_proj = CaptionMLP(caption_dim, dim, dim)
+        self.register_buffer("uncond_embedding", torch.randn(token_num, caption_dim) / caption_dim ** 0.5)
+        self.uncond_prob = uncond_prob
+
+    def forward(self, caption, train: bool):
+        if train and self.uncond_prob > 0:
+            drop = torch.rand(caption.shape[0], device=caption.device) < self.uncond_prob
+            caption = torch.where(drop[:, None, None], self.uncond_embedding.to(caption.dtype), caption)
+        return self.cap_proj(caption)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float], dropout: float):
+        super().__init__()
+        hidden = int(2 * 4 * dim / 3)
+        if ffn_dim_multiplier is not None:
+            hidden = int(ffn_dim_multiplier * hidden)
+        hidden = _round_up(hidden, multiple_of)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.ffn_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_head: int, n_kv_head: int, attn_dropout: float, resid_dropout: float):
+        super().__init__()
+        self.dim, self.n_head, self.n_kv_head = dim, n_head, n_kv_head
+        self.head_dim = dim // n_head
+        self.wqkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.attn_dropout_p = attn_dropout
+        self.resid_dropout = nn.Dropout(resid_dropout)
+
+    def forward(self, x, rope, mask, cache: Optional[StaticKVCache], layer: int, slots):
+        B, T, _ = x.shape
+        kv = self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([self.dim, kv, kv], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_head, self.head_dim), rope)
+        k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), rope)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        if cache is not None:
+            cache.write(layer, slots, k, v)
+            keys, values = cache.k[layer], cache.v[layer]
+        else:
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)
+        if self.n_kv_head != self.n_head:
+            rep = self.n_head // self.n_kv_head
+            keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),
+            attn_mask=None if mask is None else mask[:, None],
+            is_causal=mask is None,
+            dropout_p=self.attn_dropout_p if self.training else 0.0,
+        )
+        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, self.dim)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg, drop_path: float):
+        super().__init__()
+        self.attention = Attention(cfg.dim, cfg.n_head, cfg.n_kv_head or cfg.n_head,
+                                   cfg.attn_dropout_p, cfg.resid_dropout_p)
+        self.feed_forward = FeedForward(cfg.dim, cfg.multiple_of, cfg.ffn_dim_multiplier, cfg.ffn_dropout_p)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if drop_path > 0:
+            from timm.layers import DropPath
+
+            self.drop_path = DropPath(drop_path)
+        else:
+            self.drop_path = nn.Identity()
+
+    def forward(self, x, rope, mask, cache, layer, slots):
+        h = x + self.drop_path(self.attention(self.attention_norm(x), rope, mask, cache, layer, slots))
+        return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
+
+
+class LlamaGen(ModelMixin, ConfigMixin):
+    """LlamaGen GPT for class- (``c2i``) or text-conditional (``t2i``) image generation.
+
+    Protocol: :meth:`forward` takes image tokens (or condition embeddings) at explicit
+    ``positions`` (raster cell index ``r * grid + c``; ``-1`` for condition tokens) and
+    writes them to ``slots`` of a :class:`StaticKVCache`; ``mask`` (``[B, T, max_len]``,
+    ``True`` = attend) defaults to generation-order causal.
+
+    Example:
+        >>> model = LlamaGen.from_size("GPT-tiny", block_size=16, vocab_size=32, num_classes=4)
+        >>> model.grid
+        (4, 4)
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, dim: int = 768, n_layer: int = 12, n_head: int = 12, n_kv_head: Optional[int] = None,
+                 multiple_of: int = 256, ffn_dim_multiplier: Optional[float] = None, rope_base: float = 10000.0,
+                 norm_eps: float = 1e-5, initializer_range: float = 0.02, token_dropout_p: float = 0.1,
+                 attn_dropout_p: float = 0.0, resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1,
+                 drop_path_rate: float = 0.0, num_classes: int = 1000, caption_dim: int = 2048,
+                 class_dropout_prob: float = 0.1, model_type: str = "c2i", vocab_size: int = 16384,
+                 cls_token_num: int = 1, block_size: int = 256, cond_rope: str = "zeros",
+                 class_names: Optional[Sequence[str]] = None):
+        super().__init__()
+        if model_type not in ("c2i", "t2i"):
+            raise ValueError(f"model_type must be 'c2i' or 't2i', got {model_type!r}")
+        if dim % n_head:
+            raise ValueError(f"dim {dim} is not divisible by n_head {n_head}")
+        grid = int(round(block_size ** 0.5))
+        if grid * grid != block_size:
+            raise ValueError(f"block_size must be a square number of tokens, got {block_size}")
+        cfg = self.config
+        if model_type == "c2i":
+            self.cls_embedding = LabelEmbedder(num_classes, dim, class_dropout_prob)
+        else:
+            self.cls_embedding = CaptionEmbedder(caption_dim, dim, class_dropout_prob, cls_token_num)
+        self.tok_embeddings = nn.Embedding(vocab_size, dim)
+        self.tok_dropout = nn.Dropout(token_dropout_p)
+        rates = [drop_path_rate * i / max(n_layer - 1, 1) for i in range(n_layer)]  # linspace, stochastic depth
+        self.layers = nn.ModuleList(TransformerBlock(cfg, r) for r in rates)
+        self.norm = RMSNorm(dim, norm_eps)
+        self.output = nn.Linear(dim, vocab_size, bias=False)
+        self.register_buffer("rope", rope_2d_table(grid, dim // n_head, rope_base, cond_rope), persistent=False)
+        self._init_weights()
+
+    # ----------------------------------------------------------------------------- set-up
+    def _init_weights(self):
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std)
+        nn.init.zeros_(self.output.weight)  # LlamaGen zero-inits the head
+
+    @classmethod
+    def from_size(cls, size: str, **kwargs) -> "LlamaGen":
+        """Build a named size (``GPT-B``, ``GPT-L``, ..., ``GPT-tiny``) with extra config overrides."""
+        if size not in GPT_SIZES:
+            raise ValueError(f"unknown GPT size {size!r}; choose one of {', '.join(GPT_SIZES)}")
+        return cls(**{**GPT_SIZES[size], **kwargs})
+
+    @classmethod
+    def from_llamagen(cls, path_or_state_dict, size: str = "GPT-B", model_type: Optional[str] = None,
+                      block_size: Optional[int] = None, prefer_ema: bool = False, **kwargs) -> "LlamaGen":
+        """Load an official LlamaGen checkpoint (``c2i_B_256.pt``, FSDP dicts, ``t2i_XL_*.pt``, ...).
+
+        ``model_type``, ``vocab_size``, the class count and ``cls_token_num`` are read
+        from the weights when not given; ``block_size`` defaults to 256 (c2i 256 px) and
+        must be 576 for the 384 px checkpoints. Wrong sizes raise an error naming the keys.
+        """
+        state = read_state_dict(path_or_state_dict, prefer_ema=prefer_ema)
+        if model_type is None:
+            model_type = "t2i" if any(k.startswith("cls_embedding.cap_proj") for k in state) else "c2i"
+        inferred = {}
+        if "tok_embeddings.weight" in state:
+            inferred["vocab_size"] = state["tok_embeddings.weight"].shape[0]
+        if model_type == "c2i" and "cls_embedding.embedding_table.weight" in state:
+            rows = state["cls_embedding.embedding_table.weight"].shape[0]
+            prob = kwargs.get("class_dropout_prob", 0.1)
+            inferred["num_classes"] = rows - int(prob > 0)
+        if model_type == "t2i" and "cls_embedding.uncond_embedding" in state:
+            inferred["cls_token_num"], inferred["caption_dim"] = state["cls_embedding.uncond_embedding"].shape
+        model = cls.from_size(size, model_type=model_type, block_size=block_size or 256, **{**inferred, **kwargs})
+        load_checked(model, state, what=f"LlamaGen {size} ({model_type})",
+                     ignore=("freqs_cis", "rope", "kv_cache.k_cache", "kv_cache.v_cache", "causal_mask"))
+        return model.eval()
+
+    # ----------------------------------------------------------------------------- metadata
+    @property
+    def grid(self) -> tuple:
+        g = int(round(self.config.block_size ** 0.5))
+        return (g, g)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.block_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def prefix_len(self) -> int:
+        return self.config.cls_token_num
+
+    @property
+    def has_null_condition(self) -> bool:
+        """Whether an unconditional input exists (needed for classifier-free guidance)."""
+        if self.config.model_type == "t2i":
+            return True
+        return self.cls_embedding.embedding_table.num_embeddings > self.config.num_classes
+
+    def new_cache(self, batch: int, max_len: Optional[int] = None, dtype=None, device=None) -> StaticKVCache:
+        """Preallocate a cache for ``batch`` sequences of prefix + all image tokens by default."""
+        cfg = self.config
+        max_len = max_len or self.prefix_len + self.num_tokens
+        return StaticKVCache.allocate(cfg.n_layer, batch, cfg.n_kv_head or cfg.n_head, max_len,
+                                      cfg.dim // cfg.n_head, dtype or self.output.weight.dtype,
+                                      device or self.output.weight.device)
+
+    # ----------------------------------------------------------------------------- conditions
+    def condition_embeddings(self, cond, null: bool = False, train: bool = False) -> torch.Tensor:
+        """Embed the condition prefix: class ids ``[B]`` (c2i) or caption features ``[B, P, C]`` (t2i).
+
+        ``null=True`` returns the unconditional prefix for classifier-free guidance.
+        """
+        if self.config.model_type == "c2i":
+            labels = torch.as_tensor(cond, device=self.tok_embeddings.weight.device).long().reshape(-1)
+            if null:
+                if not self.has_null_condition:
+                    raise ValueError("this model was trained without a null class (class_dropout_prob=0), "
+                                     "so classifier-free guidance is unavailable; use cfg_scale=1")
+                labels = torch.full_like(labels, self.config.num_classes)
+            elif labels.numel() and (labels.min() < 0 or labels.max() >= self.config.num_classes):
+                raise ValueError(f"class ids must lie in [0, {self.config.num_classes}), got {labels.tolist()}")
+            return self.cls_embedding(labels, train=train)
+        caption = cond
+        if caption.dim() != 3 or caption.shape[-1] != self.config.caption_dim:
+            raise ValueError(f"t2i condition must be caption features [B, {self.config.cls_token_num}, "
+                             f"{self.config.caption_dim}], got {tuple(caption.shape)}")
+        if caption.shape[1] > self.config.cls_token_num:
+            raise ValueError(f"prompt too long: {caption.shape[1]} caption tokens, the model takes at most "
+                             f"{self.config.cls_token_num}; shorten the prompt")
+        caption = caption.to(self.output.weight.dtype)
+        if null:
+            caption = self.cls_embedding.uncond_embedding[: caption.shape[1]].expand_as(caption).to(caption.dtype)
+        return self.cls_embedding(caption, train=train)[:, : self.config.cls_token_num]
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, tokens: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
+                slots: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                cache: Optional[StaticKVCache] = None, embeds: Optional[torch.Tensor] = None,
+                return_hidden: bool = False):
+        """Next-token logits ``[B, T, V]`` (fp32) for inputs at ``positions``, written at ``slots``.
+
+        Give either image ``tokens`` ``[B, T]`` or input ``embeds`` ``[B, T, dim]`` (the
+        condition prefix). Without a cache the call is a plain causal forward.
+        """
+        h = self.tok_embeddings(tokens) if embeds is None else embeds
+        h = self.tok_dropout(h)
+        B, T = h.shape[:2]
+        if positions is None:
+            positions = torch.arange(T, device=h.device).expand(B, T)
+        rope = self.rope[positions + 1]
+        if cache is not None:
+            if slots is None:
+                raise ValueError("slots are required when writing to a cache")
+            if mask is None:
+                mask = causal_slot_mask(slots, cache)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, mask, cache, i, slots)
+        if cache is not None:
+            cache.visible.scatter_(1, slots, True)
+        h = self.norm(h)
+        logits = self.output(h).float()
+        return (logits, h) if return_hidden else logits
+
+    def forward_train(self, tokens: torch.Tensor, cond, cond_mask: Optional[torch.Tensor] = None,
+                      train: Optional[bool] = None) -> torch.Tensor:
+        """Teacher-forced logits ``[B, N, V]`` predicting image tokens ``tokens[:, 0..N-1]``.
+
+        The sequence is ``[cond prefix] + tokens[:, :-1]``, as in LlamaGen training; the
+        condition is dropped with ``class_dropout_prob`` when training (for CFG).
+        ``cond_mask`` (``[B, P]`` bool) marks real caption tokens; pads are hidden.
+        """
+        train = self.training if train is None else train
+        prefix = self.condition_embeddings(cond, train=train)
+        P = prefix.shape[1]
+        h = torch.cat([prefix, self.tok_embeddings(tokens[:, :-1])], dim=1)
+        B, T = h.shape[:2]
+        positions = torch.cat([torch.full((P,), -1, device=h.device), torch.arange(T - P, device=h.device)])
+        mask = None
+        if cond_mask is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
+            key_ok = torch.cat([cond_mask.bool(), torch.ones(B, T - P, dtype=torch.bool, device=h.device)], 1)
+            mask = (causal[None] & key_ok[:, None, :]) | torch.eye(T, dtype=torch.bool, device=h.device)[None]
+        logits = self.forward(embeds=h, positions=positions.expand(B, T), mask=mask)
+        return logits[:, P - 1:]
