@@ -37,7 +37,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
+
+    train = sub.add_parser("train", help="train a tokenizer or an AR generator from a JSON recipe config",
+                           description="Train with a recipe config (configs/*.json); reruns resume from OUT/state.")
+    train.add_argument("what", choices=["tokenizer", "ar"], help="what to train")
+    train.add_argument("--config", required=True, help="recipe config (JSON), e.g. configs/scenes_vq.json")
+    train.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
+    train.add_argument("--steps", type=_positive_int, default=None, help="override the config's step count")
+    train.set_defaults(func=cmd_train)
     return parser
+
+
+def cmd_train(args) -> int:
+    from .train.common import load_config
+
+    config = load_config(args.config)
+    if args.steps:
+        config["steps"] = args.steps
+    out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    if args.what == "tokenizer":
+        from .train.tokenizer import train_tokenizer as recipe
+    else:
+        from .train.ar import train_ar as recipe
+    result = recipe(config, out)
+    print(f"trained {args.what} for {result['steps']} steps on {result['device']} in {result['wall_s']:.0f} s; "
+          f"saved to {out} (log: {out}/log.jsonl, curve: {out}/loss.png)")
+    return 0
 
 
 def cmd_generate(args) -> int:

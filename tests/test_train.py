@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+
+from vargen.cli import main
+from vargen.models import LlamaGen
+from vargen.models.text import WordTextEncoder, build_vocabulary
+from vargen.tokenizers import VQTokenizer
+from vargen.train.ar import ar_step, train_ar
+from vargen.train.tokenizer import train_tokenizer, vq_step
+
+VQ_MODEL = {"codebook_size": 64, "ch": 32, "ch_mult": [1, 2], "z_channels": 32, "num_res_blocks": 1}
+SCENES = [{"name": "scenes", "resolution": 16, "seed": 0, "length": 64}]
+
+
+def _steps_reduce_loss(modules, batch, step_fn, n=5, lr=3e-3):
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    first = None
+    for _ in range(n):
+        loss, _ = step_fn(modules, batch)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return first, step_fn(modules, batch)[0].item()
+
+
+def test_vq_training_steps_reduce_loss():
+    torch.manual_seed(0)
+    vq = VQTokenizer(**VQ_MODEL).train()
+    batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1}
+    before, after = _steps_reduce_loss({"vq": vq}, batch, vq_step)
+    assert after < before
+
+
+@pytest.mark.parametrize("model_type", ["c2i", "t2i"])
+def test_ar_training_steps_reduce_loss(model_type):
+    torch.manual_seed(0)
+    batch = {"tokens": torch.randint(0, 32, (4, 16)), "captions": ["a red circle", "two stars", "a", "blue"],
+             "labels": torch.tensor([0, 1, 2, 1])}
+    modules = {}
+    if model_type == "t2i":
+        modules["text_encoder"] = WordTextEncoder(vocabulary=build_vocabulary(batch["captions"]), caption_dim=32,
+                                                  width=32, layers=1, heads=2, max_length=4)
+    modules["gpt"] = LlamaGen.from_size("GPT-tiny", model_type=model_type, vocab_size=32, block_size=16,
+                                        num_classes=3, caption_dim=32, cls_token_num=4).train()
+    before, after = _steps_reduce_loss(modules, batch, ar_step)
+    assert after < before - 0.1
+
+
+def test_text_encoder_left_pads_and_reports_unknown_words():
+    enc = WordTextEncoder(vocabulary=build_vocabulary(["a red circle", "a blue star"]), caption_dim=8, width=16,
+                          layers=1, heads=2, max_length=5)
+    ids, mask = enc.tokenize(["a red star", "purple circle"])
+    assert mask.tolist() == [[False, False, True, True, True], [False, False, False, True, True]]
+    assert ids[1, 3].item() == 1  # "purple" -> <unk>
+    assert enc.unknown_words(["purple circle", "a red star"]) == ["purple"]
+    feats, mask = enc(["a red star", ""])
+    assert feats.shape == (2, 5, 8) and torch.all(feats[~mask] == 0)
+    with pytest.raises(ValueError, match="prompt too long: 6 words.*at most 5"):
+        enc.tokenize(["a b c d e f"])
+
+
+def test_tokenizer_recipe_resumes_and_saves(tmp_path):
+    config = {"model": VQ_MODEL, "data": SCENES, "steps": 4, "batch_size": 4, "lr": 1e-3, "log_every": 2,
+              "save_every": 2}
+    result = train_tokenizer(config, str(tmp_path))
+    assert result["steps"] == 4 and (tmp_path / "vq" / "diffusion_pytorch_model.safetensors").exists()
+    assert (tmp_path / "loss.png").exists() and (tmp_path / "state" / "step.json").exists()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and "psnr" in rows[0] and "batch_code_usage" in rows[0]
+    # a rerun with more steps resumes from step 4 instead of starting over
+    config["steps"] = 6
+    result = train_tokenizer(config, str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert VQTokenizer.from_pretrained(str(tmp_path / "vq")).vocab_size == 64
+
+
+def test_ar_recipe_via_cli(tmp_path):
+    vq_dir = tmp_path / "vq_run"
+    train_tokenizer({"model": VQ_MODEL, "data": SCENES, "steps": 1, "batch_size": 4, "lr": 1e-3}, str(vq_dir))
+    config = {"tokenizer": str(vq_dir / "vq"), "data": SCENES, "num_images": 16,
+              "model": {"size": "GPT-tiny", "model_type": "t2i"},
+              "text_encoder": {"caption_dim": 32, "width": 32, "layers": 1, "heads": 2, "max_length": 12},
+              "steps": 2, "batch_size": 4, "lr": 1e-3, "log_every": 1}
+    cfg_path = tmp_path / "ar.json"
+    cfg_path.write_text(json.dumps(config))
+    assert main(["train", "ar", "--config", str(cfg_path), "--out", str(tmp_path / "ar")]) == 0
+    gpt = LlamaGen.from_pretrained(str(tmp_path / "ar" / "gpt"))
+    assert gpt.config.model_type == "t2i" and gpt.num_tokens == 64 and gpt.config.cls_token_num == 12
+    assert WordTextEncoder.from_pretrained(str(tmp_path / "ar" / "text_encoder")).config.max_length == 12
+
+
+def test_missing_config_fails_clearly(tmp_path, capsys):
+    assert main(["train", "tokenizer", "--config", str(tmp_path / "none.json")]) == 2
+    assert "config not found" in capsys.readouterr().err

@@ -1,0 +1,89 @@
+"""A small word-level text encoder for vargen's own text-to-image models.
+
+It produces caption features ``[B, L, caption_dim]`` plus a padding mask, left-padded
+with zeroed pads exactly as LlamaGen's inference feeds T5 features, so a vargen t2i
+model and a LlamaGen t2i model take their text through the same caption path.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+PAD, UNK = "<pad>", "<unk>"
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def split_words(text: str) -> List[str]:
+    """Lowercased alphanumeric words: the unit of the vocabulary."""
+    return _WORD.findall(text.lower())
+
+
+def build_vocabulary(captions: Iterable[str], min_count: int = 1) -> List[str]:
+    """Words seen at least ``min_count`` times, most frequent first, after ``<pad>`` and ``<unk>``."""
+    counts = Counter(w for c in captions for w in split_words(c))
+    words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+    return [PAD, UNK] + words
+
+
+class WordTextEncoder(ModelMixin, ConfigMixin):
+    """Word embeddings + a small bidirectional transformer -> caption features.
+
+    Example:
+        >>> enc = WordTextEncoder(vocabulary=build_vocabulary(["a red circle"]), caption_dim=16, max_length=8)
+        >>> feats, mask = enc(["a red square"])
+        >>> feats.shape, enc.unknown_words(["a red square"])
+        (torch.Size([1, 8, 16]), ['square'])
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, vocabulary: Sequence[str] = (PAD, UNK), caption_dim: int = 256, width: int = 128,
+                 layers: int = 2, heads: int = 4, max_length: int = 24):
+        super().__init__()
+        if list(vocabulary[:2]) != [PAD, UNK]:
+            raise ValueError("vocabulary must start with '<pad>', '<unk>' (use build_vocabulary)")
+        self.index = {w: i for i, w in enumerate(vocabulary)}
+        self.embed = nn.Embedding(len(vocabulary), width, padding_idx=0)
+        self.position = nn.Parameter(torch.zeros(max_length, width))
+        nn.init.normal_(self.position, std=0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, caption_dim)
+
+    def unknown_words(self, captions: Sequence[str]) -> List[str]:
+        """Words of ``captions`` that map to ``<unk>`` (sorted, unique): report them to users."""
+        return sorted({w for c in captions for w in split_words(c) if w not in self.index})
+
+    def tokenize(self, captions: Sequence[str]):
+        """Captions -> left-padded ids ``[B, max_length]`` and mask (True = real word).
+
+        Raises if a caption is longer than ``max_length`` words.
+        """
+        L = self.config.max_length
+        ids = torch.zeros(len(captions), L, dtype=torch.long)
+        for b, caption in enumerate(captions):
+            words = split_words(caption)
+            if len(words) > L:
+                raise ValueError(f"prompt too long: {len(words)} words, this text encoder takes at most {L}; "
+                                 f"shorten {caption!r}")
+            if words:
+                ids[b, L - len(words):] = torch.tensor([self.index.get(w, 1) for w in words])
+        return ids, ids != 0
+
+    def forward(self, captions: Sequence[str]):
+        """Captions -> ``(features [B, L, caption_dim], mask [B, L])``; pads are zero features."""
+        ids, mask = self.tokenize(captions)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        h = self.embed(ids) + self.position
+        # an all-pad caption (empty prompt) would give an all-masked row: let it see its pads
+        key_pad = ~mask & mask.any(1, keepdim=True)
+        h = self.norm(self.encoder(h, src_key_padding_mask=key_pad))
+        return self.proj(h) * mask[..., None], mask

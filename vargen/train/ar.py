@@ -1,0 +1,104 @@
+"""Recipe: train an AR generator (c2i or t2i) on token grids from a trained VQ tokenizer.
+
+Images are tokenised once and cached (``out_dir/tokens.pt``); t2i trains the word-level
+text encoder jointly through LlamaGen's caption path. Condition dropout (for CFG) is the
+model's ``class_dropout_prob``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.registry import build_dataset, collate
+from ..models import LlamaGen
+from ..models.text import WordTextEncoder, build_vocabulary
+from ..tokenizers import VQTokenizer
+from .common import infinite, run_training
+
+
+@torch.no_grad()
+def tokenize_dataset(vq: VQTokenizer, dataset, batch_size: int = 64, limit: int = 0) -> dict:
+    """Encode every image once: ``{"tokens": [N, h*w] long, "captions": [...], "labels": [N] or None}``."""
+    n = min(len(dataset), limit) if limit else len(dataset)
+    subset = torch.utils.data.Subset(dataset, range(n))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate)
+    tokens, captions, labels = [], [], []
+    vq.eval()
+    for batch in tqdm(loader, desc="tokenizing", leave=False):
+        tokens.append(vq.encode(batch["image"].to(vq.device)).flatten(1).cpu())
+        captions += batch["caption"]
+        if "label" in batch:
+            labels.append(batch["label"])
+    return {"tokens": torch.cat(tokens), "captions": captions, "labels": torch.cat(labels) if labels else None}
+
+
+def ar_step(modules, batch):
+    gpt = modules["gpt"]
+    tokens = batch["tokens"].to(gpt.device)
+    if "text_encoder" in modules:
+        feats, mask = modules["text_encoder"](batch["captions"])
+        logits = gpt.forward_train(tokens, feats, cond_mask=mask)
+    else:
+        logits = gpt.forward_train(tokens, batch["labels"].to(gpt.device))
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+    acc = (logits.argmax(-1) == tokens).float().mean()
+    return loss, {"token_acc": acc.detach()}
+
+
+class _TokenBatches(torch.utils.data.Dataset):
+    def __init__(self, cache: dict):
+        self.cache = cache
+
+    def __len__(self):
+        return len(self.cache["tokens"])
+
+    def __getitem__(self, i):
+        item = {"tokens": self.cache["tokens"][i], "captions": self.cache["captions"][i]}
+        if self.cache["labels"] is not None:
+            item["labels"] = self.cache["labels"][i]
+        return item
+
+
+def _collate_tokens(items):
+    out = {"tokens": torch.stack([it["tokens"] for it in items]), "captions": [it["captions"] for it in items]}
+    if "labels" in items[0]:
+        out["labels"] = torch.stack([it["labels"] for it in items])
+    return out
+
+
+def train_ar(config: dict, out_dir: str) -> dict:
+    """Train the GPT of ``config["model"]`` (+ text encoder for t2i) on ``config["data"]`` tokenised by
+    ``config["tokenizer"]`` (a saved VQTokenizer folder). Saves ``out_dir/gpt`` (and ``out_dir/text_encoder``)."""
+    torch.manual_seed(config.get("seed", 0))
+    vq = VQTokenizer.from_pretrained(config["tokenizer"])
+    cache_path = os.path.join(out_dir, "tokens.pt")
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(cache_path):
+        cache = torch.load(cache_path)
+    else:
+        cache = tokenize_dataset(vq, build_dataset(config["data"]), limit=config.get("num_images", 0))
+        torch.save(cache, cache_path + ".tmp")
+        os.replace(cache_path + ".tmp", cache_path)
+    grid = int(round(cache["tokens"].shape[1] ** 0.5))
+    model_cfg = dict(config["model"])
+    size = model_cfg.pop("size", "GPT-tiny")
+    modules = {}
+    if model_cfg.get("model_type", "c2i") == "t2i":
+        text_cfg = dict(config.get("text_encoder", {}))
+        vocab = build_vocabulary(cache["captions"], text_cfg.pop("min_count", 1))
+        modules["text_encoder"] = WordTextEncoder(vocabulary=vocab, **text_cfg)
+        model_cfg.update(caption_dim=modules["text_encoder"].config.caption_dim,
+                         cls_token_num=modules["text_encoder"].config.max_length)
+    gpt = LlamaGen.from_size(size, vocab_size=vq.vocab_size, block_size=grid * grid, **model_cfg)
+    modules = {"gpt": gpt, **modules}
+    params = [p for m in modules.values() for p in m.parameters()]
+    loader = torch.utils.data.DataLoader(_TokenBatches(cache), batch_size=config["batch_size"], shuffle=True,
+                                         drop_last=True, collate_fn=_collate_tokens)
+    result = run_training(config, modules, params, infinite(loader), ar_step, out_dir,
+                          log_every=config.get("log_every", 10), save_every=config.get("save_every", 200))
+    for name, module in result.pop("modules").items():
+        module.save_pretrained(os.path.join(out_dir, name))
+    return result

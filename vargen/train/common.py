@@ -1,0 +1,136 @@
+"""The training loop every vargen recipe shares: accelerate, resume, loss log, safetensors.
+
+A recipe supplies ``build(config) -> (modules dict, trainable parameters, batches, step_fn)``;
+this module runs the steps, logs ``log.jsonl`` and a loss-curve plot, and keeps one
+resumable state folder (written to a temporary folder, then renamed, so a crash never
+leaves a half-written checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from typing import Callable, Dict, Iterator
+
+import torch
+
+
+def load_config(path: str) -> dict:
+    """Read a JSON recipe config (see ``configs/``)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config not found: {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def infinite(loader) -> Iterator:
+    """Cycle a DataLoader forever (a new shuffle each epoch)."""
+    while True:
+        yield from loader
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def run_training(config: dict, modules: Dict[str, torch.nn.Module], params, batches: Iterator,
+                 step_fn: Callable, out_dir: str, log_every: int = 10, save_every: int = 200) -> dict:
+    """Run ``config["steps"]`` optimisation steps, resuming from ``out_dir/state`` if present.
+
+    ``step_fn(modules, batch) -> (loss tensor, metrics dict)``. Returns the last logged
+    metrics plus ``steps``, ``wall_s`` and ``device``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    os.makedirs(out_dir, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=config.get("mixed_precision", "no"))
+    set_seed(config.get("seed", 0))
+    optimizer = torch.optim.AdamW(params, lr=config["lr"], betas=tuple(config.get("betas", (0.9, 0.95))),
+                                  weight_decay=config.get("weight_decay", 0.0))
+    names = list(modules)
+    prepared = accelerator.prepare(*[modules[n] for n in names], optimizer)
+    modules = dict(zip(names, prepared[:-1]))
+    optimizer = prepared[-1]
+    state_dir = os.path.join(out_dir, "state")
+    step = 0
+    if os.path.isdir(state_dir):
+        accelerator.load_state(state_dir)
+        with open(os.path.join(state_dir, "step.json")) as f:
+            step = json.load(f)["step"]
+        accelerator.print(f"resumed from {state_dir} at step {step}")
+    total, warmup = config["steps"], config.get("warmup", 0)
+    log_path = os.path.join(out_dir, "log.jsonl")
+    for m in modules.values():
+        m.train()
+    start, metrics = time.perf_counter(), {}
+    while step < total:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, total, config["lr"], warmup)
+        loss, metrics = step_fn(modules, next(batches))
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if config.get("grad_clip"):
+            accelerator.clip_grad_norm_(params, config["grad_clip"])
+        optimizer.step()
+        step += 1
+        if step % log_every == 0 or step == total:
+            metrics = {"step": step, "loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()},
+                       "lr": optimizer.param_groups[0]["lr"], "elapsed_s": time.perf_counter() - start}
+            if accelerator.is_main_process:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in metrics.items()))
+        if step % save_every == 0 or step == total:
+            _save_state(accelerator, state_dir, step)
+    for m in modules.values():
+        m.eval()
+    if accelerator.is_main_process:
+        plot_losses(log_path, os.path.join(out_dir, "loss.png"))
+    return {**metrics, "steps": step, "wall_s": time.perf_counter() - start, "device": str(accelerator.device),
+            "modules": {n: accelerator.unwrap_model(m) for n, m in modules.items()}}
+
+
+def _save_state(accelerator, state_dir: str, step: int) -> None:
+    tmp = state_dir + ".tmp"
+    if accelerator.is_main_process and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "step.json"), "w") as f:
+            json.dump({"step": step}, f)
+        old = state_dir + ".old"
+        if os.path.isdir(state_dir):
+            os.replace(state_dir, old)
+        os.replace(tmp, state_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def plot_losses(log_path: str, out_png: str) -> None:
+    """Loss curve(s) from ``log.jsonl`` to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not os.path.exists(log_path):
+        return
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    keys = [k for k in rows[0] if k not in ("step", "lr", "elapsed_s")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        ax.plot([r["step"] for r in rows], [r.get(k, float("nan")) for r in rows])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
