@@ -56,3 +56,40 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
     assert main(["generate", "1", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "x.png")]) == 2
     assert "no model folder" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def _t2i_pipeline():
+    from vargen.models.text import WordTextEncoder, build_vocabulary
+
+    torch.manual_seed(0)
+    enc = WordTextEncoder(vocabulary=build_vocabulary(["a red circle", "a blue star"]), caption_dim=32, width=32,
+                          layers=1, heads=2, max_length=6)
+    gpt = LlamaGen.from_size("GPT-tiny", model_type="t2i", block_size=16, vocab_size=64, caption_dim=32,
+                             cls_token_num=6)
+    torch.nn.init.normal_(gpt.output.weight, 0.0, 0.5)
+    vq = VQTokenizer(codebook_size=64, ch=32, ch_mult=(1, 2), z_channels=32)
+    return VarGenPipeline(gpt=gpt.eval(), vq=vq.eval(), text_encoder=enc.eval())
+
+
+def test_t2i_pipeline_roundtrip_and_prompt_control(tmp_path):
+    pipe = _t2i_pipeline()
+    a = pipe(["a red circle", "a blue star"], cfg_scale=3.0, seed=1, output_type="pt", progress=False)
+    assert a.images.shape == (2, 3, 8, 8)
+    pipe.save_pretrained(tmp_path / "t2i")
+    loaded = VarGenPipeline.load(str(tmp_path / "t2i"))
+    b = loaded(["a red circle", "a blue star"], cfg_scale=3.0, seed=1, output_type="pt", progress=False)
+    assert torch.equal(a.tokens, b.tokens)
+    # the prompt reaches the tokens: same seeds, other prompt, other tokens
+    c = loaded(["a blue star", "a blue star"], cfg_scale=3.0, seed=1, output_type="pt", progress=False)
+    assert not torch.equal(a.tokens[0], c.tokens[0]) and torch.equal(a.tokens[1], c.tokens[1])
+    with pytest.warns(UserWarning, match="unknown to the text encoder.*purple"):
+        loaded("a purple circle", progress=False)
+    with pytest.raises(ValueError, match="prompt too long"):
+        loaded("a red circle a red circle a", progress=False)
+
+
+def test_t2i_without_text_encoder_fails_clearly():
+    pipe = _t2i_pipeline()
+    pipe = VarGenPipeline(gpt=pipe.gpt, vq=pipe.vq)
+    with pytest.raises(ValueError, match="without a text encoder"):
+        pipe("a red circle")

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images from a class (or prompt) and save them",
                          description="Generate images and save them (several images are tiled into a grid).")
     gen.add_argument("conditions", nargs="+", metavar="PROMPT_OR_CLASS",
-                     help="class id or class name (c2i models); several give several images")
+                     help="class id or name (c2i models) or a quoted prompt (t2i models); several give several images")
     gen.add_argument("-o", "--output", default="outputs/sample.png", help="output image path (PNG)")
     gen.add_argument("--model", default=None,
                      help="pipeline folder (VarGenPipeline.save_pretrained) or 'tiny-random'; "

@@ -12,6 +12,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from .decoding import DecodeStats, SamplingConfig, decode_ar
 from .models import LlamaGen
+from .models.text import WordTextEncoder
 from .tokenizers import VQTokenizer
 
 TINY_RANDOM = "tiny-random"
@@ -28,9 +29,10 @@ class VarGenPipelineOutput(ImagePipelineOutput):
 class VarGenPipeline(DiffusionPipeline):
     """Generate images with an AR model and a VQ tokenizer.
 
-    Components: ``gpt`` (:class:`vargen.models.LlamaGen`) and ``vq``
-    (:class:`vargen.tokenizers.VQTokenizer`); ``save_pretrained`` / ``from_pretrained``
-    round-trip both.
+    Components: ``gpt`` (:class:`vargen.models.LlamaGen`), ``vq``
+    (:class:`vargen.tokenizers.VQTokenizer`) and, for text-to-image models, ``text_encoder``
+    (:class:`vargen.models.text.WordTextEncoder`); ``save_pretrained`` / ``from_pretrained``
+    round-trip them.
 
     Example:
         >>> pipe = VarGenPipeline.load("tiny-random")
@@ -39,12 +41,18 @@ class VarGenPipeline(DiffusionPipeline):
         (2, 64)
     """
 
-    def __init__(self, gpt: LlamaGen, vq: VQTokenizer):
+    _optional_components = ["text_encoder"]
+
+    def __init__(self, gpt: LlamaGen, vq: VQTokenizer, text_encoder: Optional[WordTextEncoder] = None):
         super().__init__()
         if gpt.vocab_size != vq.vocab_size:
             raise ValueError(f"model vocabulary ({gpt.vocab_size} tokens) does not match the tokenizer codebook "
                              f"({vq.vocab_size} codes); pair the GPT with the tokenizer it was trained on")
-        self.register_modules(gpt=gpt, vq=vq)
+        if gpt.config.model_type == "t2i" and text_encoder is not None:
+            if text_encoder.config.caption_dim != gpt.config.caption_dim:
+                raise ValueError(f"text encoder gives {text_encoder.config.caption_dim}-d features but the model "
+                                 f"expects {gpt.config.caption_dim}-d captions; pair them as trained")
+        self.register_modules(gpt=gpt, vq=vq, text_encoder=text_encoder)
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -64,11 +72,18 @@ class VarGenPipeline(DiffusionPipeline):
         names = self.gpt.config.class_names
         return list(names) if names else None
 
-    def parse_conditions(self, inputs: Sequence[Union[int, str]]) -> torch.Tensor:
-        """Class ids or class names (c2i) -> ``[B]`` long tensor, with an error naming bad entries."""
-        if self.gpt.config.model_type != "c2i":
-            raise ValueError("this is a text-to-image model; it needs a text encoder to turn prompts into caption "
-                             "features, which this pipeline does not have")
+    def parse_conditions(self, inputs: Sequence[Union[int, str]]):
+        """Inputs -> ``(cond, cond_mask)``: class ids/names for c2i, prompts through the text encoder for t2i."""
+        if self.gpt.config.model_type == "t2i":
+            if self.text_encoder is None:
+                raise ValueError("this is a text-to-image model without a text encoder; load a pipeline that has one")
+            prompts = [str(p) for p in inputs]
+            unknown = self.text_encoder.unknown_words(prompts)
+            if unknown:
+                import warnings
+
+                warnings.warn(f"words unknown to the text encoder (mapped to <unk>): {', '.join(unknown)}")
+            return self.text_encoder(prompts)
         names = self.class_names or []
         ids = []
         for item in inputs:
@@ -82,7 +97,7 @@ class VarGenPipeline(DiffusionPipeline):
         bad = [i for i in ids if not 0 <= i < self.gpt.config.num_classes]
         if bad:
             raise ValueError(f"class ids {bad} are outside [0, {self.gpt.config.num_classes})")
-        return torch.tensor(ids, dtype=torch.long, device=self.device)
+        return torch.tensor(ids, dtype=torch.long, device=self.device), None
 
     # ----------------------------------------------------------------------------- generation
     @torch.no_grad()
@@ -90,7 +105,7 @@ class VarGenPipeline(DiffusionPipeline):
                  cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int = 0, output_type: str = "pil", progress: bool = True,
                  callback_on_step_end: Optional[Callable] = None, return_dict: bool = True):
-        """Generate ``num_images_per_prompt`` images per input; image ``i`` uses seed ``seed + i``.
+        """Generate ``num_images_per_prompt`` images per class (c2i) or prompt (t2i); image ``i`` uses seed ``seed + i``.
 
         ``output_type``: ``"pil"``, ``"np"`` (``[B, H, W, 3]`` floats in [0, 1]) or ``"pt"``
         (``[B, 3, H, W]`` in [0, 1]). ``callback_on_step_end(pipe, step, None, {"tokens": ...})``
@@ -100,14 +115,18 @@ class VarGenPipeline(DiffusionPipeline):
             inputs = [inputs]
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        cond = self.parse_conditions(inputs).repeat_interleave(num_images_per_prompt)
+        cond, cond_mask = self.parse_conditions(inputs)
+        cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
+        if cond_mask is not None:
+            cond_mask = cond_mask.repeat_interleave(num_images_per_prompt, dim=0)
         sampling = SamplingConfig(cfg_scale, temperature, top_k, top_p)
         seeds = [seed + i for i in range(len(cond))]
         callback = None
         if callback_on_step_end is not None:
             def callback(step, tokens):
                 callback_on_step_end(self, step, None, {"tokens": tokens})
-        tokens, stats = decode_ar(self.gpt, cond, sampling, seeds, progress=progress, callback=callback)
+        tokens, stats = decode_ar(self.gpt, cond, sampling, seeds, cond_mask=cond_mask, progress=progress,
+                                  callback=callback)
         images = self.decode_tokens(tokens)
         images = self._convert(images, output_type)
         if not return_dict:
