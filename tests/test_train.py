@@ -98,3 +98,25 @@ def test_ar_recipe_via_cli(tmp_path):
 def test_missing_config_fails_clearly(tmp_path, capsys):
     assert main(["train", "tokenizer", "--config", str(tmp_path / "none.json")]) == 2
     assert "config not found" in capsys.readouterr().err
+
+
+def test_export_writes_fp16_pipeline_card_and_samples(tmp_path):
+    from vargen.pipeline import VarGenPipeline
+    from vargen.train.export import export_model
+
+    vq_dir, ar_dir = tmp_path / "vq_run", tmp_path / "ar_run"
+    train_tokenizer({"model": VQ_MODEL, "data": SCENES, "steps": 1, "batch_size": 4, "lr": 1e-3}, str(vq_dir))
+    train_ar({"tokenizer": str(vq_dir / "vq"), "data": SCENES, "num_images": 8,
+              "model": {"size": "GPT-tiny", "model_type": "t2i"},
+              "text_encoder": {"caption_dim": 32, "width": 32, "layers": 1, "heads": 2, "max_length": 12},
+              "steps": 1, "batch_size": 4, "lr": 1e-3, "log_every": 1}, str(ar_dir))
+    card = export_model("toy", str(vq_dir), str(ar_dir), str(tmp_path / "out"), ["a photo of a red circle", "a photo of a star"],
+                        {"scenes": SCENES}, cfg_scale=2.0)
+    assert set(card["reconstruction_psnr_db"]) == {"scenes"} and card["reconstruction_psnr_db"]["scenes"] > 0
+    assert (tmp_path / "out" / "samples.png").exists() and "toy" in (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    from safetensors.torch import load_file
+    assert all(t.dtype == torch.float16 for t in load_file(str(tmp_path / "out" / "gpt" /
+                                                              "diffusion_pytorch_model.safetensors")).values())
+    pipe = VarGenPipeline.load(str(tmp_path / "out"))
+    assert pipe.gpt.output.weight.dtype == torch.float32
+    assert pipe("a photo of a red circle", progress=False, output_type="pt").images.shape == (1, 3, 16, 16)

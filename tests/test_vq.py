@@ -81,3 +81,20 @@ def test_llamagen_sizes():
     with torch.device("meta"):
         assert round(sum(p.numel() for p in VQTokenizer().parameters()) / 1e5) == 719
         assert round(sum(p.numel() for p in VQTokenizer(ch_mult=(1, 2, 2, 4)).parameters()) / 1e5) == 701
+
+
+def test_dead_code_restart_moves_unused_codes_onto_latents():
+    vq = tiny_vq()
+    vq.quantize.codebook_used.zero_()  # only code 0 used recently
+    vq.quantize.codebook_used[:5] = torch.tensor([0.0, 3.0, 3.0, 7.0, 0.0])
+    before = vq.quantize.embedding.weight.detach().clone()
+    latents = F.normalize(torch.randn(10, 8), dim=-1)
+    moved = vq.quantize.restart_unused_codes(latents)
+    assert moved == 64 - 3
+    after = vq.quantize.embedding.weight.detach()
+    assert torch.equal(after[[0, 3, 7]], before[[0, 3, 7]])
+    # every moved code now sits next to one of the latents
+    sims = F.normalize(after, dim=-1) @ latents.t()
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[[0, 3, 7]] = False
+    assert (sims[keep].max(1).values > 0.99).all()

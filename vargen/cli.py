@@ -25,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="class id or name (c2i models) or a quoted prompt (t2i models); several give several images")
     gen.add_argument("-o", "--output", default="outputs/sample.png", help="output image path (PNG)")
     gen.add_argument("--model", default=None,
-                     help="pipeline folder (VarGenPipeline.save_pretrained) or 'tiny-random'; "
-                          "default: the smallest model available")
+                     help="embedded model (scenes-t2i, cifar10-c2i), pipeline folder (VarGenPipeline.save_pretrained) "
+                          "or 'tiny-random'; default: scenes-t2i when shipped")
     gen.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
     gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
@@ -45,7 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
     train.add_argument("--steps", type=_positive_int, default=None, help="override the config's step count")
     train.set_defaults(func=cmd_train)
+
+    export = sub.add_parser("export", help="package trained runs as an embedded model (fp16, samples, model card)")
+    export.add_argument("spec", help="export spec (JSON): name, vq_run, ar_run, out, prompts, eval_data")
+    export.add_argument("--out", default=None, help="override the spec's output folder")
+    export.set_defaults(func=cmd_export)
     return parser
+
+
+def cmd_export(args) -> int:
+    from .train.common import load_config
+    from .train.export import export_model
+
+    spec = load_config(args.spec)
+    card = export_model(spec["name"], spec["vq_run"], spec["ar_run"], args.out or spec["out"], spec["prompts"],
+                        spec["eval_data"], cfg_scale=spec.get("cfg_scale", 4.0), top_k=spec.get("top_k", 0),
+                        seed=spec.get("seed", 0), notes=spec.get("notes"))
+    psnr = ", ".join(f"{k} {v:.2f} dB" for k, v in card["reconstruction_psnr_db"].items())
+    print(f"exported {card['name']}: reconstruction PSNR {psnr}, "
+          f"files {sum(card['file_bytes'].values()) / 1e6:.1f} MB -> {args.out or spec['out']}")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -68,11 +87,12 @@ def cmd_train(args) -> int:
 def cmd_generate(args) -> int:
     from torchvision.utils import make_grid, save_image
 
-    from .pipeline import TINY_RANDOM, VarGenPipeline
+    from .pipeline import TINY_RANDOM, VarGenPipeline, default_model
 
     if args.model is None:
-        print(f"vargen: no trained default model is bundled yet; using {TINY_RANDOM!r} "
-              "(random weights: the images are noise)", file=sys.stderr)
+        args.model = default_model()
+        note = " (random weights: the images are noise)" if args.model == TINY_RANDOM else ""
+        print(f"vargen: using the default model {args.model!r}{note}", file=sys.stderr)
     pipe = VarGenPipeline.load(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=args.quiet)
     start = time.perf_counter()
@@ -88,7 +108,7 @@ def cmd_generate(args) -> int:
     os.replace(tmp, args.output)  # never leave a half-written image
     stats = out.stats
     if args.stats:
-        stats.extra.update(model=args.model or TINY_RANDOM, total_wall_s=time.perf_counter() - start)
+        stats.extra.update(model=args.model, total_wall_s=time.perf_counter() - start)
         stats.to_json(args.stats)
     print(f"wrote {len(images)} image(s) to {args.output} ({stats.forward_passes} forward passes for "
           f"{stats.tokens} tokens, {stats.wall_s:.2f} s decoding)")

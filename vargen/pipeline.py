@@ -16,6 +16,19 @@ from .models.text import WordTextEncoder
 from .tokenizers import VQTokenizer
 
 TINY_RANDOM = "tiny-random"
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+EMBEDDED = ("scenes-t2i", "cifar10-c2i")  # trained by vargen's recipes, shipped in vargen/weights/
+
+
+def embedded_models() -> list:
+    """Names of the embedded models present in this installation."""
+    return [n for n in EMBEDDED if os.path.isfile(os.path.join(WEIGHTS_DIR, n, "model_index.json"))]
+
+
+def default_model() -> str:
+    """The model ``vargen generate`` uses without ``--model``: the first embedded one, else tiny-random."""
+    available = embedded_models()
+    return available[0] if available else TINY_RANDOM
 
 
 @dataclass
@@ -57,14 +70,23 @@ class VarGenPipeline(DiffusionPipeline):
     # ----------------------------------------------------------------------------- loading
     @classmethod
     def load(cls, name_or_path: Optional[str] = None, device=None) -> "VarGenPipeline":
-        """Load a saved pipeline folder, or ``"tiny-random"`` (random weights, for smoke tests)."""
-        if name_or_path in (None, TINY_RANDOM):
+        """Load an embedded model (``"scenes-t2i"``, ``"cifar10-c2i"``), a saved pipeline folder,
+        or ``"tiny-random"`` (random weights, for smoke tests). ``None`` picks :func:`default_model`.
+
+        Weights are stored in fp16 and loaded as fp32 (CPU-friendly); move with ``.to()``.
+        """
+        name_or_path = name_or_path or default_model()
+        if name_or_path == TINY_RANDOM:
             pipe = tiny_random_pipeline()
-        elif os.path.isdir(name_or_path):
-            pipe = cls.from_pretrained(name_or_path)
+        elif name_or_path in EMBEDDED or os.path.isdir(name_or_path):
+            folder = os.path.join(WEIGHTS_DIR, name_or_path) if name_or_path in EMBEDDED else name_or_path
+            if not os.path.isfile(os.path.join(folder, "model_index.json")):
+                raise FileNotFoundError(f"no pipeline at {folder!r} (model_index.json missing); embedded models "
+                                        f"here: {embedded_models() or 'none'}")
+            pipe = cls.from_pretrained(folder).to(torch.float32)
         else:
             raise FileNotFoundError(f"no model folder at {name_or_path!r}; pass a folder written by "
-                                    f"VarGenPipeline.save_pretrained or {TINY_RANDOM!r}")
+                                    f"VarGenPipeline.save_pretrained, one of {list(EMBEDDED)}, or {TINY_RANDOM!r}")
         return pipe.to(device) if device else pipe
 
     @property

@@ -19,15 +19,15 @@ from ..models.checkpoint import load_checked, read_state_dict
 VQ_CH_MULT = {16: (1, 1, 2, 2, 4), 8: (1, 2, 2, 4)}
 
 
-def _norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, ch, eps=1e-6, affine=True)
+def _norm(ch: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, ch, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, dropout: float = 0.0):
+    def __init__(self, cin: int, cout: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, 1, 1)
-        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, 1, 1)
+        self.norm1, self.conv1 = _norm(cin, groups), nn.Conv2d(cin, cout, 3, 1, 1)
+        self.norm2, self.conv2 = _norm(cout, groups), nn.Conv2d(cout, cout, 3, 1, 1)
         self.dropout = nn.Dropout(dropout)
         if cin != cout:
             self.nin_shortcut = nn.Conv2d(cin, cout, 1)
@@ -39,9 +39,9 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, groups: int = 32):
         super().__init__()
-        self.norm = _norm(ch)
+        self.norm = _norm(ch, groups)
         self.q, self.k, self.v = (nn.Conv2d(ch, ch, 1) for _ in range(3))
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
@@ -81,7 +81,8 @@ def _run_level(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float):
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float,
+                 groups: int = 32):
         super().__init__()
         self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
         in_mult = (1,) + tuple(ch_mult)
@@ -92,15 +93,16 @@ class Encoder(nn.Module):
             block.res, block.attn = nn.ModuleList(), nn.ModuleList()
             cin = ch * in_mult[i]
             for _ in range(num_res_blocks):
-                block.res.append(ResnetBlock(cin, ch * mult, dropout))
+                block.res.append(ResnetBlock(cin, ch * mult, dropout, groups))
                 cin = ch * mult
                 if i == last:  # attention only at the lowest resolution
-                    block.attn.append(AttnBlock(cin))
+                    block.attn.append(AttnBlock(cin, groups))
             if i != last:
                 block.downsample = Downsample(cin)
             self.conv_blocks.append(block)
-        self.mid = nn.ModuleList([ResnetBlock(cin, cin, dropout), AttnBlock(cin), ResnetBlock(cin, cin, dropout)])
-        self.norm_out = _norm(cin)
+        self.mid = nn.ModuleList([ResnetBlock(cin, cin, dropout, groups), AttnBlock(cin, groups),
+                                  ResnetBlock(cin, cin, dropout, groups)])
+        self.norm_out = _norm(cin, groups)
         self.conv_out = nn.Conv2d(cin, z_channels, 3, 1, 1)
 
     def forward(self, x):
@@ -115,25 +117,27 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float):
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float,
+                 groups: int = 32):
         super().__init__()
         cin = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, cin, 3, 1, 1)
-        self.mid = nn.ModuleList([ResnetBlock(cin, cin, dropout), AttnBlock(cin), ResnetBlock(cin, cin, dropout)])
+        self.mid = nn.ModuleList([ResnetBlock(cin, cin, dropout, groups), AttnBlock(cin, groups),
+                                  ResnetBlock(cin, cin, dropout, groups)])
         self.conv_blocks = nn.ModuleList()
         last = len(ch_mult) - 1
         for i in reversed(range(len(ch_mult))):
             block = nn.Module()
             block.res, block.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks + 1):  # the decoder has one more res block per level
-                block.res.append(ResnetBlock(cin, ch * ch_mult[i], dropout))
+                block.res.append(ResnetBlock(cin, ch * ch_mult[i], dropout, groups))
                 cin = ch * ch_mult[i]
                 if i == last:
-                    block.attn.append(AttnBlock(cin))
+                    block.attn.append(AttnBlock(cin, groups))
             if i != 0:
                 block.upsample = Upsample(cin)
             self.conv_blocks.append(block)
-        self.norm_out = _norm(cin)
+        self.norm_out = _norm(cin, groups)
         self.conv_out = nn.Conv2d(cin, 3, 3, 1, 1)
 
     def forward(self, z):
@@ -150,9 +154,10 @@ class Decoder(nn.Module):
 class VectorQuantizer(nn.Module):
     """Nearest-code lookup; with ``l2_norm`` both latents and codes are unit vectors (cosine VQ)."""
 
-    def __init__(self, n_e: int, e_dim: int, beta: float, l2_norm: bool, show_usage: bool):
+    def __init__(self, n_e: int, e_dim: int, beta: float, l2_norm: bool, show_usage: bool, restart_every: int = 0):
         super().__init__()
         self.n_e, self.e_dim, self.beta, self.l2_norm = n_e, e_dim, beta, l2_norm
+        self.restart_every, self._steps = restart_every, 0
         self.embedding = nn.Embedding(n_e, e_dim)
         self.embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)
         if l2_norm:
@@ -160,6 +165,22 @@ class VectorQuantizer(nn.Module):
         if show_usage:
             # LlamaGen keeps a FIFO of the last 65536 codes; it is in the checkpoints, so keep it.
             self.register_buffer("codebook_used", torch.zeros(65536))
+
+    @torch.no_grad()
+    def restart_unused_codes(self, z_flat: torch.Tensor) -> int:
+        """Move codes absent from the recent-usage FIFO onto random current latents (dead-code restart).
+
+        Small codebooks trained briefly otherwise keep most codes unused and lose detail such as hue.
+        Returns the number of codes moved.
+        """
+        used = torch.zeros(self.n_e, dtype=torch.bool, device=z_flat.device)
+        used[self.codebook_used.long().clamp(0, self.n_e - 1)] = True
+        dead = (~used).nonzero().flatten()
+        if dead.numel():
+            pick = torch.randint(0, z_flat.shape[0], (dead.numel(),), device=z_flat.device)
+            new = z_flat[pick] + 0.01 * torch.randn(dead.numel(), self.e_dim, device=z_flat.device)
+            self.embedding.weight.data[dead] = F.normalize(new, dim=-1) if self.l2_norm else new
+        return int(dead.numel())
 
     def codebook(self) -> torch.Tensor:
         w = self.embedding.weight
@@ -182,6 +203,9 @@ class VectorQuantizer(nn.Module):
             if hasattr(self, "codebook_used"):
                 n = min(idx.numel(), self.codebook_used.numel())
                 self.codebook_used.copy_(torch.cat([self.codebook_used[n:], idx[-n:].float()]))
+                self._steps += 1
+                if self.restart_every and self._steps % self.restart_every == 0:
+                    self.restart_unused_codes(flat.detach())
         z_q = z + (z_q - z).detach()
         return z_q.permute(0, 3, 1, 2), idx.view(z.shape[:3]), losses
 
@@ -204,15 +228,18 @@ class VQTokenizer(ModelMixin, ConfigMixin):
     def __init__(self, codebook_size: int = 16384, codebook_embed_dim: int = 8, codebook_l2_norm: bool = True,
                  codebook_show_usage: bool = True, commit_loss_beta: float = 0.25,
                  ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4), decoder_ch_mult: Optional[Sequence[int]] = None,
-                 num_res_blocks: int = 2, z_channels: int = 256, dropout_p: float = 0.0):
+                 num_res_blocks: int = 2, z_channels: int = 256, dropout_p: float = 0.0, norm_groups: int = 32,
+                 dead_code_restart_every: int = 0):
         super().__init__()
         dec_mult = tuple(decoder_ch_mult or ch_mult)
         if len(dec_mult) != len(ch_mult):
             raise ValueError("encoder and decoder must have the same number of levels")
-        self.encoder = Encoder(ch, tuple(ch_mult), num_res_blocks, z_channels, dropout_p)
-        self.decoder = Decoder(ch, dec_mult, num_res_blocks, z_channels, dropout_p)
+        # LlamaGen uses 32 groups at ch 128 (4 channels a group); at ch 32, 32 groups would normalise
+        # each channel alone and erase flat colours, so small tokenizers use fewer groups.
+        self.encoder = Encoder(ch, tuple(ch_mult), num_res_blocks, z_channels, dropout_p, norm_groups)
+        self.decoder = Decoder(ch, dec_mult, num_res_blocks, z_channels, dropout_p, norm_groups)
         self.quantize = VectorQuantizer(codebook_size, codebook_embed_dim, commit_loss_beta,
-                                        codebook_l2_norm, codebook_show_usage)
+                                        codebook_l2_norm, codebook_show_usage, dead_code_restart_every)
         self.quant_conv = nn.Conv2d(z_channels, codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(codebook_embed_dim, z_channels, 1)
 

@@ -20,11 +20,11 @@ from .common import infinite, run_training
 
 
 @torch.no_grad()
-def tokenize_dataset(vq: VQTokenizer, dataset, batch_size: int = 64, limit: int = 0) -> dict:
+def tokenize_dataset(vq: VQTokenizer, dataset, batch_size: int = 64, limit: int = 0, num_workers: int = 0) -> dict:
     """Encode every image once: ``{"tokens": [N, h*w] long, "captions": [...], "labels": [N] or None}``."""
     n = min(len(dataset), limit) if limit else len(dataset)
     subset = torch.utils.data.Subset(dataset, range(n))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
     tokens, captions, labels = [], [], []
     vq.eval()
     for batch in tqdm(loader, desc="tokenizing", leave=False):
@@ -79,12 +79,13 @@ def train_ar(config: dict, out_dir: str) -> dict:
     if os.path.exists(cache_path):
         cache = torch.load(cache_path)
     else:
-        cache = tokenize_dataset(vq, build_dataset(config["data"]), limit=config.get("num_images", 0))
+        cache = tokenize_dataset(vq, build_dataset(config["data"]), limit=config.get("num_images", 0),
+                                 num_workers=config.get("num_workers", 0))
         torch.save(cache, cache_path + ".tmp")
         os.replace(cache_path + ".tmp", cache_path)
     grid = int(round(cache["tokens"].shape[1] ** 0.5))
     model_cfg = dict(config["model"])
-    size = model_cfg.pop("size", "GPT-tiny")
+    size = model_cfg.pop("size", None)  # a named size, or the explicit dims in the config
     modules = {}
     if model_cfg.get("model_type", "c2i") == "t2i":
         text_cfg = dict(config.get("text_encoder", {}))
@@ -92,7 +93,8 @@ def train_ar(config: dict, out_dir: str) -> dict:
         modules["text_encoder"] = WordTextEncoder(vocabulary=vocab, **text_cfg)
         model_cfg.update(caption_dim=modules["text_encoder"].config.caption_dim,
                          cls_token_num=modules["text_encoder"].config.max_length)
-    gpt = LlamaGen.from_size(size, vocab_size=vq.vocab_size, block_size=grid * grid, **model_cfg)
+    model_cfg.update(vocab_size=vq.vocab_size, block_size=grid * grid)
+    gpt = LlamaGen.from_size(size, **model_cfg) if size else LlamaGen(**model_cfg)
     modules = {"gpt": gpt, **modules}
     params = [p for m in modules.values() for p in m.parameters()]
     loader = torch.utils.data.DataLoader(_TokenBatches(cache), batch_size=config["batch_size"], shuffle=True,

@@ -1,6 +1,7 @@
 """Recipe: train a VQ tokenizer (L1 + L2 reconstruction, codebook and commitment losses)."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -11,10 +12,26 @@ from ..tokenizers import VQTokenizer
 from .common import infinite, run_training
 
 
-def vq_step(modules, batch):
-    """One VQ loss: pixels in [-1, 1]; no perceptual or GAN terms (they need pretrained nets or scale)."""
+def random_crop(images: torch.Tensor, size: int, multiple: int) -> torch.Tensor:
+    """One random ``size`` crop for the whole batch, its corner on the tokenizer's ``multiple`` grid."""
+    H, W = images.shape[-2:]
+    if size >= min(H, W):
+        return images
+    y = int(torch.randint(0, (H - size) // multiple + 1, ())) * multiple
+    x = int(torch.randint(0, (W - size) // multiple + 1, ())) * multiple
+    return images[..., y:y + size, x:x + size]
+
+
+def vq_step(modules, batch, crop: int = 0):
+    """One VQ loss: pixels in [-1, 1]; no perceptual or GAN terms (they need pretrained nets or scale).
+
+    ``crop`` trains on random crops (the conv tokenizer is local, so crops cost a fraction
+    of full images at nearly the same quality).
+    """
     vq = modules["vq"]
     images = batch["image"].to(next(vq.parameters()).device)
+    if crop:
+        images = random_crop(images, crop, vq.downsample)
     rec, idx, losses = vq(images)
     l1, l2 = F.l1_loss(rec, images), F.mse_loss(rec, images)
     loss = l1 + l2 + losses["vq"] + losses["commit"]
@@ -30,7 +47,8 @@ def train_tokenizer(config: dict, out_dir: str) -> dict:
     data = build_dataset(config["data"])
     loader = torch.utils.data.DataLoader(data, batch_size=config["batch_size"], shuffle=True, drop_last=True,
                                          num_workers=config.get("num_workers", 0), collate_fn=collate)
-    result = run_training(config, {"vq": vq}, list(vq.parameters()), infinite(loader), vq_step, out_dir,
+    step = functools.partial(vq_step, crop=config.get("crop", 0))
+    result = run_training(config, {"vq": vq}, list(vq.parameters()), infinite(loader), step, out_dir,
                           log_every=config.get("log_every", 10), save_every=config.get("save_every", 200))
     trained = result.pop("modules")["vq"]
     trained.save_pretrained(os.path.join(out_dir, "vq"))

@@ -1,0 +1,1 @@
+"""Evaluation: scene checks (colour segmentation against exact scene metadata)."""
