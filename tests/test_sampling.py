@@ -85,8 +85,16 @@ def test_cfg_without_null_condition_fails_clearly():
 
 
 def test_nan_logits_raise():
-    with pytest.raises(FloatingPointError, match="non-finite logits"):
+    with pytest.raises(FloatingPointError, match="1 non-finite logits"):
         logits_to_probs(torch.tensor([[0.0, float("nan")]]), SamplingConfig())
+
+
+def test_nan_weights_fail_decoding_clearly():
+    model = make_gpt("c2i")
+    with torch.no_grad():
+        model.output.weight[3, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite logits.*dtype"):
+        decode_ar(model, torch.tensor([0]), SamplingConfig())
 
 
 def test_greedy_ar_matches_full_recomputation(c2i):

@@ -77,17 +77,21 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def logits_to_probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+def non_finite_error(count: int) -> FloatingPointError:
+    return FloatingPointError(f"model produced {count} non-finite logits (NaN/inf); check the weights and dtype "
+                              "(fp16 overflow?) before sampling")
+
+
+def logits_to_probs(logits: torch.Tensor, config: SamplingConfig, check_finite: bool = True) -> torch.Tensor:
     """Raw model logits (CFG-doubled if ``config.uses_cfg``) -> fp32 sampling probabilities.
 
     Order as LlamaGen: CFG, temperature, top-k, top-p, softmax. Temperature 0 gives a
-    one-hot distribution on the argmax. NaN/inf logits raise instead of sampling garbage.
+    one-hot distribution on the argmax. NaN/inf logits raise; decoding loops pass
+    ``check_finite=False`` and check once at the end instead (no host sync per step).
     """
     logits = guided_logits(logits, config.cfg_scale)
-    if not torch.isfinite(logits).all():
-        bad = (~torch.isfinite(logits)).sum().item()  # one sync, only on the error path check
-        raise FloatingPointError(f"model produced {bad} non-finite logits (NaN/inf); check the weights "
-                                 "and dtype (fp16 overflow?) before sampling")
+    if check_finite and not torch.isfinite(logits).all():
+        raise non_finite_error(int((~torch.isfinite(logits)).sum()))
     if config.temperature == 0:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = filter_logits(logits / config.temperature, config.top_k, config.top_p)

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .sampling import SamplingConfig, logits_to_probs, make_generators
+from .sampling import SamplingConfig, logits_to_probs, make_generators, non_finite_error
 from .stats import DecodeStats
 
 
@@ -53,6 +53,7 @@ class DecodeSession:
         self.cache = model.new_cache(prefix.shape[0], max_len or self.prefix_len + model.num_tokens)
         self.stats = DecodeStats(method=method, batch_size=self.batch, tokens=model.num_tokens)
         self._t0 = None
+        self._non_finite = torch.zeros((), dtype=torch.long, device=device)  # checked once, in finish()
 
     # ----------------------------------------------------------------------------- model calls
     def _double(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,8 +77,7 @@ class DecodeSession:
         if self.cond_mask is not None:
             self.cache.visible[:, :P] = self.cond_mask
         self.cache.length.fill_(P)
-        self.stats.forward_passes += 1
-        return logits_to_probs(logits[:, -1], self.sampling)
+        return self._probs(logits[:, -1])
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -90,12 +90,19 @@ class DecodeSession:
         logits = self.model(tokens=self._double(tokens), positions=self._double(positions),
                             slots=self._double(slots), mask=None if mask is None else self._double(mask),
                             cache=self.cache)
+        return self._probs(logits)
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         self.stats.forward_passes += 1
-        return logits_to_probs(logits, self.sampling)
+        self._non_finite += (~torch.isfinite(logits)).sum()
+        return logits_to_probs(logits, self.sampling, check_finite=False)
 
     def finish(self) -> DecodeStats:
-        """Stop the clock (synchronising the device) and return the stats."""
+        """Stop the clock (synchronising the device) and return the stats; raise if any logits were NaN/inf."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        bad = int(self._non_finite)
+        if bad:
+            raise non_finite_error(bad)
         self.stats.wall_s = time.perf_counter() - (self._t0 or time.perf_counter())
         return self.stats
