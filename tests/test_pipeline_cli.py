@@ -93,3 +93,40 @@ def test_t2i_without_text_encoder_fails_clearly():
     pipe = VarGenPipeline(gpt=pipe.gpt, vq=pipe.vq)
     with pytest.raises(ValueError, match="without a text encoder"):
         pipe("a red circle")
+
+
+def _tiny_t5():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "photo", "of", "red", "circle", "blue", "star"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(words), d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    return T5EncoderModel(config).eval(), tok
+
+
+def test_llamagen_t2i_with_t5_features_left_padded():
+    from vargen.models.t5 import left_pad, t5_caption_features
+
+    t5, tok = _tiny_t5()
+    feats, mask = t5_caption_features(t5, tok, ["a red circle", "a photo of a blue star"], max_length=8)
+    assert mask.tolist()[0] == [False] * 5 + [True] * 3 and mask[1].sum() == 6
+    assert torch.all(feats[~mask] == 0)
+    # the real tokens' features are T5's own, moved to the end
+    ids = tok(["a red circle"], return_tensors="pt")["input_ids"]
+    ref = t5(input_ids=ids)["last_hidden_state"][0]
+    torch.testing.assert_close(feats[0, 5:], ref)
+    f2, m2 = left_pad(torch.arange(4.0).view(1, 4, 1), torch.tensor([[1, 1, 0, 0]]))
+    assert f2.flatten().tolist() == [0, 0, 0, 1] and m2.tolist() == [[False, False, True, True]]
+    with pytest.raises(ValueError, match="prompt too long: 9 tokens.*at most 8"):
+        t5_caption_features(t5, tok, ["a photo of a red circle a blue star"], max_length=8)
+    # through the pipeline, with a LlamaGen t2i GPT taking 24-d caption features
+    gpt = LlamaGen.from_size("GPT-tiny", model_type="t2i", block_size=16, vocab_size=64, caption_dim=24,
+                             cls_token_num=8).eval()
+    vq = VQTokenizer(codebook_size=64, ch=32, ch_mult=(1, 2), z_channels=32).eval()
+    out = VarGenPipeline(gpt=gpt, vq=vq, text_encoder=t5, tokenizer=tok)("a red circle", cfg_scale=2.0,
+                                                                          progress=False, output_type="pt")
+    assert out.tokens.shape == (1, 16)

@@ -54,18 +54,20 @@ class VarGenPipeline(DiffusionPipeline):
         (2, 64)
     """
 
-    _optional_components = ["text_encoder"]
+    _optional_components = ["text_encoder", "tokenizer"]
 
-    def __init__(self, gpt: LlamaGen, vq: VQTokenizer, text_encoder: Optional[WordTextEncoder] = None):
+    def __init__(self, gpt: LlamaGen, vq: VQTokenizer, text_encoder=None, tokenizer=None):
+        """``text_encoder``: a :class:`WordTextEncoder`, or a transformers T5 encoder with its ``tokenizer``."""
         super().__init__()
         if gpt.vocab_size != vq.vocab_size:
             raise ValueError(f"model vocabulary ({gpt.vocab_size} tokens) does not match the tokenizer codebook "
                              f"({vq.vocab_size} codes); pair the GPT with the tokenizer it was trained on")
         if gpt.config.model_type == "t2i" and text_encoder is not None:
-            if text_encoder.config.caption_dim != gpt.config.caption_dim:
-                raise ValueError(f"text encoder gives {text_encoder.config.caption_dim}-d features but the model "
-                                 f"expects {gpt.config.caption_dim}-d captions; pair them as trained")
-        self.register_modules(gpt=gpt, vq=vq, text_encoder=text_encoder)
+            dim = getattr(text_encoder.config, "caption_dim", None) or getattr(text_encoder.config, "d_model", None)
+            if dim != gpt.config.caption_dim:
+                raise ValueError(f"text encoder gives {dim}-d features but the model expects "
+                                 f"{gpt.config.caption_dim}-d captions; pair them as trained")
+        self.register_modules(gpt=gpt, vq=vq, text_encoder=text_encoder, tokenizer=tokenizer)
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -100,6 +102,12 @@ class VarGenPipeline(DiffusionPipeline):
             if self.text_encoder is None:
                 raise ValueError("this is a text-to-image model without a text encoder; load a pipeline that has one")
             prompts = [str(p) for p in inputs]
+            if not isinstance(self.text_encoder, WordTextEncoder):
+                if self.tokenizer is None:
+                    raise ValueError("a transformers text encoder needs its tokenizer component")
+                from .models.t5 import t5_caption_features
+
+                return t5_caption_features(self.text_encoder, self.tokenizer, prompts, self.gpt.config.cls_token_num)
             unknown = self.text_encoder.unknown_words(prompts)
             if unknown:
                 import warnings
