@@ -31,3 +31,33 @@ def test_position_and_count_checks():
     blobs = find_blobs(image)
     assert sorted(b.color for b in blobs) == ["blue", "red"]
     assert abs(next(b for b in blobs if b.color == "red").x - 0.25) < 0.02
+
+
+class _RenderingPipe:
+    """Stands in for a t2i pipeline: renders the scene a caption came from (or a fixed wrong one)."""
+
+    def __init__(self, scenes, wrong=None):
+        self.by_caption = {s.caption: s for s in scenes}
+        self.wrong = wrong
+        self.calls = []
+
+    def __call__(self, prompts, seed, output_type, progress, **sampling):
+        from types import SimpleNamespace
+
+        self.calls.append((len(prompts), seed, sampling))
+        scenes = [self.wrong or self.by_caption[p] for p in prompts]
+        return SimpleNamespace(images=np.stack([render_scene(s, 64) for s in scenes]).astype(np.float32) / 255)
+
+
+def test_scene_following_scores_generated_images_per_task():
+    from vargen.eval.scenes import scene_following
+
+    scenes = [SceneDataset(seed=11).scene(i) for i in range(30)]
+    perfect = _RenderingPipe(scenes)
+    result = scene_following(perfect, n=30, seed=11, batch_size=8, progress=False, cfg_scale=2.0)
+    assert result["all"] == 1.0 and result["n"] == 30 and result["images"].shape == (30, 64, 64, 3)
+    assert [c[:2] for c in perfect.calls] == [(8, 0), (8, 8), (8, 16), (6, 24)]  # image i drawn with seed i
+    assert perfect.calls[0][2] == {"cfg_scale": 2.0}
+    assert sum(r["n"] for r in result["by_task"].values()) == 30
+    wrong = scene_following(_RenderingPipe(scenes, wrong=scenes[0]), n=30, seed=11, progress=False)
+    assert wrong["all"] < 0.5

@@ -77,6 +77,9 @@ def test_tokenizer_recipe_resumes_and_saves(tmp_path):
     result = train_tokenizer(config, str(tmp_path))
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6]
+    assert rows[2]["elapsed_s"] > rows[1]["elapsed_s"]  # training time accumulates across the resume
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["steps"] == 6 and run["device"] == "cpu" and "CPU" in run["device_name"]
     assert VQTokenizer.from_pretrained(str(tmp_path / "vq")).vocab_size == 64
 
 
@@ -112,6 +115,7 @@ def test_export_writes_fp16_pipeline_card_and_samples(tmp_path):
               "steps": 1, "batch_size": 4, "lr": 1e-3, "log_every": 1}, str(ar_dir))
     card = export_model("toy", str(vq_dir), str(ar_dir), str(tmp_path / "out"), ["a photo of a red circle", "a photo of a star"],
                         {"scenes": SCENES}, cfg_scale=2.0)
+    assert "CPU" in card["vq_device"] and "CPU" in card["ar_device"]
     assert set(card["reconstruction_psnr_db"]) == {"scenes"} and card["reconstruction_psnr_db"]["scenes"] > 0
     assert (tmp_path / "out" / "samples.png").exists() and "toy" in (tmp_path / "out" / "MODEL_CARD.md").read_text()
     from safetensors.torch import load_file

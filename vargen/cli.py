@@ -46,11 +46,54 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=_positive_int, default=None, help="override the config's step count")
     train.set_defaults(func=cmd_train)
 
+    evaluate = sub.add_parser("eval", help="evaluate generated images")
+    eval_sub = evaluate.add_subparsers(dest="what", required=True)
+    scenes = eval_sub.add_parser("scenes", help="caption following of a scene model on held-out scene prompts",
+                                 description="Generate from N held-out scene captions and check colours, counts "
+                                             "and positions against the exact scene metadata.")
+    scenes.add_argument("--model", default=None, help="t2i model trained on scenes (default: the default model)")
+    scenes.add_argument("-n", "--n", type=_positive_int, default=100, help="number of scene prompts")
+    scenes.add_argument("--seed", type=int, default=999, help="scene seed (training used 0 and 1)")
+    scenes.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
+    scenes.add_argument("--top-k", type=int, default=0, help="top-k (0 = all)")
+    scenes.add_argument("--out", default="outputs/eval_scenes", help="folder for scores.json and grid.png")
+    scenes.add_argument("--device", default="cpu", help="torch device")
+    scenes.set_defaults(func=cmd_eval_scenes)
+
     export = sub.add_parser("export", help="package trained runs as an embedded model (fp16, samples, model card)")
     export.add_argument("spec", help="export spec (JSON): name, vq_run, ar_run, out, prompts, eval_data")
     export.add_argument("--out", default=None, help="override the spec's output folder")
     export.set_defaults(func=cmd_export)
     return parser
+
+
+def cmd_eval_scenes(args) -> int:
+    import json
+
+    import torch
+    from torchvision.utils import save_image
+
+    from .eval.scenes import scene_following
+    from .pipeline import VarGenPipeline
+
+    pipe = VarGenPipeline.load(args.model, device=args.device)
+    if pipe.gpt.config.model_type != "t2i":
+        raise ValueError("scene evaluation needs a text-to-image model (e.g. scenes-t2i); "
+                         f"{args.model or 'the default model'} is class-conditional")
+    result = scene_following(pipe, n=args.n, seed=args.seed, cfg_scale=args.cfg, top_k=args.top_k)
+    os.makedirs(args.out, exist_ok=True)
+    images = torch.from_numpy(result.pop("images")).permute(0, 3, 1, 2).float() / 255
+    save_image(images, os.path.join(args.out, "grid.png"), nrow=10, padding=2)
+    result.update(model=args.model, n_prompts=args.n, scene_seed=args.seed, cfg_scale=args.cfg, top_k=args.top_k)
+    with open(os.path.join(args.out, "scores.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"{'task':<14} {'n':>4} {'colour':>7} {'count':>7} {'position':>9} {'all':>6}")
+    rows = [*result["by_task"].items(), ("overall", result)]
+    for task, r in rows:
+        cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("color", "count", "position")]
+        print(f"{task:<14} {r['n']:>4} {cells[0]:>7} {cells[1]:>7} {cells[2]:>9} {r['all']:>6.2f}")
+    print(f"wrote {args.out}/scores.json and {args.out}/grid.png")
+    return 0
 
 
 def cmd_export(args) -> int:

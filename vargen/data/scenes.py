@@ -161,16 +161,26 @@ def _inside_polygon(px: np.ndarray, py: np.ndarray, pts) -> np.ndarray:
 
 
 def object_coverage(obj: SceneObject, height: int, width: int, supersample: int = 4) -> np.ndarray:
-    """Fraction of each pixel covered by ``obj`` (``[H, W]`` floats in [0, 1])."""
+    """Fraction of each pixel covered by ``obj`` (``[H, W]`` floats in [0, 1]).
+
+    Only the pixels of the object's bounding box are supersampled (the rest is 0), so an
+    object costs in proportion to its area, not the image's.
+    """
     s = supersample
-    ys = (np.arange(height * s) + 0.5) / (height * s)
-    xs = (np.arange(width * s) + 0.5) / (width * s)
+    cov = np.zeros((height, width), dtype=np.float64)
+    y0, y1 = max(0, int((obj.y - obj.r) * height) - 1), min(height, int(math.ceil((obj.y + obj.r) * height)) + 1)
+    x0, x1 = max(0, int((obj.x - obj.r) * width) - 1), min(width, int(math.ceil((obj.x + obj.r) * width)) + 1)
+    if y1 <= y0 or x1 <= x0:
+        return cov
+    ys = (np.arange(y0 * s, y1 * s) + 0.5) / (height * s)
+    xs = (np.arange(x0 * s, x1 * s) + 0.5) / (width * s)
     px, py = np.meshgrid(xs, ys)
     if obj.shape == "circle":
         inside = (px - obj.x) ** 2 + (py - obj.y) ** 2 <= obj.r ** 2
     else:
         inside = _inside_polygon(px, py, _polygon(obj.shape, obj.x, obj.y, obj.r))
-    return inside.reshape(height, s, width, s).mean(axis=(1, 3))
+    cov[y0:y1, x0:x1] = inside.reshape(y1 - y0, s, x1 - x0, s).mean(axis=(1, 3))
+    return cov
 
 
 def render_scene(scene: Scene, height: int, width: Optional[int] = None, supersample: int = 4) -> np.ndarray:

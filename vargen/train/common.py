@@ -58,17 +58,18 @@ def run_training(config: dict, modules: Dict[str, torch.nn.Module], params, batc
     modules = dict(zip(names, prepared[:-1]))
     optimizer = prepared[-1]
     state_dir = os.path.join(out_dir, "state")
-    step = 0
+    step, prior_s = 0, 0.0
     if os.path.isdir(state_dir):
         accelerator.load_state(state_dir)
         with open(os.path.join(state_dir, "step.json")) as f:
-            step = json.load(f)["step"]
+            saved = json.load(f)
+        step, prior_s = saved["step"], saved.get("elapsed_s", 0.0)
         accelerator.print(f"resumed from {state_dir} at step {step}")
     total, warmup = config["steps"], config.get("warmup", 0)
     log_path = os.path.join(out_dir, "log.jsonl")
     for m in modules.values():
         m.train()
-    start, metrics = time.perf_counter(), {}
+    start, metrics = time.perf_counter() - prior_s, {}  # elapsed_s counts training time across resumes
     while step < total:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, total, config["lr"], warmup)
@@ -88,16 +89,28 @@ def run_training(config: dict, modules: Dict[str, torch.nn.Module], params, batc
             accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in metrics.items()))
         if step % save_every == 0 or step == total:
-            _save_state(accelerator, state_dir, step)
+            _save_state(accelerator, state_dir, step, time.perf_counter() - start)
     for m in modules.values():
         m.eval()
+    summary = {**metrics, "steps": step, "wall_s": time.perf_counter() - start, "device": str(accelerator.device),
+               "device_name": _device_name(accelerator.device), "num_processes": accelerator.num_processes,
+               "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     if accelerator.is_main_process:
         plot_losses(log_path, os.path.join(out_dir, "loss.png"))
-    return {**metrics, "steps": step, "wall_s": time.perf_counter() - start, "device": str(accelerator.device),
-            "modules": {n: accelerator.unwrap_model(m) for n, m in modules.items()}}
+        with open(os.path.join(out_dir, "run.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return {**summary, "modules": {n: accelerator.unwrap_model(m) for n, m in modules.items()}}
 
 
-def _save_state(accelerator, state_dir: str, step: int) -> None:
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def _save_state(accelerator, state_dir: str, step: int, elapsed_s: float) -> None:
     tmp = state_dir + ".tmp"
     if accelerator.is_main_process and os.path.isdir(tmp):
         shutil.rmtree(tmp)
@@ -105,7 +118,7 @@ def _save_state(accelerator, state_dir: str, step: int) -> None:
     accelerator.save_state(tmp)
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "step.json"), "w") as f:
-            json.dump({"step": step}, f)
+            json.dump({"step": step, "elapsed_s": elapsed_s}, f)
         old = state_dir + ".old"
         if os.path.isdir(state_dir):
             os.replace(state_dir, old)

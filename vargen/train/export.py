@@ -16,6 +16,15 @@ from ..pipeline import VarGenPipeline
 from ..tokenizers import VQTokenizer
 
 
+def _run_summary(run_dir: str) -> dict:
+    """``run.json`` written at the end of training (device, processes, threads), or ``{}`` for older runs."""
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def _last_log(run_dir: str) -> dict:
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -65,7 +74,9 @@ def export_model(name: str, vq_run: str, ar_run: str, out_dir: str, prompts: Seq
                    "text_encoder": sum(p.numel() for p in text.parameters()) if text else 0},
         "file_bytes": sizes, "sample_prompts": [str(p) for p in prompts],
         "sample_settings": {"cfg_scale": cfg_scale, "top_k": top_k, "seed": seed},
-        "sample_wall_s": sample_s, "device": "cpu", "cpu": platform.processor() or platform.machine(),
+        "sample_wall_s": sample_s, "sample_device": f"{platform.processor() or platform.machine()} CPU",
+        "vq_device": _run_summary(vq_run).get("device_name", "unknown"),
+        "ar_device": _run_summary(ar_run).get("device_name", "unknown"),
     }
     with open(os.path.join(out_dir, "card.json"), "w") as f:
         json.dump(card, f, indent=2)
@@ -89,10 +100,12 @@ def _card_markdown(card: dict, notes: Optional[str]) -> str:
         f"(+ text encoder {card['params']['text_encoder'] / 1e6:.2f} M) |",
         f"| shipped fp16 bytes | {card['file_bytes'].get('vq', 0) / 1e6:.2f} MB | "
         f"{(card['file_bytes'].get('gpt', 0) + card['file_bytes'].get('text_encoder', 0)) / 1e6:.2f} MB |",
-        "", f"Device: {card['device']} ({card['cpu']}), 2 cores.",
+        f"| training device | {card['vq_device']} | {card['ar_device']} |",
+        "",
         "Reconstruction PSNR (64 images per set, [0, 1] range): "
         + ", ".join(f"{k} **{v:.2f} dB**" for k, v in card["reconstruction_psnr_db"].items()) + ".", "",
-        f"Samples (`samples.png`, settings {card['sample_settings']}, {card['sample_wall_s']:.1f} s on CPU):", "",
+        f"Samples (`samples.png`, settings {card['sample_settings']}, {card['sample_wall_s']:.1f} s on "
+        f"{card['sample_device']}):", "",
     ]
     lines += [f"{i + 1}. {p}" for i, p in enumerate(card["sample_prompts"])]
     lines += ["", "![samples](samples.png)", ""]
