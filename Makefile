@@ -14,9 +14,13 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+DEMO_PROMPTS := "a photo of a red circle" "a photo of a blue square" "a photo of a yellow star" \
+	"a photo of a red circle above a blue square" "a photo of a green triangle and a purple hexagon" \
+	"a photo of three circles" "a photo of a white diamond" "grinning face" "red apple"
+
 demo: $(STAMP)
-	$(BIN)/vargen generate class1 class3 class5 class7 -o outputs/demo.png --stats outputs/demo_stats.json
-	@echo "demo image: outputs/demo.png   stats: outputs/demo_stats.json"
+	$(BIN)/vargen generate $(DEMO_PROMPTS) -o outputs/demo.png --cfg 4.0 --seed 0 --stats outputs/demo_stats.json
+	@echo "demo grid (3 x 3, one image per prompt, row by row): outputs/demo.png   stats: outputs/demo_stats.json"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

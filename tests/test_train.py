@@ -124,3 +124,18 @@ def test_export_writes_fp16_pipeline_card_and_samples(tmp_path):
     pipe = VarGenPipeline.load(str(tmp_path / "out"))
     assert pipe.gpt.output.weight.dtype == torch.float32
     assert pipe("a photo of a red circle", progress=False, output_type="pt").images.shape == (1, 3, 16, 16)
+
+
+def test_tokenizer_second_phase_starts_from_saved_weights(tmp_path):
+    first = {"model": VQ_MODEL, "data": SCENES, "steps": 2, "batch_size": 4, "lr": 1e-3, "crop": 8}
+    train_tokenizer(first, str(tmp_path / "crops"))
+    saved = VQTokenizer.from_pretrained(str(tmp_path / "crops" / "vq"))
+    # full-image phase with a vanishing learning rate: the weights stay those of phase one
+    second = {"init": str(tmp_path / "crops" / "vq"), "data": SCENES, "steps": 1, "batch_size": 4, "lr": 1e-12}
+    train_tokenizer(second, str(tmp_path / "full"))
+    tuned = VQTokenizer.from_pretrained(str(tmp_path / "full" / "vq"))
+    assert tuned.config.codebook_size == 64
+    for (name, a), b in zip(saved.named_parameters(), tuned.parameters()):  # (usage buffers do move)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    fresh = VQTokenizer(**VQ_MODEL)
+    assert not torch.allclose(fresh.encoder.conv_in.weight, tuned.encoder.conv_in.weight)

@@ -92,6 +92,11 @@ class DecodeSession:
                             cache=self.cache)
         return self._probs(logits)
 
+    def rollback(self, image_slots: torch.Tensor) -> None:
+        """Keep the prefix and the first ``image_slots[b]`` image slots of sample ``b`` (``[B]``);
+        later slots become invisible. A pointer move: nothing is copied."""
+        self.cache.rollback(self._double(image_slots + self.prefix_len))
+
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         self.stats.forward_passes += 1
         self._non_finite += (~torch.isfinite(logits)).sum()

@@ -342,15 +342,16 @@ class LlamaGen(ModelMixin, ConfigMixin):
         return (logits, h) if return_hidden else logits
 
     def forward_train(self, tokens: torch.Tensor, cond, cond_mask: Optional[torch.Tensor] = None,
-                      train: Optional[bool] = None) -> torch.Tensor:
+                      train: Optional[bool] = None, null: bool = False) -> torch.Tensor:
         """Teacher-forced logits ``[B, N, V]`` predicting image tokens ``tokens[:, 0..N-1]``.
 
         The sequence is ``[cond prefix] + tokens[:, :-1]``, as in LlamaGen training; the
-        condition is dropped with ``class_dropout_prob`` when training (for CFG).
+        condition is dropped with ``class_dropout_prob`` when training (for CFG); ``null``
+        replaces it by the null condition (the unconditional half of CFG).
         ``cond_mask`` (``[B, P]`` bool) marks real caption tokens; pads are hidden.
         """
         train = self.training if train is None else train
-        prefix = self.condition_embeddings(cond, train=train)
+        prefix = self.condition_embeddings(cond, null=null, train=train)
         P = prefix.shape[1]
         h = torch.cat([prefix, self.tok_embeddings(tokens[:, :-1])], dim=1)
         B, T = h.shape[:2]

@@ -41,9 +41,20 @@ def vq_step(modules, batch, crop: int = 0):
 
 
 def train_tokenizer(config: dict, out_dir: str) -> dict:
-    """Train ``VQTokenizer(**config["model"])`` on ``config["data"]``; saves ``out_dir/vq`` (safetensors)."""
+    """Train ``VQTokenizer(**config["model"])`` on ``config["data"]``; saves ``out_dir/vq`` (safetensors).
+
+    ``config["init"]`` (a saved tokenizer folder) starts from trained weights instead: the
+    recipes train on random crops first (cheap), then fine-tune on full images, because
+    the attention blocks at the bottleneck see the whole latent grid and do not carry over
+    from a crop's grid to the full one (measured: 30 dB on 32-px crops, 21 dB on full
+    128-px scenes before the fine-tune).
+    """
     torch.manual_seed(config.get("seed", 0))
-    vq = VQTokenizer(**config["model"])
+    if config.get("init"):
+        # second phase: continue from a saved tokenizer (e.g. full-resolution fine-tuning after crops)
+        vq = VQTokenizer.from_pretrained(config["init"])
+    else:
+        vq = VQTokenizer(**config["model"])
     data = build_dataset(config["data"])
     loader = torch.utils.data.DataLoader(data, batch_size=config["batch_size"], shuffle=True, drop_last=True,
                                          num_workers=config.get("num_workers", 0), collate_fn=collate)

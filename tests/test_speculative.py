@@ -1,0 +1,129 @@
+"""Speculative Jacobi Decoding is lossless: its samples follow the exact AR distribution."""
+import itertools
+
+import pytest
+import torch
+from conftest import make_gpt
+from scipy.stats import chisquare
+
+from vargen.decoding import SamplingConfig, decode_ar, logits_to_probs
+from vargen.decoding.acceptance import ExactAcceptance, couple, residual
+from vargen.decoding.speculative import decode_sjd
+
+N_SAMPLES = 4000
+
+
+@pytest.fixture(scope="module")
+def small():
+    """2 x 2 tokens over a 4-token vocabulary: 256 images whose probabilities can be enumerated."""
+    return make_gpt("c2i", vocab=4, block=4, seed=3)
+
+
+def exact_distribution(model, label: int, sampling: SamplingConfig) -> torch.Tensor:
+    """P(image) for all V^N token sequences, by teacher forcing through the same sampling transforms."""
+    V, N = model.vocab_size, model.num_tokens
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=N)))
+    with torch.no_grad():
+        logits = model.forward_train(seqs, torch.full((len(seqs),), label))
+        if sampling.uses_cfg:
+            logits = torch.cat([logits, model.forward_train(seqs, torch.full((len(seqs),), label), null=True)])
+        probs = logits_to_probs(logits, sampling)
+    return probs.gather(-1, seqs[..., None]).squeeze(-1).prod(1).double()
+
+
+def chi_square_p(tokens: torch.Tensor, expected: torch.Tensor, vocab: int) -> float:
+    """Goodness of fit of sampled sequences to ``expected``; cells with < 5 expected counts are pooled."""
+    index = (tokens * vocab ** torch.arange(tokens.shape[1] - 1, -1, -1)).sum(1)
+    observed = torch.bincount(index, minlength=len(expected)).double()
+    exp = expected / expected.sum() * len(tokens)
+    big = exp >= 5
+    f_obs = torch.cat([observed[big], observed[~big].sum()[None]])
+    f_exp = torch.cat([exp[big], exp[~big].sum()[None]])
+    return float(chisquare(f_obs.numpy(), f_exp.numpy()).pvalue)
+
+
+class AlwaysAccept(ExactAcceptance):
+    """A deliberately broken rule: every draft passes."""
+
+    def accept(self, p, q, drafts, coins):
+        return torch.ones_like(drafts, dtype=torch.bool)
+
+
+SHARP = SamplingConfig(temperature=0.6)
+
+
+def test_the_reference_distribution_is_far_from_uniform_and_ar_matches_it(small):
+    expected = exact_distribution(small, 1, SHARP)
+    assert abs(float(expected.sum()) - 1) < 1e-5
+    assert float(expected.max()) > 4 / 256 and float(expected.min()) < 0.25 / 256  # far from uniform
+    tokens, _ = decode_ar(small, torch.full((N_SAMPLES,), 1), SHARP, seeds=range(N_SAMPLES))
+    assert chi_square_p(tokens, expected, 4) > 1e-3
+
+
+@pytest.mark.parametrize("init,coupling,window,sampling", [
+    ("random", "none", 2, SHARP), ("left", "none", 3, SHARP), ("above", "none", 2, SHARP),
+    ("left-dist", "none", 2, SHARP), ("left", "maximal", 2, SHARP), ("random", "gumbel", 2, SHARP),
+    ("left-dist", "maximal", 3, SamplingConfig(cfg_scale=2.0, temperature=0.8, top_k=3)),
+])
+def test_sjd_samples_follow_the_exact_ar_distribution(small, init, coupling, window, sampling):
+    expected = exact_distribution(small, 1, sampling)
+    tokens, stats = decode_sjd(small, torch.full((N_SAMPLES,), 1), sampling, seeds=range(N_SAMPLES),
+                               window=window, init=init, coupling=coupling)
+    assert chi_square_p(tokens, expected, 4) > 1e-3
+    assert min(stats.per_sample_forward_passes) >= 2 and stats.extra["step_compression"] > 1.0
+
+
+def test_the_chi_square_test_has_power_against_a_broken_rule(small):
+    expected = exact_distribution(small, 1, SHARP)
+    tokens, _ = decode_sjd(small, torch.full((N_SAMPLES,), 1), SHARP, seeds=range(N_SAMPLES), window=2,
+                           init="random", acceptance=AlwaysAccept())
+    assert chi_square_p(tokens, expected, 4) < 1e-6
+
+
+@pytest.mark.parametrize("coupling", ["none", "maximal", "gumbel"])
+def test_greedy_sjd_is_greedy_ar(c2i, coupling):
+    """Temperature 0 makes SJD plain Jacobi decoding: a fixed point equal to greedy AR."""
+    cond = torch.tensor([0, 1, 2, 3])
+    for sampling in (SamplingConfig(temperature=0), SamplingConfig(cfg_scale=3.0, temperature=0)):
+        ar, _ = decode_ar(c2i, cond, sampling)
+        for init in ("random", "left", "above", "left-dist"):
+            sjd, _ = decode_sjd(c2i, cond, sampling, window=5, init=init, coupling=coupling)
+            assert torch.equal(ar, sjd), init
+
+
+def test_each_sample_advances_by_its_own_accepted_length(c2i):
+    """A sample's tokens and pass count depend only on its seed, not on its batch neighbours."""
+    cond, sampling = torch.tensor([0, 1, 2, 3]), SamplingConfig(top_k=8, temperature=0.7)
+    batch, stats = decode_sjd(c2i, cond, sampling, seeds=[10, 11, 12, 13], window=4)
+    passes = stats.per_sample_forward_passes
+    assert len(set(passes)) > 1  # samples finish after different numbers of passes
+    for i in range(4):
+        alone, s = decode_sjd(c2i, cond[i:i + 1], sampling, seeds=[10 + i], window=4)
+        assert torch.equal(alone[0], batch[i]) and s.per_sample_forward_passes == [passes[i]]
+    assert sum(k * v for k, v in stats.accepted_hist.items()) == 4 * c2i.num_tokens
+
+
+def test_residual_and_coupling_are_exact():
+    p = torch.tensor([[0.5, 0.3, 0.2]])
+    q = torch.tensor([[0.2, 0.6, 0.2]])
+    torch.testing.assert_close(residual(p, q), torch.tensor([[1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(residual(p, p), p)  # zero-probability rejection: fall back to p
+    # coupling: marginal is new_q, and the old draft is kept as often as possible (sum of min = 0.7)
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    old = torch.multinomial(q.expand(n, 3), 1, generator=g)[:, 0]
+    coins = torch.rand(n, generator=g)
+    noise = torch.empty(n, 3).exponential_(generator=g)
+    new = couple(p.expand(n, 3), q.expand(n, 3), old, coins, noise)
+    freq = torch.bincount(new, minlength=3).double() / n
+    torch.testing.assert_close(freq, p[0].double(), atol=5e-3, rtol=0)
+    assert abs(float((new == old).double().mean()) - 0.7) < 5e-3
+
+
+def test_bad_arguments_fail_clearly(c2i):
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        decode_sjd(c2i, torch.tensor([0]), window=0)
+    with pytest.raises(ValueError, match="unknown draft initialisation 'zeros'"):
+        decode_sjd(c2i, torch.tensor([0]), init="zeros")
+    with pytest.raises(ValueError, match="unknown coupling 'copula'"):
+        decode_sjd(c2i, torch.tensor([0]), coupling="copula")

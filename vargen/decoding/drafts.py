@@ -1,0 +1,69 @@
+"""Draft sources for verification-based decoding: how a window position gets its first guess.
+
+A draft is a token plus the exact distribution ``q`` it was drawn from (one-hot for a
+deterministic guess), so that any acceptance rule can verify it. Spatial initialisations
+exploit that neighbouring image tokens are often equal (SJD, ZipAR).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .sampling import sample_categorical
+
+DRAFT_INITS = ("random", "left", "above", "left-dist")
+
+
+def check_init(init: str) -> str:
+    if init not in DRAFT_INITS:
+        raise ValueError(f"unknown draft initialisation {init!r}; choose from {DRAFT_INITS}")
+    return init
+
+
+def fill_fresh(canvas: torch.Tensor, start: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor,
+               fresh: torch.Tensor, prev_dist: torch.Tensor, init: str, generators: Sequence[torch.Generator],
+               width: int) -> tuple:
+    """Give every ``fresh`` window position a new draft; the others keep theirs.
+
+    Args:
+        canvas: ``[B, C]`` committed tokens followed by drafts (updated in place with the window).
+        start: ``[B]`` raster cell of window position 0 (the first uncommitted cell).
+        drafts, q: ``[B, L]`` tokens and ``[B, L, V]`` their draft distributions.
+        fresh: ``[B, L]`` bool, positions to initialise.
+        prev_dist: ``[B, V]`` distribution of the token just before the window (for ``left-dist``).
+        init: ``random`` (uniform token), ``left`` (copy the left neighbour; the one above at a
+            row start), ``above`` (copy the token above; the left one in the first row) or
+            ``left-dist`` (sample from the left neighbour's distribution).
+        width: grid width, for the neighbour above.
+
+    Returns:
+        ``(drafts, q)``, new tensors.
+    """
+    B, L = drafts.shape
+    V = q.shape[-1]
+    rows = torch.arange(B, device=canvas.device)
+    last = canvas.shape[1] - 1
+    drafts, q = drafts.clone(), q.clone()
+    prev = prev_dist
+    for j in range(L):  # sequential: a fresh cell may copy the fresh cell before it
+        cell = start + j
+        left = canvas[rows, (cell - 1).clamp(0, last)]
+        above = canvas[rows, (cell - width).clamp(0, last)]
+        if init == "left-dist":
+            qj = prev
+            d = sample_categorical(qj, generators)
+        else:
+            if init == "random":
+                d = sample_categorical(torch.full((B, V), 1.0 / V, device=canvas.device), generators)
+            elif init == "left":
+                d = torch.where(cell % width > 0, left, above)
+            else:  # above
+                d = torch.where(cell >= width, above, left)
+            qj = torch.nn.functional.one_hot(d, V).to(q.dtype)
+        f = fresh[:, j]
+        drafts[:, j] = torch.where(f, d, drafts[:, j])
+        q[:, j] = torch.where(f[:, None], qj, q[:, j])
+        canvas[rows, cell.clamp(max=last)] = drafts[:, j]
+        prev = q[:, j]
+    return drafts, q

@@ -1,0 +1,126 @@
+"""Speculative Jacobi Decoding (Teng et al., ICLR 2025) and its lossless draft coupling.
+
+One loop: a window of ``L`` drafts after the last committed token is verified in one
+forward pass (the last committed token plus ``L`` drafts, so a fully accepted window
+also yields a bonus token); the acceptance rule commits the longest accepted prefix and
+resamples at the first rejection; the cache rolls back by moving its length pointer;
+the drafts after the rejection become this pass's samples (Jacobi iteration, ``q := p``)
+and fresh drafts fill the window. Each sample advances by its own accepted length.
+
+With ``coupling="maximal"`` a redrawn draft keeps its old token with probability
+``min(1, q_new / q_old)`` (else it comes from the residual); with ``"gumbel"`` every
+cell keeps one Exp(1) noise vector and drafts are ``argmax(q / E)``. Either way each draft
+is still an exact sample of its ``q``, so verification stays lossless, and drafts stop
+flickering between iterations, which is what raises acceptance (the MC-SJD idea).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .acceptance import ExactAcceptance, couple
+from .drafts import check_init, fill_fresh
+from .sampling import SamplingConfig, exponential_noise, sample_categorical, uniform_noise
+from .session import DecodeSession
+
+COUPLINGS = ("none", "maximal", "gumbel")
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, j]]`` for ``x`` ``[B, T, V]`` and ``index`` ``[B, L]`` -> ``[B, L, V]``."""
+    return x.gather(1, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
+@torch.no_grad()
+def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: Optional[Sequence[int]] = None,
+               cond_mask: Optional[torch.Tensor] = None, window: int = 16, init: str = "left",
+               coupling: str = "none", acceptance=None, progress: bool = False):
+    """Generate all image tokens with Speculative Jacobi Decoding.
+
+    Args:
+        model, cond, sampling, seeds, cond_mask: as :func:`vargen.decoding.decode_ar`.
+        window: drafts verified per forward pass (``L``; SJD's default is 16).
+        init: draft initialisation for new window positions, see :mod:`vargen.decoding.drafts`.
+        coupling: ``"none"`` (SJD), ``"maximal"`` or ``"gumbel"`` (lossless coupled redraws).
+        acceptance: the acceptance rule (default :class:`ExactAcceptance`, lossless).
+        progress: tqdm bar over the least advanced sample's committed tokens.
+
+    Returns:
+        ``(tokens [B, N], DecodeStats)``; ``stats.per_sample_forward_passes`` counts each
+        sample's passes (prefill included) until it finished.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    check_init(init)
+    if coupling not in COUPLINGS:
+        raise ValueError(f"unknown coupling {coupling!r}; choose from {COUPLINGS}")
+    acceptance = acceptance or ExactAcceptance()
+    N, V, L, width = model.num_tokens, model.vocab_size, window, model.grid[1]
+    name = "sjd" + ("" if coupling == "none" else f"+{coupling}")
+    session = DecodeSession(model, cond, sampling, seeds, cond_mask, method=name,
+                            max_len=model.prefix_len + N + L)
+    B, dev, gens = session.batch, session.device, session.generators
+    canvas = torch.zeros(B, N + L + 1, dtype=torch.long, device=dev)  # committed tokens, then drafts
+    first = session.prefill()
+    canvas[:, 0] = sample_categorical(first, gens)
+    n = torch.ones(B, dtype=torch.long, device=dev)  # committed tokens per sample
+    steps = torch.arange(L + 1, device=dev)
+    gumbel = exponential_noise((N + L + 1, V), gens, dev) if coupling == "gumbel" else None
+    drafts, q = fill_fresh(canvas, n, torch.zeros(B, L, dtype=torch.long, device=dev),
+                           torch.zeros(B, L, V, device=dev), torch.ones(B, L, dtype=torch.bool, device=dev),
+                           first, init, gens, width)
+    committed_log, passes = [], torch.ones(B, dtype=torch.long, device=dev)
+    bar = tqdm(total=N, disable=not progress, desc=name, leave=False)
+    while True:
+        active = n < N
+        if not bool(active.any()):  # one host sync per verify step, none per token
+            break
+        # verify: the last committed token and L drafts, at their true raster positions
+        pos = (n - 1)[:, None] + steps
+        inputs = torch.cat([canvas.gather(1, (n - 1)[:, None]), drafts], dim=1)
+        probs = session.forward(inputs, positions=pos.clamp(max=N - 1), slots=pos)  # [B, L+1, V]
+        valid = (pos[:, 1:] < N) & active[:, None]
+        ok = acceptance.accept(probs[:, :L], q, drafts, uniform_noise((L,), gens, dev)) & valid
+        r = ok.long().cumprod(1).sum(1)  # drafts accepted before the first rejection
+        p_r = _rows(probs, r[:, None])[:, 0]
+        q_r = _rows(q, r.clamp(max=L - 1)[:, None])[:, 0]
+        dist = torch.where((r < L)[:, None], acceptance.resample(p_r, q_r), acceptance.target(p_r))
+        x = sample_categorical(dist, gens)
+        # commit the accepted drafts at n .. n+r-1 and the resampled (or bonus) token at n+r
+        cells = n[:, None] + steps[:L]
+        keep = (steps[None, :L] < r[:, None]) & active[:, None]
+        canvas.scatter_(1, cells, torch.where(keep, drafts, canvas.gather(1, cells)))
+        put = (active & (n + r < N))[:, None]
+        canvas.scatter_(1, (n + r)[:, None], torch.where(put, x[:, None], canvas.gather(1, (n + r)[:, None])))
+        n_new = torch.where(active, (n + r + 1).clamp(max=N), n)
+        committed_log.append(n_new - n)
+        passes += active.long()
+        session.rollback(n_new - 1)  # the newest token has no KV yet
+        # next window: this pass's distributions where they reach (Jacobi), fresh drafts after
+        src = r[:, None] + 1 + steps[:L]
+        new_q = _rows(probs, src.clamp(max=L))
+        if gumbel is not None:
+            noise = _rows(gumbel, (n_new[:, None] + steps[:L]).clamp(max=N + L))
+        else:
+            noise = exponential_noise((L, V), gens, dev)
+        new_d = sample_categorical(new_q, noise=noise)
+        if coupling == "maximal":
+            old = src.clamp(max=L - 1)
+            coupled = couple(new_q, _rows(q, old), drafts.gather(1, old), uniform_noise((L,), gens, dev),
+                             exponential_noise((L, V), gens, dev))
+            new_d = torch.where(src <= L - 1, coupled, new_d)
+        n = n_new
+        drafts, q = fill_fresh(canvas, n, new_d, new_q, src > L, p_r, init, gens, width)
+        if progress:
+            bar.n = int(n.min())
+            bar.refresh()
+    bar.close()
+    stats = session.finish()
+    log = torch.stack(committed_log) if committed_log else torch.zeros(0, B, dtype=torch.long)
+    stats.record_accepted([1] * B + log[log > 0].tolist())  # the prefill commits token 0
+    stats.per_sample_forward_passes = passes.tolist()
+    stats.extra.update(window=L, init=init, coupling=coupling, acceptance=acceptance.name,
+                       step_compression=N / (sum(stats.per_sample_forward_passes) / B))
+    return canvas[:, :N], stats
