@@ -23,12 +23,27 @@ def test_pipeline_save_load_roundtrip_gives_identical_images(tmp_path):
 def test_pipeline_callback_and_bad_classes():
     pipe = tiny_random_pipeline()
     seen = []
-    pipe(0, callback_on_step_end=lambda p, step, t, kw: seen.append(kw["tokens"].shape[1]), progress=False)
+    pipe(0, callback_on_step_end=lambda p, step, t, kw: seen.append(int(kw["committed"][0])), progress=False)
     assert seen == list(range(1, 65))
     with pytest.raises(ValueError, match="unknown class 'dog'"):
         pipe("dog")
     with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
         pipe(12)
+
+
+def test_pipeline_methods_share_one_interface():
+    pipe = tiny_random_pipeline()
+    greedy = dict(temperature=0, seed=3, output_type="pt", progress=False)
+    ar = pipe(["class2", 7], **greedy)
+    passes = []
+    sjd = pipe(["class2", 7], method="sjd", method_options={"window": 8, "init": "left"},
+               callback_on_step_end=lambda p, step, t, kw: passes.append(kw["committed"].tolist()), **greedy)
+    assert torch.equal(ar.tokens, sjd.tokens)  # greedy SJD is greedy AR
+    assert sjd.stats.method == "sjd" and passes[-1] == [64, 64] and len(passes) == max(sjd.stats.per_sample_forward_passes) - 1
+    with pytest.raises(ValueError, match="unknown decoding method 'fast'"):
+        pipe(0, method="fast")
+    with pytest.raises(ValueError, match=r"method 'ar' takes no option\(s\) \['window'\]"):
+        pipe(0, method="ar", method_options={"window": 4})
 
 
 def test_mismatched_vocabularies_fail_clearly():
@@ -48,6 +63,10 @@ def test_cli_generate_writes_image_and_stats(tmp_path, capsys):
     assert stats["method"] == "ar" and stats["forward_passes"] == 64 and stats["tokens"] == 64
     assert stats["batch_size"] == 4 and stats["wall_s"] > 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    assert main(["generate", "class1", "-o", str(out), "--stats", str(st), "--quiet", "--method", "sjd+coupling",
+                 "--window", "4", "--init", "above"]) == 0
+    stats = json.loads(st.read_text())
+    assert stats["method"] == "sjd+coupling" and stats["extra"]["window"] == 4 and stats["extra"]["init"] == "above"
 
 
 def test_cli_reports_bad_arguments(tmp_path, capsys):

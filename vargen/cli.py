@@ -15,6 +15,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _method_names() -> list:
+    from .decoding.methods import METHODS
+
+    return sorted(METHODS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vargen", description="Fast autoregressive image generation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = all)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     gen.add_argument("-n", "--num-images", type=_positive_int, default=1, help="images per condition")
+    gen.add_argument("--method", default="ar", help="decoding method: " + ", ".join(_method_names()))
+    gen.add_argument("--window", type=_positive_int, default=None, help="drafts per verify pass (SJD; default 16)")
+    gen.add_argument("--init", default=None, help="draft initialisation (SJD): random, left, above, left-dist")
     gen.add_argument("--stats", default=None, help="write DecodeStats as JSON to this path")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -141,7 +150,8 @@ def cmd_generate(args) -> int:
     start = time.perf_counter()
     out = pipe(args.conditions, num_images_per_prompt=args.num_images, cfg_scale=args.cfg,
                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-               output_type="pt", progress=not args.quiet)
+               output_type="pt", progress=not args.quiet, method=args.method,
+               method_options={"window": args.window, "init": args.init})
     images = out.images
     folder = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(folder, exist_ok=True)

@@ -10,7 +10,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from .decoding import DecodeStats, SamplingConfig, decode_ar
+from .decoding import DecodeStats, SamplingConfig, get_method
 from .models import LlamaGen
 from .models.text import WordTextEncoder
 from .tokenizers import VQTokenizer
@@ -134,17 +134,21 @@ class VarGenPipeline(DiffusionPipeline):
     def __call__(self, inputs: Union[int, str, Sequence[Union[int, str]]], num_images_per_prompt: int = 1,
                  cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int = 0, output_type: str = "pil", progress: bool = True,
-                 callback_on_step_end: Optional[Callable] = None, return_dict: bool = True):
+                 callback_on_step_end: Optional[Callable] = None, return_dict: bool = True,
+                 method: str = "ar", method_options: Optional[dict] = None):
         """Generate ``num_images_per_prompt`` images per class (c2i) or prompt (t2i); image ``i`` uses seed ``seed + i``.
 
         ``output_type``: ``"pil"``, ``"np"`` (``[B, H, W, 3]`` floats in [0, 1]) or ``"pt"``
-        (``[B, 3, H, W]`` in [0, 1]). ``callback_on_step_end(pipe, step, None, {"tokens": ...})``
-        is called after every generated token.
+        (``[B, 3, H, W]`` in [0, 1]). ``callback_on_step_end(pipe, step, None, {"tokens", "committed"})``
+        is called after every forward pass. ``method`` picks the decoding method
+        (``vargen.decoding.METHODS``: ``"ar"``, ``"sjd"``, ``"sjd+coupling"``, ...) and
+        ``method_options`` its settings (e.g. ``{"window": 16, "init": "left"}``).
         """
         if isinstance(inputs, (int, str)):
             inputs = [inputs]
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        decode = get_method(method, **(method_options or {}))
         cond, cond_mask = self.parse_conditions(inputs)
         cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
         if cond_mask is not None:
@@ -153,10 +157,10 @@ class VarGenPipeline(DiffusionPipeline):
         seeds = [seed + i for i in range(len(cond))]
         callback = None
         if callback_on_step_end is not None:
-            def callback(step, tokens):
-                callback_on_step_end(self, step, None, {"tokens": tokens})
-        tokens, stats = decode_ar(self.gpt, cond, sampling, seeds, cond_mask=cond_mask, progress=progress,
-                                  callback=callback)
+            def callback(step, tokens, committed):
+                callback_on_step_end(self, step, None, {"tokens": tokens, "committed": committed})
+        tokens, stats = decode(self.gpt, cond, sampling, seeds, cond_mask=cond_mask, progress=progress,
+                               callback=callback)
         images = self.decode_tokens(tokens)
         images = self._convert(images, output_type)
         if not return_dict:

@@ -1,9 +1,12 @@
 """Decoding methods over the model protocol; all share :class:`DecodeSession`."""
 from .ar import decode_ar
+from .methods import METHODS, decode, get_method
 from .sampling import (SamplingConfig, filter_logits, guided_logits, logits_to_probs, make_generators,
                        sample_categorical)
 from .session import DecodeSession
+from .speculative import decode_sjd
 from .stats import DecodeStats
 
-__all__ = ["DecodeSession", "DecodeStats", "SamplingConfig", "decode_ar", "filter_logits", "guided_logits",
+__all__ = ["METHODS", "DecodeSession", "DecodeStats", "SamplingConfig", "decode", "decode_ar", "decode_sjd",
+           "get_method", "filter_logits", "guided_logits",
            "logits_to_probs", "make_generators", "sample_categorical"]

@@ -22,7 +22,8 @@ def decode_ar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: O
         seeds: one seed per sample; the same seed gives the same tokens at any batch size.
         cond_mask: caption padding mask ``[B, P]`` for t2i.
         progress: show a tqdm bar over tokens.
-        callback: optional ``callback(step, tokens_so_far)`` after each token.
+        callback: optional ``callback(step, tokens, committed)`` after each token (``tokens [B, N]``;
+            the first ``committed[b]`` of row ``b`` are final).
 
     Returns:
         ``(tokens [B, N] long in raster order, DecodeStats)``.
@@ -34,7 +35,7 @@ def decode_ar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: O
     for k in tqdm(range(N), disable=not progress, desc="tokens", leave=False):
         tokens[:, k] = sample_categorical(probs, session.generators)
         if callback is not None:
-            callback(k, tokens[:, : k + 1])
+            callback(k, tokens, torch.full((B,), k + 1, device=session.device))
         if k + 1 < N:
             step = torch.full((B, 1), k, device=session.device)
             probs = session.forward(tokens[:, k: k + 1], positions=step, slots=step)[:, 0]

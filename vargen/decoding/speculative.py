@@ -36,7 +36,7 @@ def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: Optional[Sequence[int]] = None,
                cond_mask: Optional[torch.Tensor] = None, window: int = 16, init: str = "left",
-               coupling: str = "none", acceptance=None, progress: bool = False):
+               coupling: str = "none", acceptance=None, progress: bool = False, callback=None):
     """Generate all image tokens with Speculative Jacobi Decoding.
 
     Args:
@@ -46,6 +46,8 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         coupling: ``"none"`` (SJD), ``"maximal"`` or ``"gumbel"`` (lossless coupled redraws).
         acceptance: the acceptance rule (default :class:`ExactAcceptance`, lossless).
         progress: tqdm bar over the least advanced sample's committed tokens.
+        callback: optional ``callback(step, tokens, committed)`` after each verify pass
+            (``tokens [B, N]``; cells past ``committed[b]`` hold drafts).
 
     Returns:
         ``(tokens [B, N], DecodeStats)``; ``stats.per_sample_forward_passes`` counts each
@@ -58,7 +60,7 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         raise ValueError(f"unknown coupling {coupling!r}; choose from {COUPLINGS}")
     acceptance = acceptance or ExactAcceptance()
     N, V, L, width = model.num_tokens, model.vocab_size, window, model.grid[1]
-    name = "sjd" + ("" if coupling == "none" else f"+{coupling}")
+    name = {"none": "sjd", "maximal": "sjd+coupling", "gumbel": "sjd+gumbel"}[coupling]  # as in METHODS
     session = DecodeSession(model, cond, sampling, seeds, cond_mask, method=name,
                             max_len=model.prefix_len + N + L)
     B, dev, gens = session.batch, session.device, session.generators
@@ -113,6 +115,8 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
             new_d = torch.where(src <= L - 1, coupled, new_d)
         n = n_new
         drafts, q = fill_fresh(canvas, n, new_d, new_q, src > L, p_r, init, gens, width)
+        if callback is not None:
+            callback(len(committed_log) - 1, canvas[:, :N], n)
         if progress:
             bar.n = int(n.min())
             bar.refresh()

@@ -1,0 +1,43 @@
+"""Decoding methods by name: the one switch the pipeline, the CLI and the benchmarks use."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional, Sequence
+
+from .ar import decode_ar
+from .sampling import SamplingConfig
+from .speculative import decode_sjd
+
+# name -> (decode function, fixed options); user options (window, init, ...) are added per call
+METHODS = {
+    "ar": (decode_ar, {}),
+    "sjd": (decode_sjd, {"coupling": "none"}),
+    "sjd+coupling": (decode_sjd, {"coupling": "maximal"}),
+    "sjd+gumbel": (decode_sjd, {"coupling": "gumbel"}),
+}
+LOSSLESS = ("ar", "sjd", "sjd+coupling", "sjd+gumbel")
+
+
+def get_method(name: str, **options):
+    """``decode(model, cond, sampling, seeds, cond_mask=None, progress=False, callback=None)`` for ``name``.
+
+    ``options`` (e.g. ``window=16, init="left"``) go to the method; options a method does
+    not take (``window`` for ``ar``) raise a ``ValueError`` that names them.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown decoding method {name!r}; choose from {sorted(METHODS)}")
+    fn, fixed = METHODS[name]
+    import inspect
+
+    accepted = set(inspect.signature(fn).parameters)
+    unknown = sorted(k for k, v in options.items() if v is not None and k not in accepted)
+    if unknown:
+        raise ValueError(f"method {name!r} takes no option(s) {unknown}")
+    return partial(fn, **fixed, **{k: v for k, v in options.items() if v is not None})
+
+
+def decode(method: str, model, cond, sampling: SamplingConfig = SamplingConfig(),
+           seeds: Optional[Sequence[int]] = None, cond_mask=None, progress: bool = False, callback=None, **options):
+    """Run decoding method ``method`` (see :data:`METHODS`); returns ``(tokens [B, N], DecodeStats)``."""
+    return get_method(method, **options)(model, cond, sampling, seeds, cond_mask=cond_mask, progress=progress,
+                                         callback=callback)
