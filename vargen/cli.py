@@ -69,6 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
     scenes.add_argument("--device", default="cpu", help="torch device")
     scenes.set_defaults(func=cmd_eval_scenes)
 
+    bench = sub.add_parser("bench", help="benchmarks: decoding speed next to quality, method against AR")
+    bench_sub = bench.add_subparsers(dest="what", required=True)
+    speed = bench_sub.add_parser("speed", help="forward passes, latency and quality proxies of decoding methods",
+                                 description="Decode the same conditions and seeds with every method and compare "
+                                             "with plain AR in the same run.")
+    speed.add_argument("--model", default=None, help="embedded model, pipeline folder or tiny-random")
+    speed.add_argument("--methods", default="ar,sjd,sjd+coupling",
+                       help="comma-separated methods (ar is always run): " + ", ".join(_method_names()))
+    speed.add_argument("-n", "--n", type=_positive_int, default=32, help="images per method")
+    speed.add_argument("--seed", type=int, default=0, help="image i uses seed + i for every method")
+    speed.add_argument("--batch-size", type=_positive_int, default=8, help="images per decoding call")
+    speed.add_argument("--window", type=_positive_int, default=16, help="SJD window (drafts per pass)")
+    speed.add_argument("--init", default="left", help="SJD draft initialisation")
+    speed.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
+    speed.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    speed.add_argument("--top-k", type=int, default=0, help="top-k (0 = all)")
+    speed.add_argument("--top-p", type=float, default=1.0, help="top-p (1 = all)")
+    speed.add_argument("--device", default="cpu", help="torch device")
+    speed.add_argument("--json", default=None, help="write the report as JSON here")
+    speed.add_argument("--plot", default=None, help="write accepted-length histograms and acceptance maps (PNG)")
+    speed.set_defaults(func=cmd_bench_speed)
+
     export = sub.add_parser("export", help="package trained runs as an embedded model (fp16, samples, model card)")
     export.add_argument("spec", help="export spec (JSON): name, vq_run, ar_run, out, prompts, eval_data")
     export.add_argument("--out", default=None, help="override the spec's output folder")
@@ -102,6 +124,27 @@ def cmd_eval_scenes(args) -> int:
         cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("color", "count", "position")]
         print(f"{task:<14} {r['n']:>4} {cells[0]:>7} {cells[1]:>7} {cells[2]:>9} {r['all']:>6.2f}")
     print(f"wrote {args.out}/scores.json and {args.out}/grid.png")
+    return 0
+
+
+def cmd_bench_speed(args) -> int:
+    from .eval.speed import bench_speed, format_table, write_report
+    from .pipeline import VarGenPipeline
+
+    pipe = VarGenPipeline.load(args.model, device=args.device)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    options = {m: {"window": args.window, "init": args.init} for m in methods if m.startswith("sjd")}
+    report = bench_speed(pipe, methods, n=args.n, seed=args.seed, batch_size=args.batch_size,
+                         sampling={"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k,
+                                   "top_p": args.top_p}, method_options=options)
+    report["model"] = args.model or "default"
+    print(f"model {report['model']}, {report['device']}, n={args.n}, seed={args.seed}, batch {args.batch_size}, "
+          f"{report['tokens']} tokens, sampling {report['sampling']}")
+    print(format_table(report))
+    write_report(report, args.json, args.plot, pipe.gpt.grid)
+    for path in (args.json, args.plot):
+        if path:
+            print(f"wrote {path}")
     return 0
 
 

@@ -65,6 +65,7 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
                             max_len=model.prefix_len + N + L)
     B, dev, gens = session.batch, session.device, session.generators
     canvas = torch.zeros(B, N + L + 1, dtype=torch.long, device=dev)  # committed tokens, then drafts
+    from_draft = torch.zeros(B, N + L + 1, dtype=torch.bool, device=dev)  # cells committed as accepted drafts
     first = session.prefill()
     canvas[:, 0] = sample_categorical(first, gens)
     n = torch.ones(B, dtype=torch.long, device=dev)  # committed tokens per sample
@@ -94,6 +95,7 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         cells = n[:, None] + steps[:L]
         keep = (steps[None, :L] < r[:, None]) & active[:, None]
         canvas.scatter_(1, cells, torch.where(keep, drafts, canvas.gather(1, cells)))
+        from_draft.scatter_(1, cells, from_draft.gather(1, cells) | keep)
         put = (active & (n + r < N))[:, None]
         canvas.scatter_(1, (n + r)[:, None], torch.where(put, x[:, None], canvas.gather(1, (n + r)[:, None])))
         n_new = torch.where(active, (n + r + 1).clamp(max=N), n)
@@ -126,5 +128,6 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     stats.record_accepted([1] * B + log[log > 0].tolist())  # the prefill commits token 0
     stats.per_sample_forward_passes = passes.tolist()
     stats.extra.update(window=L, init=init, coupling=coupling, acceptance=acceptance.name,
-                       step_compression=N / (sum(stats.per_sample_forward_passes) / B))
+                       step_compression=N / (sum(stats.per_sample_forward_passes) / B),
+                       accepted_cells=from_draft[:, :N].float().mean(0).tolist())
     return canvas[:, :N], stats

@@ -1,0 +1,31 @@
+import json
+
+from vargen.cli import main
+from vargen.eval.speed import bench_speed, format_table
+from vargen.pipeline import tiny_random_pipeline
+
+
+def test_speed_report_compares_every_method_with_ar_on_the_same_seeds():
+    pipe = tiny_random_pipeline()
+    report = bench_speed(pipe, ["sjd", "sjd+coupling"], n=4, batch_size=2, sampling={"temperature": 0},
+                         method_options={"sjd": {"window": 8}}, progress=False)
+    rows = {r["method"]: r for r in report["results"]}
+    assert list(rows) == ["ar", "sjd", "sjd+coupling"]  # ar is added as the reference
+    assert rows["ar"]["forward_passes_mean"] == 64 and rows["ar"]["speedup"] == 1.0
+    for name in ("sjd", "sjd+coupling"):  # greedy: every method yields AR's tokens
+        assert rows[name]["token_tv_vs_ar"] == 0.0
+        assert abs(rows[name]["log_likelihood_mean"] - rows["ar"]["log_likelihood_mean"]) < 1e-3
+        assert rows[name]["step_compression"] == 64 / rows[name]["forward_passes_mean"]
+    assert rows["sjd"]["options"] == {"window": 8} and len(rows["sjd"]["accepted_cells"]) == 64
+    assert "| sjd |" in format_table(report)
+
+
+def test_bench_speed_cli_writes_json_and_plot(tmp_path, capsys):
+    js, png = tmp_path / "speed.json", tmp_path / "speed.png"
+    assert main(["bench", "speed", "--model", "tiny-random", "--methods", "sjd", "-n", "2", "--batch-size", "2",
+                 "--cfg", "1", "--window", "4", "--json", str(js), "--plot", str(png)]) == 0
+    report = json.loads(js.read_text())
+    assert [r["method"] for r in report["results"]] == ["ar", "sjd"] and report["n"] == 2
+    assert png.stat().st_size > 0 and "step compr." in capsys.readouterr().out
+    assert main(["bench", "speed", "--model", "tiny-random", "--methods", "ar,warp", "-n", "1"]) == 2
+    assert "unknown decoding method 'warp'" in capsys.readouterr().err

@@ -1,0 +1,175 @@
+"""Speed next to quality: every method against plain AR on the same model, conditions and seeds.
+
+``bench_speed`` decodes the same ``n`` conditions with each method (image ``i`` uses seed
+``seed + i`` everywhere) and reports forward passes, step compression, accepted lengths,
+latency and speedup against the ``ar`` run of the same call, plus quality proxies: the
+mean log-likelihood of the samples under the model's own sampling distribution, the
+total-variation distance between the method's and AR's token histograms, and, for scene
+prompts, the exact scene score.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..decoding import SamplingConfig, get_method, logits_to_probs
+
+
+@torch.no_grad()
+def sample_log_likelihood(model, tokens: torch.Tensor, cond, sampling: SamplingConfig,
+                          cond_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B]`` log-probability of each token sequence under the distribution decoding samples from
+    (CFG, temperature, top-k/p applied), by one teacher-forced pass."""
+    logits = model.forward_train(tokens, cond, cond_mask=cond_mask, train=False)
+    if sampling.uses_cfg:
+        logits = torch.cat([logits, model.forward_train(tokens, cond, cond_mask=cond_mask, train=False, null=True)])
+    probs = logits_to_probs(logits, sampling)
+    return probs.gather(-1, tokens[..., None]).squeeze(-1).clamp_min(1e-30).log().sum(1)
+
+
+def token_histogram_tv(a: torch.Tensor, b: torch.Tensor, vocab: int) -> float:
+    """Total-variation distance between the token frequencies of two sample sets."""
+    ha = torch.bincount(a.flatten().cpu(), minlength=vocab).double()
+    hb = torch.bincount(b.flatten().cpu(), minlength=vocab).double()
+    return float(0.5 * (ha / ha.sum() - hb / hb.sum()).abs().sum())
+
+
+def bench_conditions(pipe, n: int, seed: int) -> tuple:
+    """``(inputs, scenes)``: classes ``i % num_classes`` for c2i; held-out scene captions for t2i."""
+    if pipe.gpt.config.model_type == "t2i":
+        from ..data.scenes import SceneDataset
+
+        data = SceneDataset(seed=seed)
+        scenes = [data.scene(i) for i in range(n)]
+        return [s.caption for s in scenes], scenes
+    return [i % pipe.gpt.config.num_classes for i in range(n)], None
+
+
+def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_size: int = 8,
+                sampling: Optional[dict] = None, method_options: Optional[dict] = None,
+                scene_seed: int = 999, progress: bool = True) -> dict:
+    """Run every method on the same ``n`` conditions and seeds; returns the JSON-able report.
+
+    ``methods`` must include ``"ar"`` (the reference of every ratio); ``method_options``
+    maps a method name to its options (e.g. ``{"sjd": {"window": 16}}``).
+    """
+    from tqdm.auto import tqdm
+
+    if "ar" not in methods:
+        methods = ["ar", *methods]
+    sampling_cfg = SamplingConfig(**(sampling or {}))
+    inputs, scenes = bench_conditions(pipe, n, scene_seed)
+    runs: Dict[str, dict] = {}
+    for name in methods:
+        decode = get_method(name, **(method_options or {}).get(name, {}))
+        tokens, passes, latencies, hist, cells = [], [], [], {}, []
+        for start in tqdm(range(0, n, batch_size), desc=name, disable=not progress, leave=False):
+            cond, cond_mask = pipe.parse_conditions(inputs[start:start + batch_size])
+            seeds = [seed + i for i in range(start, start + len(cond))]
+            t0 = time.perf_counter()
+            out, stats = decode(pipe.gpt, cond, sampling_cfg, seeds, cond_mask=cond_mask)
+            latencies.append(time.perf_counter() - t0)
+            tokens.append(out)
+            passes += stats.per_sample_forward_passes or [stats.forward_passes] * len(cond)
+            for k, v in stats.accepted_hist.items():
+                hist[int(k)] = hist.get(int(k), 0) + v
+            cells.append(torch.tensor(stats.extra.get("accepted_cells", [0.0] * pipe.gpt.num_tokens)) * len(cond))
+        tokens = torch.cat(tokens)
+        ll = []
+        for i in range(0, n, batch_size):
+            cond, cond_mask = pipe.parse_conditions(inputs[i:i + batch_size])
+            ll.append(sample_log_likelihood(pipe.gpt, tokens[i:i + batch_size], cond, sampling_cfg, cond_mask))
+        ll = torch.cat(ll)
+        runs[name] = {"tokens": tokens, "passes": passes, "latencies": latencies, "hist": hist,
+                      "accepted_cells": (torch.stack(cells).sum(0) / n).tolist(), "log_likelihood": ll}
+    N = pipe.gpt.num_tokens
+    ar = runs["ar"]
+    ar_latency = statistics.median(ar["latencies"])
+    results = []
+    for name, run in runs.items():
+        fp = float(np.mean(run["passes"]))
+        lat = statistics.median(run["latencies"])
+        row = {
+            "method": name, "forward_passes_mean": fp, "step_compression": N / fp,
+            "accepted_mean": sum(k * v for k, v in run["hist"].items()) / max(1, sum(run["hist"].values())),
+            "latency_s_median": lat, "speedup": ar_latency / lat,
+            "log_likelihood_mean": float(run["log_likelihood"].mean()),
+            "log_likelihood_sem": float(run["log_likelihood"].std() / max(1, n) ** 0.5),
+            "token_tv_vs_ar": token_histogram_tv(run["tokens"], ar["tokens"], pipe.gpt.vocab_size),
+            "accepted_hist": {str(k): v for k, v in sorted(run["hist"].items())},
+            "accepted_cells": run["accepted_cells"], "options": (method_options or {}).get(name, {}),
+        }
+        if scenes is not None:
+            from .scenes import score_scenes
+
+            images = (pipe.decode_tokens(run["tokens"]).permute(0, 2, 3, 1).cpu().numpy() * 255).round()
+            row["scene_score"] = score_scenes(list(images.astype(np.uint8)), scenes)["all"]
+        results.append(row)
+    return {"model": getattr(pipe, "name_or_path", None), "device": _device_name(pipe.device), "n": n,
+            "seed": seed, "batch_size": batch_size, "tokens": N, "sampling": sampling_cfg.to_dict(),
+            "results": results}
+
+
+def _device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
+
+
+def format_table(report: dict) -> str:
+    """The report as a Markdown table (one row per method)."""
+    scene = any("scene_score" in r for r in report["results"])
+    head = ["method", "passes", "step compr.", "accepted", "latency s", "speedup", "log-lik", "token TV vs AR"]
+    head += ["scene score"] if scene else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["results"]:
+        cells = [r["method"], f"{r['forward_passes_mean']:.1f}", f"{r['step_compression']:.2f}x",
+                 f"{r['accepted_mean']:.2f}", f"{r['latency_s_median']:.3f}", f"{r['speedup']:.2f}x",
+                 f"{r['log_likelihood_mean']:.1f} ± {r['log_likelihood_sem']:.1f}", f"{r['token_tv_vs_ar']:.3f}"]
+        cells += [f"{r['scene_score']:.2f}"] if scene else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path: str, grid: Sequence[int]) -> None:
+    """Accepted-length histograms and per-cell acceptance heat maps, one column per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    fig, axes = plt.subplots(2, len(rows), figsize=(3.2 * len(rows), 6), squeeze=False)
+    for i, r in enumerate(rows):
+        hist = {int(k): v for k, v in r["accepted_hist"].items()}
+        axes[0, i].bar(list(hist), list(hist.values()))
+        axes[0, i].set_title(f"{r['method']}\n{r['step_compression']:.2f}x fewer passes", fontsize=9)
+        axes[0, i].set_xlabel("tokens committed per pass")
+        im = axes[1, i].imshow(np.array(r["accepted_cells"]).reshape(grid), vmin=0, vmax=1, cmap="viridis")
+        axes[1, i].set_title("P(cell accepted as a draft)", fontsize=9)
+        axes[1, i].axis("off")
+    fig.colorbar(im, ax=axes[1].tolist(), shrink=0.8)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(report: dict, json_path: Optional[str] = None, plot_path: Optional[str] = None,
+                 grid: Sequence[int] = (16, 16)) -> None:
+    """Write the JSON (atomically) and the plot."""
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        tmp = json_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, json_path)
+    if plot_path:
+        os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
+        plot_report(report, plot_path, grid)
