@@ -21,6 +21,17 @@ def _method_names() -> list:
     return sorted(METHODS)
 
 
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = all)")
+
+
+def _sampling(args) -> dict:
+    return {"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vargen", description="Fast autoregressive image generation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,10 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None,
                      help="embedded model (scenes-t2i, cifar10-c2i), pipeline folder (VarGenPipeline.save_pretrained) "
                           "or 'tiny-random'; default: scenes-t2i when shipped")
-    gen.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
-    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = all)")
+    _add_sampling_args(gen)
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     gen.add_argument("-n", "--num-images", type=_positive_int, default=1, help="images per condition")
     gen.add_argument("--method", default="ar", help="decoding method: " + ", ".join(_method_names()))
@@ -63,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     scenes.add_argument("--model", default=None, help="t2i model trained on scenes (default: the default model)")
     scenes.add_argument("-n", "--n", type=_positive_int, default=100, help="number of scene prompts")
     scenes.add_argument("--seed", type=int, default=999, help="scene seed (training used 0 and 1)")
-    scenes.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
-    scenes.add_argument("--top-k", type=int, default=0, help="top-k (0 = all)")
+    _add_sampling_args(scenes)
     scenes.add_argument("--out", default="outputs/eval_scenes", help="folder for scores.json and grid.png")
     scenes.add_argument("--device", default="cpu", help="torch device")
     scenes.set_defaults(func=cmd_eval_scenes)
@@ -82,10 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--batch-size", type=_positive_int, default=8, help="images per decoding call")
     speed.add_argument("--window", type=_positive_int, default=16, help="SJD window (drafts per pass)")
     speed.add_argument("--init", default="left", help="SJD draft initialisation")
-    speed.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
-    speed.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    speed.add_argument("--top-k", type=int, default=0, help="top-k (0 = all)")
-    speed.add_argument("--top-p", type=float, default=1.0, help="top-p (1 = all)")
+    _add_sampling_args(speed)
     speed.add_argument("--device", default="cpu", help="torch device")
     speed.add_argument("--json", default=None, help="write the report as JSON here")
     speed.add_argument("--plot", default=None, help="write accepted-length histograms and acceptance maps (PNG)")
@@ -111,11 +115,11 @@ def cmd_eval_scenes(args) -> int:
     if pipe.gpt.config.model_type != "t2i":
         raise ValueError("scene evaluation needs a text-to-image model (e.g. scenes-t2i); "
                          f"{args.model or 'the default model'} is class-conditional")
-    result = scene_following(pipe, n=args.n, seed=args.seed, cfg_scale=args.cfg, top_k=args.top_k)
+    result = scene_following(pipe, n=args.n, seed=args.seed, **_sampling(args))
     os.makedirs(args.out, exist_ok=True)
     images = torch.from_numpy(result.pop("images")).permute(0, 3, 1, 2).float() / 255
     save_image(images, os.path.join(args.out, "grid.png"), nrow=10, padding=2)
-    result.update(model=args.model, n_prompts=args.n, scene_seed=args.seed, cfg_scale=args.cfg, top_k=args.top_k)
+    result.update(model=args.model, n_prompts=args.n, scene_seed=args.seed, sampling=_sampling(args))
     with open(os.path.join(args.out, "scores.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"{'task':<14} {'n':>4} {'colour':>7} {'count':>7} {'position':>9} {'all':>6}")
@@ -135,8 +139,7 @@ def cmd_bench_speed(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     options = {m: {"window": args.window, "init": args.init} for m in methods if m.startswith("sjd")}
     report = bench_speed(pipe, methods, n=args.n, seed=args.seed, batch_size=args.batch_size,
-                         sampling={"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k,
-                                   "top_p": args.top_p}, method_options=options)
+                         sampling=_sampling(args), method_options=options)
     report["model"] = args.model or "default"
     print(f"model {report['model']}, {report['device']}, n={args.n}, seed={args.seed}, batch {args.batch_size}, "
           f"{report['tokens']} tokens, sampling {report['sampling']}")
@@ -191,8 +194,7 @@ def cmd_generate(args) -> int:
     pipe = VarGenPipeline.load(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=args.quiet)
     start = time.perf_counter()
-    out = pipe(args.conditions, num_images_per_prompt=args.num_images, cfg_scale=args.cfg,
-               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    out = pipe(args.conditions, num_images_per_prompt=args.num_images, **_sampling(args), seed=args.seed,
                output_type="pt", progress=not args.quiet, method=args.method,
                method_options={"window": args.window, "init": args.init})
     images = out.images
