@@ -127,3 +127,63 @@ def test_bad_arguments_fail_clearly(c2i):
         decode_sjd(c2i, torch.tensor([0]), init="zeros")
     with pytest.raises(ValueError, match="unknown coupling 'copula'"):
         decode_sjd(c2i, torch.tensor([0]), coupling="copula")
+
+
+def test_codebook_neighbours_are_the_nearest_other_codes():
+    from vargen.decoding.acceptance import codebook_neighbours
+
+    codes = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+    nb = codebook_neighbours(codes, k=5)
+    assert nb.shape == (40, 5) and not (nb == torch.arange(40)[:, None]).any()
+    dist = torch.cdist(codes, codes) + torch.diag(torch.full((40,), float("inf")))
+    torch.testing.assert_close(dist.gather(1, nb), dist.sort(1).values[:, :5])
+    assert codebook_neighbours(codes, k=1000).shape == (40, 39)  # k capped at V - 1
+
+
+def test_lantern_pools_neighbour_mass_within_delta():
+    from vargen.decoding.acceptance import LanternAcceptance
+
+    nb = torch.tensor([[1, 2, 3], [0, 2, 3], [1, 3, 0], [2, 1, 0]])
+    p = torch.tensor([[0.1, 0.05, 0.3, 0.55]])
+    delta_rule = LanternAcceptance(nb, delta=0.2)
+    # code 0: neighbours 1 (0.05), 2 (0.3): only the first fits in 0.2
+    torch.testing.assert_close(delta_rule.pooled_mass(p, torch.tensor([0])), torch.tensor([0.05]))
+    lam_rule = LanternAcceptance(nb, lam=5.0)  # budget (5 - 1) * p(3) = 2.2: all three neighbours
+    torch.testing.assert_close(lam_rule.pooled_mass(p, torch.tensor([3])), torch.tensor([0.45]))
+    with pytest.raises(ValueError, match="delta must be in"):
+        LanternAcceptance(nb, delta=1.5)
+
+
+@pytest.mark.parametrize("delta", [0.05, 0.1, 0.3])
+def test_lantern_with_a_deterministic_draft_stays_within_delta_of_p(delta):
+    """Committed-token distribution of one verification (one-hot draft) vs p: TV <= delta."""
+    from vargen.decoding.acceptance import LanternAcceptance, codebook_neighbours
+    from vargen.decoding.sampling import sample_categorical
+
+    g = torch.Generator().manual_seed(1)
+    V, n = 32, 200_000
+    rule = LanternAcceptance(codebook_neighbours(torch.randn(V, 4, generator=g)), delta=delta)
+    for trial in range(5):
+        p = torch.softmax(2 * torch.randn(V, generator=g), -1)
+        x = int(torch.randint(V, (), generator=g))
+        q = torch.nn.functional.one_hot(torch.tensor(x), V).float()
+        draft = torch.full((n,), x)
+        accepted = rule.accept(p.expand(n, V), q.expand(n, V), draft, torch.rand(n, generator=g))
+        fallback = sample_categorical(rule.resample(p, q).expand(n, V).contiguous())
+        out = torch.where(accepted, draft, fallback)
+        tv = 0.5 * float((torch.bincount(out, minlength=V) / n - p).abs().sum())
+        pooled = float(rule.pooled_mass(p[None], torch.tensor([x])))
+        assert pooled <= delta and tv <= delta + 0.005
+        assert abs(tv - min(pooled, 1 - float(p[x]))) < 0.005  # the TV is exactly the pooled mass
+
+
+def test_lantern_with_zero_delta_is_sjd_and_more_delta_accepts_more(c2i):
+    from vargen.decoding.acceptance import LanternAcceptance, codebook_neighbours
+
+    nb = codebook_neighbours(torch.randn(c2i.vocab_size, 4, generator=torch.Generator().manual_seed(0)))
+    cond, sampling = torch.arange(4), SamplingConfig(top_k=10)
+    exact, s0 = decode_sjd(c2i, cond, sampling, window=6)
+    zero, s1 = decode_sjd(c2i, cond, sampling, window=6, acceptance=LanternAcceptance(nb, delta=0.0))
+    assert torch.equal(exact, zero) and s1.method == "sjd+lantern"
+    _, relaxed = decode_sjd(c2i, cond, sampling, window=6, acceptance=LanternAcceptance(nb, delta=0.5))
+    assert relaxed.extra["step_compression"] > s0.extra["step_compression"]

@@ -28,6 +28,12 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = all)")
 
 
+def _add_lantern_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lantern-delta", type=float, default=None, help="LANTERN pooled-mass budget (default 0.1)")
+    parser.add_argument("--lantern-lambda", type=float, default=None, help="LANTERN++ lambda mode instead of delta")
+    parser.add_argument("--lantern-k", type=_positive_int, default=None, help="LANTERN neighbours per code (1000)")
+
+
 def _sampling(args) -> dict:
     return {"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
 
@@ -50,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--method", default="ar", help="decoding method: " + ", ".join(_method_names()))
     gen.add_argument("--window", type=_positive_int, default=None, help="drafts per verify pass (SJD; default 16)")
     gen.add_argument("--init", default=None, help="draft initialisation (SJD): random, left, above, left-dist")
+    _add_lantern_args(gen)
     gen.add_argument("--stats", default=None, help="write DecodeStats as JSON to this path")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -90,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--window", type=_positive_int, default=16, help="SJD window (drafts per pass)")
     speed.add_argument("--init", default="left", help="SJD draft initialisation")
     _add_sampling_args(speed)
+    _add_lantern_args(speed)
     speed.add_argument("--device", default="cpu", help="torch device")
     speed.add_argument("--json", default=None, help="write the report as JSON here")
     speed.add_argument("--plot", default=None, help="write accepted-length histograms and acceptance maps (PNG)")
@@ -138,6 +146,10 @@ def cmd_bench_speed(args) -> int:
     pipe = VarGenPipeline.load(args.model, device=args.device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     options = {m: {"window": args.window, "init": args.init} for m in methods if m.startswith("sjd")}
+    for m in methods:
+        if m.endswith("lantern"):
+            options[m].update(lantern_delta=args.lantern_delta, lantern_lambda=args.lantern_lambda,
+                              lantern_k=args.lantern_k)
     report = bench_speed(pipe, methods, n=args.n, seed=args.seed, batch_size=args.batch_size,
                          sampling=_sampling(args), method_options=options)
     report["model"] = args.model or "default"
@@ -196,7 +208,8 @@ def cmd_generate(args) -> int:
     start = time.perf_counter()
     out = pipe(args.conditions, num_images_per_prompt=args.num_images, **_sampling(args), seed=args.seed,
                output_type="pt", progress=not args.quiet, method=args.method,
-               method_options={"window": args.window, "init": args.init})
+               method_options={"window": args.window, "init": args.init, "lantern_delta": args.lantern_delta,
+                               "lantern_lambda": args.lantern_lambda, "lantern_k": args.lantern_k})
     images = out.images
     folder = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(folder, exist_ok=True)

@@ -148,7 +148,7 @@ class VarGenPipeline(DiffusionPipeline):
             inputs = [inputs]
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        decode = get_method(method, **(method_options or {}))
+        decode = get_method(method, codebook=self.vq.codebook_embeddings, **(method_options or {}))
         cond, cond_mask = self.parse_conditions(inputs)
         cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
         if cond_mask is not None:

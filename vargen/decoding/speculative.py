@@ -61,6 +61,8 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     acceptance = acceptance or ExactAcceptance()
     N, V, L, width = model.num_tokens, model.vocab_size, window, model.grid[1]
     name = {"none": "sjd", "maximal": "sjd+coupling", "gumbel": "sjd+gumbel"}[coupling]  # as in METHODS
+    if acceptance.name != "exact":
+        name += f"+{acceptance.name}"
     session = DecodeSession(model, cond, sampling, seeds, cond_mask, method=name,
                             max_len=model.prefix_len + N + L)
     B, dev, gens = session.batch, session.device, session.generators

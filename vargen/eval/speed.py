@@ -68,7 +68,7 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
     inputs, scenes = bench_conditions(pipe, n, scene_seed)
     runs: Dict[str, dict] = {}
     for name in methods:
-        decode = get_method(name, **(method_options or {}).get(name, {}))
+        decode = get_method(name, codebook=pipe.vq.codebook_embeddings, **(method_options or {}).get(name, {}))
         tokens, passes, latencies, hist, cells = [], [], [], {}, []
         for start in tqdm(range(0, n, batch_size), desc=name, disable=not progress, leave=False):
             cond, cond_mask = pipe.parse_conditions(inputs[start:start + batch_size])
