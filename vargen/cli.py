@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     gen.add_argument("-n", "--num-images", type=_positive_int, default=1, help="images per condition")
     gen.add_argument("--method", default="ar", help="decoding method: " + ", ".join(_method_names()))
-    gen.add_argument("--window", type=_positive_int, default=None, help="drafts per verify pass (SJD; default 16)")
+    gen.add_argument("--window", type=_positive_int, default=None, help="SJD drafts per verify pass (default 16) or ZipAR row lead (default 8)")
     gen.add_argument("--init", default=None, help="draft initialisation (SJD): random, left, above, left-dist")
     _add_lantern_args(gen)
     gen.add_argument("--stats", default=None, help="write DecodeStats as JSON to this path")
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--batch-size", type=_positive_int, default=8, help="images per decoding call")
     speed.add_argument("--window", type=_positive_int, default=16, help="SJD window (drafts per pass)")
     speed.add_argument("--init", default="left", help="SJD draft initialisation")
+    speed.add_argument("--zipar-window", type=_positive_int, default=8, help="ZipAR row lead (tokens)")
     _add_sampling_args(speed)
     _add_lantern_args(speed)
     speed.add_argument("--device", default="cpu", help="torch device")
@@ -146,6 +147,8 @@ def cmd_bench_speed(args) -> int:
     pipe = VarGenPipeline.load(args.model, device=args.device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     options = {m: {"window": args.window, "init": args.init} for m in methods if m.startswith("sjd")}
+    if "zipar" in methods:
+        options["zipar"] = {"window": args.zipar_window}
     for m in methods:
         if m.endswith("lantern"):
             options[m].update(lantern_delta=args.lantern_delta, lantern_lambda=args.lantern_lambda,

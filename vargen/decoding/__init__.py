@@ -6,7 +6,9 @@ from .sampling import (SamplingConfig, filter_logits, guided_logits, logits_to_p
 from .session import DecodeSession
 from .speculative import decode_sjd
 from .stats import DecodeStats
+from .zipar import decode_zipar, zipar_schedule
 
 __all__ = ["METHODS", "DecodeSession", "DecodeStats", "SamplingConfig", "decode", "decode_ar", "decode_sjd",
+           "decode_zipar", "zipar_schedule",
            "get_method", "filter_logits", "guided_logits",
            "logits_to_probs", "make_generators", "sample_categorical"]

@@ -8,6 +8,7 @@ from .acceptance import LanternAcceptance, codebook_neighbours
 from .ar import decode_ar
 from .sampling import SamplingConfig
 from .speculative import decode_sjd
+from .zipar import decode_zipar
 
 # name -> (decode function, fixed options); user options (window, init, ...) are added per call
 METHODS = {
@@ -17,6 +18,7 @@ METHODS = {
     "sjd+gumbel": (decode_sjd, {"coupling": "gumbel"}),
     "sjd+lantern": (decode_sjd, {"coupling": "none", "acceptance": "lantern"}),
     "sjd+coupling+lantern": (decode_sjd, {"coupling": "maximal", "acceptance": "lantern"}),
+    "zipar": (decode_zipar, {}),
 }
 LOSSLESS = ("ar", "sjd", "sjd+coupling", "sjd+gumbel")
 RELAXATION_OPTIONS = ("lantern_delta", "lantern_lambda", "lantern_k")
