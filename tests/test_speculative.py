@@ -187,3 +187,33 @@ def test_lantern_with_zero_delta_is_sjd_and_more_delta_accepts_more(c2i):
     assert torch.equal(exact, zero) and s1.method == "sjd+lantern"
     _, relaxed = decode_sjd(c2i, cond, sampling, window=6, acceptance=LanternAcceptance(nb, delta=0.5))
     assert relaxed.extra["step_compression"] > s0.extra["step_compression"]
+
+
+def test_gsd_groups_by_rank_probability_and_embedding():
+    from vargen.decoding.acceptance import GroupedAcceptance
+
+    emb = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [0.0, 0.2], [0.3, 0.1]])
+    p = torch.tensor([[0.30, 0.25, 0.24, 0.01, 0.20]])
+    rule = GroupedAcceptance(emb, rank_window=2, prob_gap=0.15, emb_dist=0.5)
+    members, in_group = rule.group(p, torch.tensor([1]))
+    group = set(members[0][in_group[0]].tolist())
+    # token 2 is close in rank and probability but far in embedding; token 3 is far in probability
+    assert group == {0, 1, 4}
+    q = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0]])  # one-hot draft: accept prob = p(G) = 0.75
+    coins = torch.rand(100_000, generator=torch.Generator().manual_seed(0))
+    rate = rule.accept(p.expand(len(coins), 5), q.expand(len(coins), 5), torch.ones(len(coins), dtype=torch.long),
+                       coins).double().mean()
+    assert abs(float(rate) - 0.75) < 0.01
+
+
+def test_gsd_with_no_gap_is_exact_sjd_and_runs_by_name(c2i):
+    from vargen.decoding import get_method
+    from vargen.decoding.acceptance import GroupedAcceptance
+
+    cond, sampling = torch.arange(3), SamplingConfig(top_k=10)
+    exact, _ = decode_sjd(c2i, cond, sampling, window=4, init="random")
+    alone, s = decode_sjd(c2i, cond, sampling, window=4, init="random",
+                          acceptance=GroupedAcceptance(c2i.tok_embeddings.weight, prob_gap=0.0))
+    assert torch.equal(exact, alone) and s.method == "sjd+gsd"
+    tokens, stats = get_method("gsd", window=4)(c2i, cond, sampling)
+    assert tokens.shape == (3, 16) and stats.extra["acceptance"] == "gsd" and stats.method == "gsd"

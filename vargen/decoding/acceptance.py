@@ -116,3 +116,43 @@ class LanternAcceptance(ExactAcceptance):
     def accept(self, p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, coins: torch.Tensor) -> torch.Tensor:
         relaxed = gather_prob(p, drafts) + self.pooled_mass(p, drafts)
         return coins * gather_prob(q, drafts) < relaxed
+
+
+class GroupedAcceptance(ExactAcceptance):
+    """Grouped speculative decoding (GSD, So et al., ICCV 2025): judge a draft by its group.
+
+    The group of draft ``x`` is ``x`` plus the tokens within ``rank_window`` ranks of ``x``
+    in the verifier's ranking whose probability is within ``prob_gap`` of ``p(x)`` and whose
+    input embedding is within squared distance ``emb_dist`` of ``x``'s; accept with
+    ``min(1, sum_G p / sum_G q)``. Lossy (the group's mass is credited to ``x``); the
+    residual is SJD's. With ``prob_gap = 0`` the group is ``{x}`` and the rule is exact.
+
+    Args:
+        embeddings: ``[V, D]`` the AR model's input token embeddings.
+    """
+
+    name = "gsd"
+
+    def __init__(self, embeddings: torch.Tensor, rank_window: int = 7, prob_gap: float = 0.15,
+                 emb_dist: float = 0.5):
+        self.embeddings = embeddings.detach().float()
+        self.rank_window, self.prob_gap, self.emb_dist = rank_window, prob_gap, emb_dist
+
+    def group(self, p: torch.Tensor, drafts: torch.Tensor) -> tuple:
+        """``(members [..., 2w+1] token ids, in_group [..., 2w+1] bool)`` for each draft."""
+        order = p.argsort(-1, descending=True)
+        rank = order.argsort(-1).gather(-1, drafts[..., None])  # [..., 1]
+        offsets = torch.arange(-self.rank_window, self.rank_window + 1, device=p.device)
+        ranks = rank + offsets
+        inside = (ranks >= 0) & (ranks < p.shape[-1])
+        members = order.gather(-1, ranks.clamp(0, p.shape[-1] - 1))
+        close_p = (p.gather(-1, members) - gather_prob(p, drafts)[..., None]).abs() < self.prob_gap
+        emb = self.embeddings.to(p.device)
+        close_e = (emb[members] - emb[drafts][..., None, :]).pow(2).sum(-1) < self.emb_dist
+        return members, inside & ((close_p & close_e) | (members == drafts[..., None]))
+
+    def accept(self, p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, coins: torch.Tensor) -> torch.Tensor:
+        members, in_group = self.group(p, drafts)
+        mass_p = (p.gather(-1, members) * in_group).sum(-1)
+        mass_q = (q.gather(-1, members) * in_group).sum(-1)
+        return coins * mass_q < mass_p

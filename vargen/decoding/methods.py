@@ -1,10 +1,10 @@
 """Decoding methods by name: the one switch the pipeline, the CLI and the benchmarks use."""
 from __future__ import annotations
 
-from functools import partial
+import inspect
 from typing import Optional, Sequence
 
-from .acceptance import LanternAcceptance, codebook_neighbours
+from .acceptance import GroupedAcceptance, LanternAcceptance, codebook_neighbours
 from .ar import decode_ar
 from .sampling import SamplingConfig
 from .speculative import decode_sjd
@@ -18,6 +18,7 @@ METHODS = {
     "sjd+gumbel": (decode_sjd, {"coupling": "gumbel"}),
     "sjd+lantern": (decode_sjd, {"coupling": "none", "acceptance": "lantern"}),
     "sjd+coupling+lantern": (decode_sjd, {"coupling": "maximal", "acceptance": "lantern"}),
+    "gsd": (decode_sjd, {"coupling": "none", "acceptance": "gsd", "init": "random"}),
     "zipar": (decode_zipar, {}),
 }
 LOSSLESS = ("ar", "sjd", "sjd+coupling", "sjd+gumbel")
@@ -30,27 +31,41 @@ def get_method(name: str, codebook=None, **options):
     ``options`` (e.g. ``window=16, init="left"``) go to the method; options a method does
     not take (``window`` for ``ar``) raise a ``ValueError`` that names them. LANTERN
     methods need the tokenizer's ``codebook`` (``[V, D]``) and take ``lantern_delta``
-    (default 0.1), ``lantern_lambda`` (lambda mode instead) and ``lantern_k`` (1000).
+    (default 0.1), ``lantern_lambda`` (lambda mode instead) and ``lantern_k`` (1000); the
+    neighbour table is built once here. GSD groups by the model's input embeddings.
     """
     if name not in METHODS:
         raise ValueError(f"unknown decoding method {name!r}; choose from {sorted(METHODS)}")
     fn, fixed = METHODS[name]
     fixed = dict(fixed)
+    kind = fixed.pop("acceptance", None)
     relax = {k: options.pop(k) for k in RELAXATION_OPTIONS if options.get(k) is not None}
-    if fixed.get("acceptance") == "lantern":
+    if relax and kind != "lantern":
+        raise ValueError(f"method {name!r} takes no option(s) {sorted(relax)} (relaxed acceptance is sjd+lantern)")
+    neighbours = None
+    if kind == "lantern":
         if codebook is None:
             raise ValueError(f"method {name!r} needs the tokenizer codebook for its neighbour table")
-        fixed["acceptance"] = LanternAcceptance(codebook_neighbours(codebook, relax.get("lantern_k", 1000)),
-                                                delta=relax.get("lantern_delta", 0.1), lam=relax.get("lantern_lambda"))
-    elif relax:
-        raise ValueError(f"method {name!r} takes no option(s) {sorted(relax)} (relaxed acceptance is sjd+lantern)")
-    import inspect
-
+        neighbours = codebook_neighbours(codebook, relax.get("lantern_k", 1000))
     accepted = set(inspect.signature(fn).parameters)
     unknown = sorted(k for k, v in options.items() if v is not None and k not in accepted)
     if unknown:
         raise ValueError(f"method {name!r} takes no option(s) {unknown}")
-    return partial(fn, **fixed, **{k: v for k, v in options.items() if v is not None})
+    options = {**fixed, **{k: v for k, v in options.items() if v is not None}}
+
+    def run(model, cond, sampling=SamplingConfig(), seeds=None, **kwargs):
+        if kind == "lantern":
+            kwargs["acceptance"] = LanternAcceptance(neighbours, delta=relax.get("lantern_delta", 0.1),
+                                                     lam=relax.get("lantern_lambda"))
+        elif kind == "gsd":
+            if not hasattr(model, "tok_embeddings"):
+                raise ValueError(f"method {name!r} needs the model's input token embeddings (tok_embeddings)")
+            kwargs["acceptance"] = GroupedAcceptance(model.tok_embeddings.weight)
+        tokens, stats = fn(model, cond, sampling, seeds, **options, **kwargs)
+        stats.method = name  # the name it was asked by
+        return tokens, stats
+
+    return run
 
 
 def decode(method: str, model, cond, sampling: SamplingConfig = SamplingConfig(),
