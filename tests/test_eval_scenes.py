@@ -61,3 +61,26 @@ def test_scene_following_scores_generated_images_per_task():
     assert sum(r["n"] for r in result["by_task"].values()) == 30
     wrong = scene_following(_RenderingPipe(scenes, wrong=scenes[0]), n=30, seed=11, progress=False)
     assert wrong["all"] < 0.5
+
+
+def test_tokenizer_ceiling_scores_reconstructions():
+    import torch
+
+    from vargen.eval.scenes import tokenizer_ceiling
+
+    class Lossless:
+        device = torch.device("cpu")
+
+        def encode(self, x):
+            return x
+
+        def decode(self, z):
+            return z
+
+    class Greyscale(Lossless):
+        def decode(self, z):
+            return z.mean(1, keepdim=True).expand_as(z)
+
+    assert tokenizer_ceiling(Lossless(), n=20, seed=3, resolution=64)["all"] == 1.0
+    grey = tokenizer_ceiling(Greyscale(), n=20, seed=3, resolution=64)
+    assert grey["color"] < 0.5 and grey["by_task"]

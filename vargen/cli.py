@@ -117,7 +117,7 @@ def cmd_eval_scenes(args) -> int:
     import torch
     from torchvision.utils import save_image
 
-    from .eval.scenes import scene_following
+    from .eval.scenes import scene_following, tokenizer_ceiling
     from .pipeline import VarGenPipeline
 
     pipe = VarGenPipeline.load(args.model, device=args.device)
@@ -128,11 +128,12 @@ def cmd_eval_scenes(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     images = torch.from_numpy(result.pop("images")).permute(0, 3, 1, 2).float() / 255
     save_image(images, os.path.join(args.out, "grid.png"), nrow=10, padding=2)
-    result.update(model=args.model, n_prompts=args.n, scene_seed=args.seed, sampling=_sampling(args))
+    result.update(model=args.model, n_prompts=args.n, scene_seed=args.seed, sampling=_sampling(args),
+                  tokenizer_ceiling=tokenizer_ceiling(pipe.vq, n=args.n, seed=args.seed))
     with open(os.path.join(args.out, "scores.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"{'task':<14} {'n':>4} {'colour':>7} {'count':>7} {'position':>9} {'all':>6}")
-    rows = [*result["by_task"].items(), ("overall", result)]
+    rows = [*result["by_task"].items(), ("overall", result), ("tokenizer cap", result["tokenizer_ceiling"])]
     for task, r in rows:
         cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("color", "count", "position")]
         print(f"{task:<14} {r['n']:>4} {cells[0]:>7} {cells[1]:>7} {cells[2]:>9} {r['all']:>6.2f}")

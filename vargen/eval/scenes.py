@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from ..data.scenes import BACKGROUNDS, COLORS, Scene
@@ -111,9 +112,29 @@ def scene_following(pipe, n: int = 100, seed: int = 999, resolution: Optional[in
         chunk = scenes[start:start + batch_size]
         out = pipe([s.caption for s in chunk], seed=start, output_type="np", progress=False, **sampling)
         images += list((out.images * 255).round().astype(np.uint8))
+    return {**_score_by_task(images, scenes), "images": np.stack(images), "captions": [s.caption for s in scenes]}
+
+
+@torch.no_grad()
+def tokenizer_ceiling(vq, n: int = 100, seed: int = 999, resolution: int = 128, batch_size: int = 16) -> dict:
+    """The same scores for the ground-truth renders of the same ``n`` scenes after encode -> decode
+    through ``vq``: what a perfect generator could reach with this tokenizer."""
+    from ..data.scenes import SceneDataset
+
+    data = SceneDataset(resolution=resolution, seed=seed)
+    scenes = [data.scene(i) for i in range(n)]
+    images = []
+    for start in range(0, n, batch_size):
+        x = torch.stack([data[i]["image"] for i in range(start, min(n, start + batch_size))]).to(vq.device)
+        rec = ((vq.decode(vq.encode(x)).float().clamp(-1, 1) + 1) * 127.5).round().byte()
+        images += list(rec.permute(0, 2, 3, 1).cpu().numpy())
+    return _score_by_task(images, scenes)
+
+
+def _score_by_task(images, scenes) -> dict:
     result = score_scenes(images, scenes)
     by_task = {}
     for task in sorted({s.tag for s in scenes}):
         idx = [i for i, s in enumerate(scenes) if s.tag == task]
         by_task[task] = score_scenes([images[i] for i in idx], [scenes[i] for i in idx])
-    return {**result, "by_task": by_task, "images": np.stack(images), "captions": [s.caption for s in scenes]}
+    return {**result, "by_task": by_task}
