@@ -55,7 +55,7 @@ def test_mismatched_vocabularies_fail_clearly():
 
 def test_cli_generate_writes_image_and_stats(tmp_path, capsys):
     out, st = tmp_path / "img.png", tmp_path / "stats.json"
-    assert main(["generate", "class1", "3", "-o", str(out), "--stats", str(st), "-n", "2", "--quiet",
+    assert main(["generate", "class1", "3", "--model", "tiny-random", "-o", str(out), "--stats", str(st), "-n", "2", "--quiet",
                  "--top-k", "50", "--seed", "4"]) == 0
     image = Image.open(out)
     assert image.size[0] > 64  # 4 images tiled into a grid
@@ -63,7 +63,8 @@ def test_cli_generate_writes_image_and_stats(tmp_path, capsys):
     assert stats["method"] == "ar" and stats["forward_passes"] == 64 and stats["tokens"] == 64
     assert stats["batch_size"] == 4 and stats["wall_s"] > 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
-    assert main(["generate", "class1", "-o", str(out), "--stats", str(st), "--quiet", "--method", "sjd+coupling",
+    assert main(["generate", "class1", "--model", "tiny-random", "-o", str(out), "--stats", str(st), "--quiet",
+                 "--method", "sjd+coupling",
                  "--window", "4", "--init", "above"]) == 0
     stats = json.loads(st.read_text())
     assert stats["method"] == "sjd+coupling" and stats["extra"]["window"] == 4 and stats["extra"]["init"] == "above"
