@@ -167,6 +167,7 @@ class VarGenPipeline(DiffusionPipeline):
             return images, tokens, stats
         return VarGenPipelineOutput(images=images, tokens=tokens, stats=stats)
 
+    @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Raster token sequences ``[B, N]`` -> images ``[B, 3, H, W]`` in [0, 1]."""
         h, w = self.gpt.grid
