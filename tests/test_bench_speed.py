@@ -17,7 +17,8 @@ def test_speed_report_compares_every_method_with_ar_on_the_same_seeds():
         assert abs(rows[name]["log_likelihood_mean"] - rows["ar"]["log_likelihood_mean"]) < 1e-3
         assert rows[name]["step_compression"] == 64 / rows[name]["forward_passes_mean"]
     assert rows["sjd"]["options"] == {"window": 8} and len(rows["sjd"]["accepted_cells"]) == 64
-    assert "| sjd |" in format_table(report)
+    assert "| sjd |" in format_table(report) and "noise floor" in format_table(report)
+    assert report["noise_floor"]["token_tv_ar_other_seeds"] == 0.0  # greedy AR does not depend on the seed
 
 
 def test_bench_speed_cli_writes_json_and_plot(tmp_path, capsys):
@@ -26,6 +27,7 @@ def test_bench_speed_cli_writes_json_and_plot(tmp_path, capsys):
                  "--cfg", "1", "--window", "4", "--json", str(js), "--plot", str(png)]) == 0
     report = json.loads(js.read_text())
     assert [r["method"] for r in report["results"]] == ["ar", "sjd"] and report["n"] == 2
+    assert report["noise_floor"]["token_tv_ar_other_seeds"] > 0  # sampling: other seeds, other tokens
     assert png.stat().st_size > 0 and "step compr." in capsys.readouterr().out
     assert main(["bench", "speed", "--model", "tiny-random", "--methods", "ar,warp", "-n", "1"]) == 2
     assert "unknown decoding method 'warp'" in capsys.readouterr().err

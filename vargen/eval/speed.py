@@ -112,9 +112,16 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
             images = (pipe.decode_tokens(run["tokens"]).permute(0, 2, 3, 1).cpu().numpy() * 255).round()
             row["scene_score"] = score_scenes(list(images.astype(np.uint8)), scenes)["all"]
         results.append(row)
+    # noise floor: AR itself on other seeds, so a lossless method's distances have a scale
+    ar_decode, other = get_method("ar"), []
+    for start in range(0, n, batch_size):
+        cond, cond_mask = pipe.parse_conditions(inputs[start:start + batch_size])
+        seeds = [seed + n + i for i in range(start, start + len(cond))]
+        other.append(ar_decode(pipe.gpt, cond, sampling_cfg, seeds, cond_mask=cond_mask)[0])
+    floor = {"token_tv_ar_other_seeds": token_histogram_tv(torch.cat(other), ar["tokens"], pipe.gpt.vocab_size)}
     return {"model": getattr(pipe, "name_or_path", None), "device": _device_name(pipe.device), "n": n,
             "seed": seed, "batch_size": batch_size, "tokens": N, "sampling": sampling_cfg.to_dict(),
-            "results": results}
+            "results": results, "noise_floor": floor}
 
 
 def _device_name(device) -> str:
@@ -136,6 +143,9 @@ def format_table(report: dict) -> str:
                  f"{r['log_likelihood_mean']:.1f} ± {r['log_likelihood_sem']:.1f}", f"{r['token_tv_vs_ar']:.3f}"]
         cells += [f"{r['scene_score']:.2f}"] if scene else []
         lines.append("| " + " | ".join(cells) + " |")
+    if "noise_floor" in report:
+        lines.append(f"\nnoise floor: token TV between AR on these seeds and AR on {report['n']} other seeds = "
+                     f"{report['noise_floor']['token_tv_ar_other_seeds']:.3f}")
     return "\n".join(lines)
 
 
