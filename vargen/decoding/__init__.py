@@ -1,6 +1,6 @@
 """Decoding methods over the model protocol; all share :class:`DecodeSession`."""
 from .ar import decode_ar
-from .methods import METHODS, decode, get_method
+from .methods import METHODS, get_method
 from .sampling import (SamplingConfig, filter_logits, guided_logits, logits_to_probs, make_generators,
                        sample_categorical)
 from .session import DecodeSession
@@ -8,7 +8,7 @@ from .speculative import decode_sjd
 from .stats import DecodeStats
 from .zipar import decode_zipar, zipar_schedule
 
-__all__ = ["METHODS", "DecodeSession", "DecodeStats", "SamplingConfig", "decode", "decode_ar", "decode_sjd",
+__all__ = ["METHODS", "DecodeSession", "DecodeStats", "SamplingConfig", "decode_ar", "decode_sjd",
            "decode_zipar", "zipar_schedule",
            "get_method", "filter_logits", "guided_logits",
            "logits_to_probs", "make_generators", "sample_categorical"]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import inspect
-from typing import Optional, Sequence
 
 from .acceptance import GroupedAcceptance, LanternAcceptance, codebook_neighbours
 from .ar import decode_ar
@@ -21,7 +20,6 @@ METHODS = {
     "gsd": (decode_sjd, {"coupling": "none", "acceptance": "gsd", "init": "random"}),
     "zipar": (decode_zipar, {}),
 }
-LOSSLESS = ("ar", "sjd", "sjd+coupling", "sjd+gumbel")
 RELAXATION_OPTIONS = ("lantern_delta", "lantern_lambda", "lantern_k")
 
 
@@ -67,10 +65,3 @@ def get_method(name: str, codebook=None, **options):
 
     return run
 
-
-def decode(method: str, model, cond, sampling: SamplingConfig = SamplingConfig(),
-           seeds: Optional[Sequence[int]] = None, cond_mask=None, progress: bool = False, callback=None,
-           codebook=None, **options):
-    """Run decoding method ``method`` (see :data:`METHODS`); returns ``(tokens [B, N], DecodeStats)``."""
-    return get_method(method, codebook=codebook, **options)(model, cond, sampling, seeds, cond_mask=cond_mask,
-                                                             progress=progress, callback=callback)

@@ -85,17 +85,20 @@ def decode_zipar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds
     B, dev, gens = session.batch, session.device, session.generators
     tokens = torch.zeros(B, N + 1, dtype=torch.long, device=dev)  # cell N: scratch for padding inputs
     tokens[:, 0] = sample_categorical(session.prefill(), gens)
-    committed = torch.ones(B, dtype=torch.long, device=dev)
-    per_pass = []
-    for i, step in enumerate(tqdm(schedule, disable=not progress, desc="zipar", leave=False)):
+    # the schedule is known up front: move it to the device once, so no pass syncs with the host
+    passes = []
+    for step in schedule:
         pad = [(N, N, -1)] * (width - len(step))  # fixed shapes: padding writes the scratch slot nobody sees
-        src, slot, target = (torch.tensor(col, device=dev) for col in zip(*(step + pad)))
-        probs = session.forward(tokens[:, src], positions=slot.clamp(max=N - 1).expand(B, -1),
-                                slots=slot.expand(B, -1))
-        real = target >= 0
-        tokens[:, target[real]] = sample_categorical(probs[:, real], gens)
-        committed += int(real.sum())
-        per_pass.append(int(real.sum()))
+        src, slot, target = zip(*(step + pad))
+        real = [i for i, t in enumerate(target) if t >= 0]
+        passes.append((torch.tensor(src, device=dev), torch.tensor(slot, device=dev).expand(B, -1),
+                       torch.tensor(real, device=dev), torch.tensor([target[i] for i in real], device=dev)))
+    per_pass = [len(real) for _, _, real, _ in passes]
+    committed = torch.ones(B, dtype=torch.long, device=dev)
+    for i, (src, slot, real, target) in enumerate(tqdm(passes, disable=not progress, desc="zipar", leave=False)):
+        probs = session.forward(tokens[:, src], positions=slot.clamp(max=N - 1), slots=slot)
+        tokens[:, target] = sample_categorical(probs[:, real], gens)
+        committed += per_pass[i]
         if callback is not None:
             callback(i, tokens[:, :N], committed)
     stats = session.finish()

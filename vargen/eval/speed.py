@@ -66,13 +66,16 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
         methods = ["ar", *methods]
     sampling_cfg = SamplingConfig(**(sampling or {}))
     inputs, scenes = bench_conditions(pipe, n, scene_seed)
+    # conditions once (the text encoder is not part of any method's cost): (start, cond, cond_mask, seeds)
+    batches = []
+    for start in range(0, n, batch_size):
+        cond, cond_mask = pipe.parse_conditions(inputs[start:start + batch_size])
+        batches.append((start, cond, cond_mask, [seed + i for i in range(start, start + len(cond))]))
     runs: Dict[str, dict] = {}
     for name in methods:
         decode = get_method(name, codebook=pipe.vq.codebook_embeddings, **(method_options or {}).get(name, {}))
         tokens, passes, latencies, hist, cells = [], [], [], {}, []
-        for start in tqdm(range(0, n, batch_size), desc=name, disable=not progress, leave=False):
-            cond, cond_mask = pipe.parse_conditions(inputs[start:start + batch_size])
-            seeds = [seed + i for i in range(start, start + len(cond))]
+        for start, cond, cond_mask, seeds in tqdm(batches, desc=name, disable=not progress, leave=False):
             t0 = time.perf_counter()
             out, stats = decode(pipe.gpt, cond, sampling_cfg, seeds, cond_mask=cond_mask)
             latencies.append(time.perf_counter() - t0)
@@ -82,11 +85,8 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
                 hist[int(k)] = hist.get(int(k), 0) + v
             cells.append(torch.tensor(stats.extra.get("accepted_cells", [0.0] * pipe.gpt.num_tokens)) * len(cond))
         tokens = torch.cat(tokens)
-        ll = []
-        for i in range(0, n, batch_size):
-            cond, cond_mask = pipe.parse_conditions(inputs[i:i + batch_size])
-            ll.append(sample_log_likelihood(pipe.gpt, tokens[i:i + batch_size], cond, sampling_cfg, cond_mask))
-        ll = torch.cat(ll)
+        ll = torch.cat([sample_log_likelihood(pipe.gpt, tokens[start:start + len(cond)], cond, sampling_cfg, cond_mask)
+                        for start, cond, cond_mask, _ in batches])
         runs[name] = {"tokens": tokens, "passes": passes, "latencies": latencies, "hist": hist,
                       "accepted_cells": (torch.stack(cells).sum(0) / n).tolist(), "log_likelihood": ll}
     N = pipe.gpt.num_tokens
@@ -114,10 +114,8 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
         results.append(row)
     # noise floor: AR itself on other seeds, so a lossless method's distances have a scale
     ar_decode, other = get_method("ar"), []
-    for start in range(0, n, batch_size):
-        cond, cond_mask = pipe.parse_conditions(inputs[start:start + batch_size])
-        seeds = [seed + n + i for i in range(start, start + len(cond))]
-        other.append(ar_decode(pipe.gpt, cond, sampling_cfg, seeds, cond_mask=cond_mask)[0])
+    for _, cond, cond_mask, seeds in batches:
+        other.append(ar_decode(pipe.gpt, cond, sampling_cfg, [s + n for s in seeds], cond_mask=cond_mask)[0])
     floor = {"token_tv_ar_other_seeds": token_histogram_tv(torch.cat(other), ar["tokens"], pipe.gpt.vocab_size)}
     return {"model": getattr(pipe, "name_or_path", None), "device": _device_name(pipe.device), "n": n,
             "seed": seed, "batch_size": batch_size, "tokens": N, "sampling": sampling_cfg.to_dict(),
