@@ -34,6 +34,19 @@ def _add_lantern_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lantern-k", type=_positive_int, default=None, help="LANTERN neighbours per code (1000)")
 
 
+def _add_method_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="ar", help="decoding method: " + ", ".join(_method_names()))
+    parser.add_argument("--window", type=_positive_int, default=None,
+                        help="SJD drafts per verify pass (default 16) or ZipAR row lead (default 8)")
+    parser.add_argument("--init", default=None, help="draft initialisation (SJD): random, left, above, left-dist")
+    _add_lantern_args(parser)
+
+
+def _method_options(args) -> dict:
+    return {"window": args.window, "init": args.init, "lantern_delta": args.lantern_delta,
+            "lantern_lambda": args.lantern_lambda, "lantern_k": args.lantern_k}
+
+
 def _sampling(args) -> dict:
     return {"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
 
@@ -53,18 +66,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     gen.add_argument("-n", "--num-images", type=_positive_int, default=1, help="images per condition")
-    gen.add_argument("--method", default="ar", help="decoding method: " + ", ".join(_method_names()))
-    gen.add_argument("--window", type=_positive_int, default=None, help="SJD drafts per verify pass (default 16) or ZipAR row lead (default 8)")
-    gen.add_argument("--init", default=None, help="draft initialisation (SJD): random, left, above, left-dist")
-    _add_lantern_args(gen)
+    _add_method_args(gen)
     gen.add_argument("--stats", default=None, help="write DecodeStats as JSON to this path")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
 
-    train = sub.add_parser("train", help="train a tokenizer or an AR generator from a JSON recipe config",
+    sample = sub.add_parser("sample", help="draw N numbered PNGs for FID / benchmarks (sharded, resumable)",
+                            description="Draw images 000000.png .. N-1 into a folder. Image i has a fixed condition "
+                                        "and seed (seed + i); `accelerate launch` splits the indices across "
+                                        "processes; a rerun skips finished images and draws only the missing ones.")
+    sample.add_argument("--model", default=None, help="embedded model, pipeline folder or tiny-random")
+    sample.add_argument("-n", "--n", type=_positive_int, required=True, help="number of images (e.g. 50000)")
+    sample.add_argument("--out", required=True, help="output folder")
+    sample.add_argument("--classes", default="balanced", choices=["balanced", "random"],
+                        help="c2i: class i %% C for image i, or seeded random classes")
+    sample.add_argument("--prompts", default=None,
+                        help="t2i: prompt file (.txt one per line, or .jsonl with prompt/caption); "
+                             "default: held-out scene captions")
+    sample.add_argument("--scene-seed", type=int, default=999, help="t2i default prompts: scene seed")
+    sample.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    sample.add_argument("--batch-size", type=_positive_int, default=16, help="images per decoding call")
+    _add_method_args(sample)
+    _add_sampling_args(sample)
+    sample.add_argument("--npz", action="store_true", help="also pack samples_N.npz (arr_0, ADM / LlamaGen format)")
+    sample.add_argument("--device", default=None, help="torch device (default: the accelerate process's device)")
+    sample.add_argument("--quiet", action="store_true", help="no progress bar")
+    sample.set_defaults(func=cmd_sample)
+
+    train = sub.add_parser("train", help="train a tokenizer, an AR generator or the FD-vargen classifier from a JSON "
+                                         "recipe config",
                            description="Train with a recipe config (configs/*.json); reruns resume from OUT/state.")
-    train.add_argument("what", choices=["tokenizer", "ar"], help="what to train")
+    train.add_argument("what", choices=["tokenizer", "ar", "classifier"], help="what to train")
     train.add_argument("--config", required=True, help="recipe config (JSON), e.g. configs/scenes_vq.json")
     train.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
     train.add_argument("--steps", type=_positive_int, default=None, help="override the config's step count")
@@ -167,6 +200,54 @@ def cmd_bench_speed(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    import hashlib
+
+    from accelerate import PartialState
+
+    from .pipeline import VarGenPipeline
+    from .sample import check_run_settings, pack_npz, plan_samples, read_prompts, sample_to_folder
+
+    import torch
+
+    # without CUDA the processes are CPU workers (gloo); accelerate only sets that up when told
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    pipe = VarGenPipeline.load(args.model, device=args.device or state.device)
+    if pipe.gpt.config.model_type == "t2i":
+        if args.prompts:
+            prompts = read_prompts(args.prompts)
+        else:
+            from .data.scenes import SceneDataset
+
+            data = SceneDataset(seed=args.scene_seed)
+            prompts = [data.scene(i).caption for i in range(args.n)]
+        items = plan_samples(args.n, args.seed, prompts=prompts)
+    else:
+        if args.prompts:
+            raise ValueError(f"{args.model or 'the default model'} is class-conditional; drop --prompts "
+                             "(classes come from --classes)")
+        items = plan_samples(args.n, args.seed, num_classes=pipe.gpt.config.num_classes, classes=args.classes)
+    conditions = "\n".join(str(it.condition) for it in items)
+    settings = {"model": args.model or "default", "n": args.n, "seed": args.seed, "method": args.method,
+                "method_options": _method_options(args), "sampling": _sampling(args),
+                "conditions_sha1": hashlib.sha1(conditions.encode()).hexdigest()}
+    if state.is_main_process:
+        check_run_settings(args.out, settings)
+        with open(os.path.join(args.out, "conditions.txt"), "w") as f:
+            f.write(conditions + "\n")
+    state.wait_for_everyone()
+    check_run_settings(args.out, settings)
+    done = sample_to_folder(pipe, items, args.out, batch_size=args.batch_size, method=args.method,
+                            method_options=_method_options(args), process_index=state.process_index,
+                            num_processes=state.num_processes, progress=not args.quiet, **_sampling(args))
+    print(f"process {state.process_index}/{state.num_processes}: drew {done['drawn']} images, "
+          f"{done['skipped']} already there ({done['wall_s']:.1f} s) -> {args.out}")
+    state.wait_for_everyone()
+    if args.npz and state.is_main_process:
+        print(f"wrote {pack_npz(args.out, args.n)}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .train.common import load_config
     from .train.export import export_model
@@ -190,6 +271,8 @@ def cmd_train(args) -> int:
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     if args.what == "tokenizer":
         from .train.tokenizer import train_tokenizer as recipe
+    elif args.what == "classifier":
+        from .train.classifier import train_classifier as recipe
     else:
         from .train.ar import train_ar as recipe
     result = recipe(config, out)
@@ -211,9 +294,7 @@ def cmd_generate(args) -> int:
     pipe.set_progress_bar_config(disable=args.quiet)
     start = time.perf_counter()
     out = pipe(args.conditions, num_images_per_prompt=args.num_images, **_sampling(args), seed=args.seed,
-               output_type="pt", progress=not args.quiet, method=args.method,
-               method_options={"window": args.window, "init": args.init, "lantern_delta": args.lantern_delta,
-                               "lantern_lambda": args.lantern_lambda, "lantern_k": args.lantern_k})
+               output_type="pt", progress=not args.quiet, method=args.method, method_options=_method_options(args))
     images = out.images
     folder = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(folder, exist_ok=True)

@@ -133,13 +133,15 @@ class VarGenPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, inputs: Union[int, str, Sequence[Union[int, str]]], num_images_per_prompt: int = 1,
                  cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0, output_type: str = "pil", progress: bool = True,
+                 seed: Union[int, Sequence[int]] = 0, output_type: str = "pil", progress: bool = True,
                  callback_on_step_end: Optional[Callable] = None, return_dict: bool = True,
                  method: str = "ar", method_options: Optional[dict] = None):
-        """Generate ``num_images_per_prompt`` images per class (c2i) or prompt (t2i); image ``i`` uses seed ``seed + i``.
+        """Generate ``num_images_per_prompt`` images per class (c2i) or prompt (t2i); image ``i`` uses seed ``seed + i``
+        (or ``seed[i]`` when a list with one seed per image is given).
 
         ``output_type``: ``"pil"``, ``"np"`` (``[B, H, W, 3]`` floats in [0, 1]) or ``"pt"``
-        (``[B, 3, H, W]`` in [0, 1]). ``callback_on_step_end(pipe, step, None, {"tokens", "committed"})``
+        (``[B, 3, H, W]`` in [0, 1]) or ``"latent"`` (no image decoding; ``images`` holds the
+        ``[B, N]`` tokens, as diffusers returns latents). ``callback_on_step_end(pipe, step, None, {"tokens", "committed"})``
         is called after every forward pass. ``method`` picks the decoding method
         (``vargen.decoding.METHODS``: ``"ar"``, ``"sjd"``, ``"sjd+coupling"``, ...) and
         ``method_options`` its settings (e.g. ``{"window": 16, "init": "left"}``).
@@ -154,15 +156,19 @@ class VarGenPipeline(DiffusionPipeline):
         if cond_mask is not None:
             cond_mask = cond_mask.repeat_interleave(num_images_per_prompt, dim=0)
         sampling = SamplingConfig(cfg_scale, temperature, top_k, top_p)
-        seeds = [seed + i for i in range(len(cond))]
+        if isinstance(seed, int):
+            seeds = [seed + i for i in range(len(cond))]
+        elif len(seed) == len(cond):
+            seeds = [int(s) for s in seed]
+        else:
+            raise ValueError(f"got {len(seed)} seeds for {len(cond)} images; give one seed per image or one int")
         callback = None
         if callback_on_step_end is not None:
             def callback(step, tokens, committed):
                 callback_on_step_end(self, step, None, {"tokens": tokens, "committed": committed})
         tokens, stats = decode(self.gpt, cond, sampling, seeds, cond_mask=cond_mask, progress=progress,
                                callback=callback)
-        images = self.decode_tokens(tokens)
-        images = self._convert(images, output_type)
+        images = tokens if output_type == "latent" else self._convert(self.decode_tokens(tokens), output_type)
         if not return_dict:
             return images, tokens, stats
         return VarGenPipelineOutput(images=images, tokens=tokens, stats=stats)
@@ -185,7 +191,7 @@ class VarGenPipeline(DiffusionPipeline):
             from PIL import Image
 
             return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
-        raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
 
 
 def tiny_random_pipeline(seed: int = 0) -> VarGenPipeline:

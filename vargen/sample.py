@@ -1,0 +1,161 @@
+"""Sampling at scale: numbered PNG folders for FID / GenEval, sharded, atomic and resumable.
+
+Image ``i`` of a run has a fixed condition and seed (``seed + i``), so it is the same
+whichever process draws it and however the work is batched. Process ``r`` of ``P`` draws
+the indices ``i % P == r`` (``accelerate launch`` sets ``P``; one process works
+unchanged). Every PNG is written under a temporary name and renamed, so a file that
+exists is complete; a rerun skips finished indices and draws exactly the missing ones.
+``run.json`` records the settings, and a rerun with different settings is refused
+instead of mixing two sample sets in one folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class SampleItem:
+    """One image to draw: its index (file name), condition and seed."""
+
+    index: int
+    condition: Union[int, str]
+    seed: int
+
+
+def image_path(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, f"{index:06d}.png")
+
+
+def read_prompts(path: str) -> List[str]:
+    """Prompts from a text file (one per line) or JSONL (``prompt`` or ``caption`` field per line)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if path.endswith(".jsonl"):
+        records = [json.loads(line) for line in lines]
+        missing = [i for i, r in enumerate(records) if not ({"prompt", "caption"} & set(r))]
+        if missing:
+            raise ValueError(f"{path}: lines {missing[:5]} have neither a 'prompt' nor a 'caption' field")
+        lines = [r.get("prompt", r.get("caption")) for r in records]
+    if not lines:
+        raise ValueError(f"{path} holds no prompts")
+    return lines
+
+
+def plan_samples(n: int, seed: int = 0, num_classes: Optional[int] = None, classes: str = "balanced",
+                 prompts: Optional[Sequence[str]] = None) -> List[SampleItem]:
+    """The ``n`` images of a run.
+
+    c2i (``num_classes``): ``classes="balanced"`` gives class ``i % num_classes`` (FID-50K's
+    50 per class for 1000 classes); ``"random"`` draws classes from a generator seeded by
+    ``seed``. t2i (``prompts``): prompt ``i % len(prompts)``. Image ``i`` uses seed ``seed + i``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if prompts is not None:
+        conditions = [prompts[i % len(prompts)] for i in range(n)]
+    elif num_classes:
+        if classes == "balanced":
+            conditions = [i % num_classes for i in range(n)]
+        elif classes == "random":
+            rng = random.Random(seed)
+            conditions = [rng.randrange(num_classes) for _ in range(n)]
+        else:
+            raise ValueError(f"classes must be 'balanced' or 'random', got {classes!r}")
+    else:
+        raise ValueError("give num_classes (c2i) or prompts (t2i)")
+    return [SampleItem(i, c, seed + i) for i, c in enumerate(conditions)]
+
+
+def check_run_settings(out_dir: str, settings: dict) -> None:
+    """Write ``run.json`` on a new folder; refuse a folder whose samples were drawn with other settings."""
+    path = os.path.join(out_dir, RUN_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if changed:
+            detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
+            raise ValueError(f"{out_dir} holds samples drawn with other settings ({detail}); "
+                             "use a new --out folder or the same settings to resume")
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(settings, f, indent=2)
+    os.replace(tmp, path)
+
+
+def missing_items(items: Sequence[SampleItem], out_dir: str, process_index: int = 0,
+                  num_processes: int = 1) -> List[SampleItem]:
+    """This process's share of ``items`` whose PNG does not exist yet."""
+    return [it for it in items if it.index % num_processes == process_index
+            and not os.path.exists(image_path(out_dir, it.index))]
+
+
+def save_png_atomic(image: np.ndarray, path: str) -> None:
+    """``[H, W, 3]`` uint8 -> PNG at ``path``, via a temporary file in the same folder and a rename."""
+    from PIL import Image
+
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    Image.fromarray(image).save(tmp, format="png")
+    os.replace(tmp, path)
+
+
+def sample_to_folder(pipe, items: Sequence[SampleItem], out_dir: str, batch_size: int = 16, method: str = "ar",
+                     method_options: Optional[dict] = None, process_index: int = 0, num_processes: int = 1,
+                     progress: bool = True, **sampling) -> dict:
+    """Draw this process's missing images of ``items`` into ``out_dir``; returns counts and decoding cost.
+
+    ``sampling`` goes to the pipeline (``cfg_scale``, ``top_k``, ...). Per-batch decoding
+    statistics are appended to ``stats-<process>.jsonl`` (one line per batch, written after
+    its images), so a benchmark can read the cost of the images in the folder.
+    """
+    from tqdm.auto import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    todo = missing_items(items, out_dir, process_index, num_processes)
+    stats_path = os.path.join(out_dir, f"stats-{process_index}.jsonl")
+    bar = tqdm(total=len(todo), desc=f"sampling ({method})", unit="img", disable=not progress)
+    start = time.perf_counter()
+    for b in range(0, len(todo), batch_size):
+        chunk = todo[b:b + batch_size]
+        out = pipe([it.condition for it in chunk], seed=[it.seed for it in chunk], output_type="latent",
+                   progress=False, method=method, method_options=method_options, **sampling)
+        for it, tokens in zip(chunk, out.images):
+            # one image per tokenizer call: batch composition changes float rounding in the decoder,
+            # and a resumed run batches differently, so this keeps its pixels identical
+            image = pipe.decode_tokens(tokens[None])[0].permute(1, 2, 0).mul(255).round().byte().cpu().numpy()
+            save_png_atomic(image, image_path(out_dir, it.index))
+        with open(stats_path, "a") as f:
+            f.write(json.dumps({"indices": [it.index for it in chunk], **out.stats.to_dict()}) + "\n")
+        bar.update(len(chunk))
+    bar.close()
+    return {"drawn": len(todo), "skipped": len([it for it in items if it.index % num_processes == process_index])
+            - len(todo), "wall_s": time.perf_counter() - start}
+
+
+def pack_npz(out_dir: str, n: int, path: Optional[str] = None) -> str:
+    """Pack ``000000.png .. n-1`` into ``arr_0`` ``[n, H, W, 3]`` uint8 (the ADM / LlamaGen evaluation format)."""
+    from PIL import Image
+
+    missing = [i for i in range(n) if not os.path.exists(image_path(out_dir, i))]
+    if missing:
+        raise ValueError(f"{out_dir} lacks {len(missing)} of {n} images (first: {missing[:5]}); "
+                         "rerun the same sampling command to finish them before packing")
+    arr = np.stack([np.asarray(Image.open(image_path(out_dir, i)).convert("RGB")) for i in range(n)])
+    path = path or os.path.join(out_dir, f"samples_{n}.npz")
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, arr_0=arr)
+    os.replace(tmp, path)
+    return path
