@@ -116,32 +116,119 @@ def build_parser() -> argparse.ArgumentParser:
     scenes.add_argument("--device", default="cpu", help="torch device")
     scenes.set_defaults(func=cmd_eval_scenes)
 
+    fid = eval_sub.add_parser("fid", help="FID (clean-fid), precision/recall and IS of an image folder",
+                              description="FID of GEN_DIR against REF (an image folder or a .npz from `vargen eval "
+                                          "fid-stats`) through clean-fid. The default extractor is clean-fid's "
+                                          "Inception, read from --inception (never downloaded); `--extractor "
+                                          "fd-vargen` uses vargen's CIFAR-10 classifier instead (FD-vargen: not "
+                                          "comparable with published FID).")
+    fid.add_argument("gen_dir", help="folder of generated images")
+    fid.add_argument("ref", help="reference image folder or statistics .npz")
+    _add_extractor_args(fid)
+    fid.add_argument("--json", default=None, help="write the result as JSON here")
+    fid.set_defaults(func=cmd_eval_fid)
+
+    stats = eval_sub.add_parser("fid-stats", help="reference statistics (.npz) of a folder or a vargen dataset",
+                                description="Compute mu, sigma and features of SOURCE with the chosen extractor and "
+                                            "cache them as .npz for `vargen eval fid`.")
+    stats.add_argument("source", help='an image folder, or a dataset spec as JSON, e.g. '
+                                      '\'{"name": "cifar10", "path": "../shared/data/cifar10", "split": "test"}\'')
+    stats.add_argument("--out", required=True, help="statistics file to write (.npz)")
+    _add_extractor_args(stats)
+    stats.set_defaults(func=cmd_eval_fid_stats)
+
     bench = sub.add_parser("bench", help="benchmarks: decoding speed next to quality, method against AR")
     bench_sub = bench.add_subparsers(dest="what", required=True)
     speed = bench_sub.add_parser("speed", help="forward passes, latency and quality proxies of decoding methods",
                                  description="Decode the same conditions and seeds with every method and compare "
                                              "with plain AR in the same run.")
-    speed.add_argument("--model", default=None, help="embedded model, pipeline folder or tiny-random")
-    speed.add_argument("--methods", default="ar,sjd,sjd+coupling",
-                       help="comma-separated methods (ar is always run): " + ", ".join(_method_names()))
-    speed.add_argument("-n", "--n", type=_positive_int, default=32, help="images per method")
-    speed.add_argument("--seed", type=int, default=0, help="image i uses seed + i for every method")
-    speed.add_argument("--batch-size", type=_positive_int, default=8, help="images per decoding call")
-    speed.add_argument("--window", type=_positive_int, default=16, help="SJD window (drafts per pass)")
-    speed.add_argument("--init", default="left", help="SJD draft initialisation")
-    speed.add_argument("--zipar-window", type=_positive_int, default=8, help="ZipAR row lead (tokens)")
-    _add_sampling_args(speed)
-    _add_lantern_args(speed)
+    _add_bench_args(speed, methods="ar,sjd,sjd+coupling", n=32, batch_size=8)
     speed.add_argument("--device", default="cpu", help="torch device")
     speed.add_argument("--json", default=None, help="write the report as JSON here")
     speed.add_argument("--plot", default=None, help="write accepted-length histograms and acceptance maps (PNG)")
     speed.set_defaults(func=cmd_bench_speed)
+
+    report = bench_sub.add_parser("report", help="sample every method on the same seeds; speed next to quality",
+                                  description="Draw the same N images with every method (resumable PNG folders "
+                                              "under OUT/<method>) and write one table: forward passes, step "
+                                              "compression, latency, speedup, FD-vargen against AR with its noise "
+                                              "floor, and the exact scene score for scene prompts, each with a "
+                                              "95% bootstrap interval (report.md, report.json, report.png).")
+    _add_bench_args(report, methods="ar,sjd,sjd+coupling,sjd+lantern,gsd,zipar", n=256, batch_size=16)
+    report.add_argument("--scene-seed", type=int, default=999, help="t2i: held-out scene prompts' seed")
+    report.add_argument("--extractor", default=None,
+                        help="FD-vargen classifier folder (default: the shipped fd-vargen-cifar10)")
+    report.add_argument("--bootstrap", type=_positive_int, default=200, help="bootstrap rounds for the intervals")
+    report.add_argument("--out", default="outputs/report", help="folder for the sample sets and the report")
+    report.add_argument("--device", default="cpu", help="torch device")
+    report.add_argument("--quiet", action="store_true", help="no progress bars")
+    report.set_defaults(func=cmd_bench_report)
 
     export = sub.add_parser("export", help="package trained runs as an embedded model (fp16, samples, model card)")
     export.add_argument("spec", help="export spec (JSON): name, vq_run, ar_run, out, prompts, eval_data")
     export.add_argument("--out", default=None, help="override the spec's output folder")
     export.set_defaults(func=cmd_export)
     return parser
+
+
+def _add_extractor_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--extractor", default="inception",
+                        help="inception (clean-fid's, needs --inception), fd-vargen (the shipped CIFAR-10 "
+                             "classifier) or a classifier folder from `vargen train classifier`")
+    parser.add_argument("--inception", default=None,
+                        help="local inception-2015-12-05.pt (clean-fid's TorchScript Inception) or its folder")
+    parser.add_argument("--mode", default="clean", help="clean-fid mode: clean, legacy_tensorflow, legacy_pytorch")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per feature batch")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+
+
+def _extractor(args):
+    """``None`` (clean-fid's Inception) or the FD-vargen classifier named by ``--extractor``."""
+    if args.extractor == "inception":
+        return None
+    from .eval.classifier import load_fd_vargen
+
+    return load_fd_vargen(None if args.extractor == "fd-vargen" else args.extractor)
+
+
+def cmd_eval_fid(args) -> int:
+    import json
+
+    from .eval.fid import compute_fid
+
+    result = compute_fid(args.gen_dir, args.ref, mode=args.mode, extractor=_extractor(args),
+                         inception_path=args.inception, batch_size=args.batch_size, device=args.device)
+    d = result.as_dict()
+    label = "FID" if d["comparable_with_published"] else f"FD ({d['extractor']}; not comparable with published FID)"
+    print(f"{label}: {d['fid']:.4f}  ({d['n_gen']} generated vs {d['n_ref']} reference images, mode {d['mode']})")
+    for key in ("precision", "recall", "is_mean"):
+        if d[key] is not None:
+            extra = f" ± {d['is_std']:.3f}" if key == "is_mean" else ""
+            print(f"{key.replace('is_mean', 'IS')}: {d[key]:.4f}{extra}")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(d, f, indent=2)
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_eval_fid_stats(args) -> int:
+    import json
+
+    from .eval.fid import reference_stats
+
+    source = args.source
+    if source.lstrip().startswith("{"):
+        from .data.registry import build_dataset
+
+        source = build_dataset([json.loads(source)])
+    stats = reference_stats(source, args.out, extractor=_extractor(args), mode=args.mode,
+                            inception_path=args.inception, batch_size=args.batch_size, device=args.device)
+    print(f"wrote {args.out}: {int(stats['n'])} images, {stats['mu'].shape[0]}-d features of "
+          f"{stats['extractor_name']} (mode {stats['mode']})")
+    return 0
 
 
 def cmd_eval_scenes(args) -> int:
@@ -174,11 +261,23 @@ def cmd_eval_scenes(args) -> int:
     return 0
 
 
-def cmd_bench_speed(args) -> int:
-    from .eval.speed import bench_speed, format_table, write_report
-    from .pipeline import VarGenPipeline
+def _add_bench_args(parser: argparse.ArgumentParser, methods: str, n: int, batch_size: int) -> None:
+    """The flags every benchmark shares: model, methods and their options, images and seeds, sampling."""
+    parser.add_argument("--model", default=None, help="embedded model, pipeline folder or tiny-random")
+    parser.add_argument("--methods", default=methods,
+                        help="comma-separated methods (ar is always run): " + ", ".join(_method_names()))
+    parser.add_argument("-n", "--n", type=_positive_int, default=n, help="images per method")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i for every method")
+    parser.add_argument("--batch-size", type=_positive_int, default=batch_size, help="images per decoding call")
+    parser.add_argument("--window", type=_positive_int, default=16, help="SJD window (drafts per pass)")
+    parser.add_argument("--init", default="left", help="SJD draft initialisation")
+    parser.add_argument("--zipar-window", type=_positive_int, default=8, help="ZipAR row lead (tokens)")
+    _add_sampling_args(parser)
+    _add_lantern_args(parser)
 
-    pipe = VarGenPipeline.load(args.model, device=args.device)
+
+def _bench_methods(args) -> tuple:
+    """``(methods, options per method)`` from the bench commands' flags."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     options = {m: {"window": args.window, "init": args.init} for m in methods if m.startswith("sjd")}
     if "zipar" in methods:
@@ -187,6 +286,38 @@ def cmd_bench_speed(args) -> int:
         if m.endswith("lantern"):
             options[m].update(lantern_delta=args.lantern_delta, lantern_lambda=args.lantern_lambda,
                               lantern_k=args.lantern_k)
+    return methods, options
+
+
+def cmd_bench_report(args) -> int:
+    from .eval.report import bench_report, format_report, write_report
+    from .pipeline import VarGenPipeline
+
+    pipe = VarGenPipeline.load(args.model, device=args.device)
+    methods, options = _bench_methods(args)
+    extractor = None
+    if args.extractor:
+        from .eval.classifier import load_fd_vargen
+
+        extractor = load_fd_vargen(args.extractor, device=args.device)
+    report = bench_report(pipe, methods, args.n, args.out, seed=args.seed, batch_size=args.batch_size,
+                          sampling=_sampling(args), method_options=options, extractor=extractor,
+                          scene_seed=args.scene_seed, model_name=args.model, bootstrap=args.bootstrap,
+                          progress=not args.quiet)
+    print(f"model {report['model']}, {report['device']}, n={args.n}, seed={args.seed}, batch {args.batch_size}, "
+          f"sampling {report['sampling']}")
+    print(format_report(report))
+    paths = write_report(report, args.out)
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+def cmd_bench_speed(args) -> int:
+    from .eval.speed import bench_speed, format_table, write_report
+    from .pipeline import VarGenPipeline
+
+    pipe = VarGenPipeline.load(args.model, device=args.device)
+    methods, options = _bench_methods(args)
     report = bench_speed(pipe, methods, n=args.n, seed=args.seed, batch_size=args.batch_size,
                          sampling=_sampling(args), method_options=options)
     report["model"] = args.model or "default"
@@ -201,42 +332,24 @@ def cmd_bench_speed(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import hashlib
-
     from accelerate import PartialState
 
     from .pipeline import VarGenPipeline
-    from .sample import check_run_settings, pack_npz, plan_samples, read_prompts, sample_to_folder
+    from .sample import pack_npz, plan_for_pipeline, read_prompts, sample_to_folder, start_run
 
     import torch
 
     # without CUDA the processes are CPU workers (gloo); accelerate only sets that up when told
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     pipe = VarGenPipeline.load(args.model, device=args.device or state.device)
-    if pipe.gpt.config.model_type == "t2i":
-        if args.prompts:
-            prompts = read_prompts(args.prompts)
-        else:
-            from .data.scenes import SceneDataset
-
-            data = SceneDataset(seed=args.scene_seed)
-            prompts = [data.scene(i).caption for i in range(args.n)]
-        items = plan_samples(args.n, args.seed, prompts=prompts)
-    else:
-        if args.prompts:
-            raise ValueError(f"{args.model or 'the default model'} is class-conditional; drop --prompts "
-                             "(classes come from --classes)")
-        items = plan_samples(args.n, args.seed, num_classes=pipe.gpt.config.num_classes, classes=args.classes)
-    conditions = "\n".join(str(it.condition) for it in items)
+    items, _ = plan_for_pipeline(pipe, args.n, args.seed, prompts=read_prompts(args.prompts) if args.prompts else None,
+                                 classes=args.classes, scene_seed=args.scene_seed)
     settings = {"model": args.model or "default", "n": args.n, "seed": args.seed, "method": args.method,
-                "method_options": _method_options(args), "sampling": _sampling(args),
-                "conditions_sha1": hashlib.sha1(conditions.encode()).hexdigest()}
+                "method_options": _method_options(args), "sampling": _sampling(args)}
     if state.is_main_process:
-        check_run_settings(args.out, settings)
-        with open(os.path.join(args.out, "conditions.txt"), "w") as f:
-            f.write(conditions + "\n")
+        start_run(args.out, settings, items)
     state.wait_for_everyone()
-    check_run_settings(args.out, settings)
+    start_run(args.out, settings, items)  # every process checks the folder's settings
     done = sample_to_folder(pipe, items, args.out, batch_size=args.batch_size, method=args.method,
                             method_options=_method_options(args), process_index=state.process_index,
                             num_processes=state.num_processes, progress=not args.quiet, **_sampling(args))

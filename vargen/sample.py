@@ -77,6 +77,25 @@ def plan_samples(n: int, seed: int = 0, num_classes: Optional[int] = None, class
     return [SampleItem(i, c, seed + i) for i, c in enumerate(conditions)]
 
 
+def plan_for_pipeline(pipe, n: int, seed: int = 0, prompts: Optional[Sequence[str]] = None,
+                      classes: str = "balanced", scene_seed: int = 999) -> tuple:
+    """``(items, scenes)`` for a pipeline: classes for c2i; for t2i the ``prompts`` or, by
+    default, the captions of held-out scenes ``SceneDataset(seed=scene_seed).scene(i)``, whose
+    exact metadata (``scenes``, else ``None``) lets the scene scorer check the images."""
+    if pipe.gpt.config.model_type != "t2i":
+        if prompts:
+            raise ValueError("this model is class-conditional: it takes classes (--classes), not prompts")
+        return plan_samples(n, seed, num_classes=pipe.gpt.config.num_classes, classes=classes), None
+    scenes = None
+    if not prompts:
+        from .data.scenes import SceneDataset
+
+        data = SceneDataset(seed=scene_seed)
+        scenes = [data.scene(i) for i in range(n)]
+        prompts = [s.caption for s in scenes]
+    return plan_samples(n, seed, prompts=prompts), scenes
+
+
 def check_run_settings(out_dir: str, settings: dict) -> None:
     """Write ``run.json`` on a new folder; refuse a folder whose samples were drawn with other settings."""
     path = os.path.join(out_dir, RUN_FILE)
@@ -94,6 +113,23 @@ def check_run_settings(out_dir: str, settings: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(settings, f, indent=2)
     os.replace(tmp, path)
+
+
+def start_run(out_dir: str, settings: dict, items: Sequence[SampleItem]) -> dict:
+    """:func:`check_run_settings` with the conditions' digest added to ``settings``; the first
+    run also writes ``conditions.txt`` (image ``i``'s condition on line ``i``). Returns the settings."""
+    import hashlib
+
+    conditions = "\n".join(str(it.condition) for it in items) + "\n"
+    settings = {**settings, "conditions_sha1": hashlib.sha1(conditions.encode()).hexdigest()}
+    check_run_settings(out_dir, settings)
+    path = os.path.join(out_dir, "conditions.txt")
+    if not os.path.exists(path):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(conditions)
+        os.replace(tmp, path)
+    return settings
 
 
 def missing_items(items: Sequence[SampleItem], out_dir: str, process_index: int = 0,
