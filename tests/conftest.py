@@ -23,3 +23,19 @@ def c2i():
 @pytest.fixture
 def t2i():
     return make_gpt("t2i")
+
+
+def make_t2i_pipeline(captions):
+    """A tiny random text-to-image pipeline (4 x 4 tokens, 8 x 8 px) whose vocabulary covers ``captions``."""
+    from vargen.models.text import WordTextEncoder, build_vocabulary
+    from vargen.pipeline import VarGenPipeline
+    from vargen.tokenizers import VQTokenizer
+
+    torch.manual_seed(0)
+    enc = WordTextEncoder(vocabulary=build_vocabulary(captions), caption_dim=32, width=32, layers=1, heads=2,
+                          max_length=6)
+    gpt = LlamaGen.from_size("GPT-tiny", model_type="t2i", block_size=16, vocab_size=64, caption_dim=32,
+                             cls_token_num=6)
+    torch.nn.init.normal_(gpt.output.weight, 0.0, 0.5)
+    vq = VQTokenizer(codebook_size=64, ch=32, ch_mult=(1, 2), z_channels=32)
+    return VarGenPipeline(gpt=gpt.eval(), vq=vq.eval(), text_encoder=enc.eval())

@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import make_t2i_pipeline
 from vargen.cli import main
 from vargen.models import LlamaGen
 from vargen.pipeline import VarGenPipeline, tiny_random_pipeline
@@ -79,16 +80,7 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
 
 
 def _t2i_pipeline():
-    from vargen.models.text import WordTextEncoder, build_vocabulary
-
-    torch.manual_seed(0)
-    enc = WordTextEncoder(vocabulary=build_vocabulary(["a red circle", "a blue star"]), caption_dim=32, width=32,
-                          layers=1, heads=2, max_length=6)
-    gpt = LlamaGen.from_size("GPT-tiny", model_type="t2i", block_size=16, vocab_size=64, caption_dim=32,
-                             cls_token_num=6)
-    torch.nn.init.normal_(gpt.output.weight, 0.0, 0.5)
-    vq = VQTokenizer(codebook_size=64, ch=32, ch_mult=(1, 2), z_channels=32)
-    return VarGenPipeline(gpt=gpt.eval(), vq=vq.eval(), text_encoder=enc.eval())
+    return make_t2i_pipeline(["a red circle", "a blue star"])
 
 
 def test_t2i_pipeline_roundtrip_and_prompt_control(tmp_path):

@@ -96,9 +96,10 @@ def plan_for_pipeline(pipe, n: int, seed: int = 0, prompts: Optional[Sequence[st
     return plan_samples(n, seed, prompts=prompts), scenes
 
 
-def check_run_settings(out_dir: str, settings: dict) -> None:
-    """Write ``run.json`` on a new folder; refuse a folder whose samples were drawn with other settings."""
-    path = os.path.join(out_dir, RUN_FILE)
+def check_run_settings(out_dir: str, settings: dict, run_file: str = RUN_FILE) -> None:
+    """Write ``run_file`` (``run.json``) on a new folder; refuse a folder whose samples were drawn with
+    other settings."""
+    path = os.path.join(out_dir, run_file)
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)

@@ -155,14 +155,15 @@ def _scene_scores(folder: str, scenes, rng: np.random.Generator, rounds: int) ->
     from PIL import Image
 
     from ..sample import image_path
-    from .scenes import score_scenes
+    from .scenes import score_scenes, summarize_checks
 
     images = [np.asarray(Image.open(image_path(folder, i)).convert("RGB")) for i in range(len(scenes))]
-    result = score_scenes(images, scenes)
+    result = score_scenes(images, scenes, return_checks=True)
+    checks = result.pop("checks")
     boot = []
-    for _ in range(rounds):
+    for _ in range(rounds):  # resample the per-image verdicts; detection runs once
         idx = rng.integers(0, len(scenes), size=len(scenes))
-        boot.append(score_scenes([images[i] for i in idx], [scenes[i] for i in idx])["overall"])
+        boot.append(summarize_checks([checks[i] for i in idx])["overall"])
     return {**result, "overall_ci95": _interval(np.array(boot))}
 
 

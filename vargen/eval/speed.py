@@ -110,7 +110,7 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
             from .scenes import score_scenes
 
             images = (pipe.decode_tokens(run["tokens"]).permute(0, 2, 3, 1).cpu().numpy() * 255).round()
-            row["scene_score"] = score_scenes(list(images.astype(np.uint8)), scenes)["all"]
+            row["scene_score"] = score_scenes(list(images.astype(np.uint8)), scenes)["overall"]
         results.append(row)
     # noise floor: AR itself on other seeds, so a lossless method's distances have a scale
     ar_decode, other = get_method("ar"), []
