@@ -168,8 +168,8 @@ def test_position_and_blob_report():
     scene = Scene("gray", [SceneObject("circle", "red", 0.25, 0.5, 0.12),
                            SceneObject("square", "blue", 0.75, 0.5, 0.12)],
                   "a photo of a red circle left of a blue square", "position",
-                  [{"class": "circle", "count": 1, "color": "red"},
-                   {"class": "square", "count": 1, "color": "blue", "position": ["left of", 0]}])
+                  [{"class": "square", "count": 1, "color": "blue"},
+                   {"class": "circle", "count": 1, "color": "red", "position": ["left of", 0]}])
     image = render_scene(scene, 64)
     check = check_scene(image, scene)
     assert check == {"tag": "position", "correct": True, "count": True, "color": True, "position": True, "reason": ""}
@@ -183,15 +183,14 @@ def test_position_and_blob_report():
 
 
 def test_geneval_metadata_conventions():
-    # scene metadata names the caption's second object as the one carrying "position":
-    # normalised to GenEval's form (the caption's first object is "rel" the other)
+    # scene metadata is in GenEval's form: the caption's first object carries the relation
     scene = next(s for s in _scenes(5, 60) if s.tag == "position")
-    a, b = scene.include
+    target, subject = scene.include
     meta = geneval_metadata(scene)
-    rel = b["position"][0]
-    assert meta["include"] == [{k: v for k, v in b.items() if k != "position"}, {**a, "position": [rel, 0]}]
-    assert meta["prompt"] == scene.caption and meta["exclude"] == []
-    assert scene.include[1]["position"] == [rel, 0]  # the scene itself is untouched
+    rel = subject["position"][0]
+    assert scene.caption.startswith(f"a photo of a{'n' if subject['color'][0] in 'aeiou' else ''} "
+                                    f"{subject['color']} {subject['class']} {rel} ")
+    assert meta["include"] == scene.include and meta["prompt"] == scene.caption and meta["exclude"] == []
     # GenEval's own lines are kept as they are ("a dog right of a teddy bear": the dog carries it)
     line = {"tag": "position", "include": [{"class": "teddy bear", "count": 1},
                                            {"class": "dog", "count": 1, "position": ["right of", 0]}],

@@ -61,6 +61,13 @@ def test_rerun_resumes_and_refuses_other_settings(report, tmp_path):
                          sampling={"cfg_scale": 2.0}, method_options={"sjd": {"window": 4}, "zipar": {"window": 8}},
                          extractor=_PixelStats(), bootstrap=20, progress=False)
     assert [r["fd_vs_ar"] for r in again["results"]] == [r["fd_vs_ar"] for r in rep["results"]]
+    # FD to a reference set: AR's own folder as the reference gives AR zero, the floor's other seeds not
+    with_ref = bench_report(pipe, ["zipar"], n=8, out_dir=str(out), seed=5, batch_size=4, sampling={"cfg_scale": 2.0},
+                            method_options={"zipar": {"window": 8}}, extractor=_PixelStats(), bootstrap=5,
+                            reference=rep["results"][0]["folder"], progress=False)
+    fd_ref = {r["method"]: r["fd_vs_reference"] for r in with_ref["results"]}
+    assert fd_ref["ar"] == pytest.approx(0, abs=1e-6) and fd_ref[FLOOR] > 1e-3
+    assert "FD-vargen vs reference" in format_report(with_ref)
     with pytest.raises(ValueError, match="other settings"):
         bench_report(pipe, ["sjd"], n=8, out_dir=str(out), seed=5, batch_size=4, sampling={"cfg_scale": 3.0},
                      extractor=_PixelStats(), bootstrap=10, progress=False)

@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--scene-seed", type=int, default=999, help="t2i: held-out scene prompts' seed")
     report.add_argument("--extractor", default=None,
                         help="FD-vargen classifier folder (default: the shipped fd-vargen-cifar10)")
+    report.add_argument("--reference", default=None,
+                        help="also FD to real data: an image folder or a .npz from `vargen eval fid-stats` made "
+                             "with the same extractor")
     report.add_argument("--bootstrap", type=_positive_int, default=200, help="bootstrap rounds for the intervals")
     report.add_argument("--out", default="outputs/report", help="folder for the sample sets and the report")
     report.add_argument("--device", default="cpu", help="torch device")
@@ -360,7 +363,8 @@ def cmd_bench_report(args) -> int:
         extractor = load_fd_vargen(args.extractor, device=args.device)
     report = bench_report(pipe, methods, args.n, args.out, seed=args.seed, batch_size=args.batch_size,
                           sampling=_sampling(args), method_options=options, extractor=extractor,
-                          scene_seed=args.scene_seed, model_name=args.model, bootstrap=args.bootstrap,
+                          scene_seed=args.scene_seed, model_name=args.model, reference=args.reference,
+                          bootstrap=args.bootstrap,
                           progress=not args.quiet)
     print(f"model {report['model']}, {report['device']}, n={args.n}, seed={args.seed}, batch {args.batch_size}, "
           f"sampling {report['sampling']}")

@@ -124,8 +124,9 @@ def sample_scene(rng: random.Random, task: Optional[str] = None) -> Scene:
                 }[rel]
                 boxes = [first, second]
                 caption = f"a photo of {_article(ca)} {ca} {a} {rel} {_article(cb)} {cb} {b}"
-                include = [{"class": a, "count": 1, "color": ca},
-                           {"class": b, "count": 1, "color": cb, "position": [rel, 0]}]
+                # GenEval's form: the caption's first object carries the relation to include 0
+                include = [{"class": b, "count": 1, "color": cb},
+                           {"class": a, "count": 1, "color": ca, "position": [rel, 0]}]
         placed = _place(rng, len(specs), r_range, boxes)
         if placed is not None:
             objects = [SceneObject(s, c, x, y, r) for (s, c), (x, y, r) in zip(specs, placed)]

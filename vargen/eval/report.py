@@ -92,13 +92,15 @@ def paired_frechet(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, round
 def bench_report(pipe, methods: Sequence[str], n: int, out_dir: str, seed: int = 0, batch_size: int = 16,
                  sampling: Optional[dict] = None, method_options: Optional[Dict[str, dict]] = None,
                  extractor=None, scene_seed: int = 999, model_name: Optional[str] = None,
-                 bootstrap: int = 200, progress: bool = True) -> dict:
+                 reference: Optional[str] = None, bootstrap: int = 200, progress: bool = True) -> dict:
     """Sample every method (and AR on other seeds, the noise floor) into ``out_dir`` and compare.
 
     ``methods``: decoding method names (``ar`` is added first when absent);
     ``method_options`` maps a method name to its options. ``extractor`` maps ``[B, 3, H, W]``
-    images in [0, 255] to features (default: the shipped FD-vargen classifier). Reruns resume
-    the sample folders and recompute the figures. Returns the JSON-able report.
+    images in [0, 255] to features (default: the shipped FD-vargen classifier). ``reference``: an
+    image folder or a ``.npz`` from :func:`vargen.eval.fid.reference_stats` made with the same
+    extractor (e.g. the CIFAR-10 test split); each method then also gets its FD to the real
+    data. Reruns resume the sample folders and recompute the figures. Returns the JSON-able report.
     """
     from ..sample import SampleItem, plan_for_pipeline, sample_to_folder, start_run
     from .fid import folder_features
@@ -124,6 +126,13 @@ def bench_report(pipe, methods: Sequence[str], n: int, out_dir: str, seed: int =
                          progress=progress, **sampling)
         runs[name] = {"folder": folder, "costs": read_costs(folder),
                       "features": folder_features(folder, extractor, batch_size=64)}
+    ref_stats = None
+    if reference:
+        from .fid import load_stats, reference_stats
+
+        name = getattr(extractor, "name", type(extractor).__name__)
+        ref_stats = (load_stats(reference, name, "clean") if reference.endswith(".npz")
+                     else reference_stats(reference, extractor=extractor, keep_feats=False))
     ar = runs["ar"]
     results = []
     tokens = pipe.gpt.num_tokens
@@ -140,13 +149,19 @@ def bench_report(pipe, methods: Sequence[str], n: int, out_dir: str, seed: int =
             "speedup_ci95": _bootstrap_ratio(ar["costs"]["latency_s"], latency, rng, bootstrap),
             "fd_vs_ar": None if name == "ar" else paired_frechet(run["features"], ar["features"], rng, bootstrap),
         }
+        if ref_stats is not None:
+            from .fid import feature_stats, frechet_distance
+
+            row["fd_vs_reference"] = frechet_distance(*feature_stats(run["features"]), ref_stats["mu"],
+                                                      ref_stats["sigma"])
         if scenes is not None:
             row["scenes"] = _scene_scores(run["folder"], scenes, rng, bootstrap)
         results.append(row)
     return {"model": model_name or "default", "device": _device_name(pipe.device), "n": n, "seed": seed,
             "batch_size": batch_size, "tokens": tokens, "sampling": sampling,
             "extractor": getattr(extractor, "name", type(extractor).__name__),
-            "comparable_with_published_fid": False, "noise_floor_method": FLOOR, "results": results}
+            "comparable_with_published_fid": False, "noise_floor_method": FLOOR, "reference": reference,
+            "results": results}
 
 
 def _scene_scores(folder: str, scenes, rng: np.random.Generator, rounds: int) -> dict:
@@ -182,6 +197,8 @@ def format_report(report: dict) -> str:
     """The report as a Markdown table, one row per method, 95% intervals in brackets."""
     scene = any("scenes" in r for r in report["results"])
     head = ["method", "passes / image", "step compr.", "latency ms / image", "speedup", "FD-vargen vs AR"]
+    ref = any("fd_vs_reference" in r for r in report["results"])
+    head += ["FD-vargen vs reference"] if ref else []
     head += ["scene score"] if scene else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["results"]:
@@ -190,12 +207,15 @@ def format_report(report: dict) -> str:
                  _ci(r["step_compression"], r["step_compression_ci95"]) + "x", f"{1000 * r['latency_s_mean']:.1f}",
                  _ci(r["speedup"], r["speedup_ci95"]) + "x",
                  "(reference)" if fd is None else _ci(fd["value"], fd["ci95"], "{:.3g}")]
+        if ref:
+            cells.append(f"{r['fd_vs_reference']:.3g}")
         if scene:
             cells.append(_ci(r["scenes"]["overall"], r["scenes"]["overall_ci95"]))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\n{report['n']} images per method, seeds {report['seed']}..{report['seed'] + report['n'] - 1}; "
                  f"`{FLOOR}` is AR on seeds {report['seed'] + report['n']}.., its FD to AR is the noise floor. "
-                 f"FD-vargen uses the features of `{report['extractor']}` and is not comparable with published FID.")
+                 f"FD-vargen uses the features of `{report['extractor']}` and is not comparable with published FID."
+                 + (f" Reference: `{report['reference']}`." if report.get("reference") else ""))
     return "\n".join(lines)
 
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -251,27 +250,12 @@ def _split_touching(mask: np.ndarray, neck: int) -> List[np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- GenEval rules
-def _mention(caption: str, req: dict) -> int:
-    """Where the caption names an include's object (its colour and class), or -1."""
-    words = ([req["color"]] if "color" in req else []) + [req["class"]]
-    m = re.search(r"\b" + r"\s+".join(map(re.escape, words)) + r"s?\b", caption)
-    if m is None and "color" in req:
-        m = re.search(r"\b" + re.escape(req["class"]) + r"s?\b", caption)
-    return m.start() if m else -1
-
-
 def geneval_metadata(scene: Union[Scene, dict]) -> dict:
     """The GenEval metadata line of a scene: ``{"tag", "include", "exclude", "prompt"}``.
 
-    Two normalisations make scene metadata follow GenEval's conventions:
-
-    * counting without an ``exclude`` gets GenEval's ``{"class", "count": count + 1}`` exclude,
-      so the count must be exact;
-    * position: in GenEval, include ``{"class": A, "position": [rel, i]}`` means "A is ``rel``
-      include ``i``" and A is the caption's first object ("a photo of A rel B"). When the
-      object carrying ``position`` is named *after* its target in the caption (scene
-      metadata written the other way round), the two roles are swapped so that the
-      requirement says what the caption says. Metadata already in GenEval's form is kept.
+    Counting without an ``exclude`` gets GenEval's ``{"class", "count": count + 1}`` exclude,
+    so the count must be exact. Position follows GenEval: include ``{"class": A, "position":
+    [rel, i]}`` means "A is ``rel`` include ``i``" (scene metadata is written that way).
     """
     if isinstance(scene, Scene):
         meta = {"tag": scene.tag, "include": scene.include, "prompt": scene.caption,
@@ -283,16 +267,6 @@ def geneval_metadata(scene: Union[Scene, dict]) -> dict:
     exclude = copy.deepcopy(list(meta.get("exclude", [])))
     if meta["tag"] == "counting" and not exclude:
         exclude = [{"class": r["class"], "count": r["count"] + 1} for r in include]
-    if len(include) == 2:
-        for i, req in enumerate(include):
-            if "position" in req and req["position"][1] == 1 - i:
-                target = include[1 - i]
-                at_req, at_target = _mention(meta["prompt"], req), _mention(meta["prompt"], target)
-                if at_req >= 0 and at_target >= 0 and at_req > at_target:
-                    rel = req.pop("position")[0]
-                    target["position"] = [rel, 0]
-                    include = [req, target]
-                break
     return {"tag": meta["tag"], "include": include, "exclude": exclude, "prompt": meta["prompt"]}
 
 
