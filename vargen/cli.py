@@ -15,6 +15,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _image_size(text: str) -> tuple:
+    """``"512x384"`` (width x height, as image tools write it) -> ``(height, width)``."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 512x384, got {text!r}")
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return h, w
+
+
 def _method_names() -> list:
     from .decoding.methods import METHODS
 
@@ -67,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     gen.add_argument("-n", "--num-images", type=_positive_int, default=1, help="images per condition")
     _add_method_args(gen)
+    gen.add_argument("--size", type=_image_size, default=None,
+                     help="output size WIDTHxHEIGHT (e.g. 512x384), rendered by the LIIF decoder (--liif)")
+    gen.add_argument("--scale", type=_positive_float, default=None,
+                     help="output scale relative to the tokenizer's size (e.g. 2.5), rendered by --liif")
+    gen.add_argument("--liif", default=None, help="LIIF token decoder folder (from `vargen train liif`)")
     gen.add_argument("--stats", default=None, help="write DecodeStats as JSON to this path")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -97,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a tokenizer, an AR generator or the FD-vargen classifier from a JSON "
                                          "recipe config",
                            description="Train with a recipe config (configs/*.json); reruns resume from OUT/state.")
-    train.add_argument("what", choices=["tokenizer", "ar", "classifier"], help="what to train")
+    train.add_argument("what", choices=["tokenizer", "ar", "classifier", "liif"], help="what to train")
     train.add_argument("--config", required=True, help="recipe config (JSON), e.g. configs/scenes_vq.json")
     train.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
     train.add_argument("--steps", type=_positive_int, default=None, help="override the config's step count")
@@ -115,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     scenes.add_argument("--out", default="outputs/eval_scenes", help="folder for scores.json and grid.png")
     scenes.add_argument("--device", default="cpu", help="torch device")
     scenes.set_defaults(func=cmd_eval_scenes)
+
+    sr = eval_sub.add_parser("sr", help="arbitrary-scale decoding: LIIF against bicubic, Y-PSNR per scale",
+                             description="Held-out scenes rendered exactly at every target size: the LIIF token "
+                                         "decoder on the tokens of the low-resolution render, against the "
+                                         "tokenizer's decode + bicubic and bicubic from the exact render "
+                                         "(PSNR on Y, shave = ceil(scale), as LIIF reports).")
+    sr.add_argument("--liif", required=True, help="LIIF token decoder folder (from `vargen train liif`)")
+    sr.add_argument("--vq", required=True, help="its tokenizer folder, e.g. vargen/weights/scenes-t2i/vq")
+    sr.add_argument("--scales", default="2,3,4,2.5", help="comma-separated scales")
+    sr.add_argument("--base", type=_positive_int, default=128, help="low-resolution size (the tokenizer's input)")
+    sr.add_argument("--n-scenes", type=_positive_int, default=32, help="held-out scenes")
+    sr.add_argument("--seed", type=int, default=10_000, help="scene seed")
+    sr.add_argument("--json", default=None, help="write the table as JSON here")
+    sr.add_argument("--device", default="cpu", help="torch device")
+    sr.set_defaults(func=cmd_eval_sr)
 
     geneval = eval_sub.add_parser("geneval", help="draw GenEval's prompts in the official layout (and score them)",
                                   description="Write OUT/<index:05d>/metadata.jsonl and samples/<n:04d>.png for each "
@@ -324,6 +362,29 @@ def _bench_methods(args) -> tuple:
     return methods, options
 
 
+def cmd_eval_sr(args) -> int:
+    import json
+
+    from .decoders import LIIFTokenDecoder
+    from .eval.sr import compare_scales, format_table, upsamplers
+    from .tokenizers import VQTokenizer
+
+    liif = LIIFTokenDecoder.from_pretrained(args.liif).to(args.device)
+    vq = VQTokenizer.from_pretrained(args.vq).eval().to(args.device)
+    scales = [float(v) for v in args.scales.split(",")]
+    if any(v <= 0 for v in scales):
+        raise ValueError(f"scales must be > 0, got {args.scales}")
+    table = compare_scales(upsamplers(liif, vq), base=args.base, scales=scales, n_scenes=args.n_scenes,
+                           seed=args.seed, device=args.device)
+    print(format_table(table))
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(table, f, indent=2)
+        os.replace(args.json + ".tmp", args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_eval_geneval(args) -> int:
     from .eval.geneval import (GenEvalUnavailable, check_layout, format_summary, read_metadata, score_geneval,
                                write_geneval)
@@ -448,6 +509,8 @@ def cmd_train(args) -> int:
         from .train.tokenizer import train_tokenizer as recipe
     elif args.what == "classifier":
         from .train.classifier import train_classifier as recipe
+    elif args.what == "liif":
+        from .train.liif import train_liif as recipe
     else:
         from .train.ar import train_ar as recipe
     result = recipe(config, out)
@@ -468,9 +531,27 @@ def cmd_generate(args) -> int:
     pipe = VarGenPipeline.load(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=args.quiet)
     start = time.perf_counter()
+    liif = None
+    if args.size or args.scale:
+        if args.size and args.scale:
+            raise ValueError("give --size or --scale, not both")
+        if not args.liif:
+            raise ValueError("--size / --scale render through a LIIF decoder: pass --liif FOLDER "
+                             "(train one with `vargen train liif --config configs/liif_scenes.json`)")
+        from .decoders import LIIFTokenDecoder
+
+        liif = LIIFTokenDecoder.from_pretrained(args.liif).to(args.device)
+        codes = liif.config["vq"]["codebook_size"]
+        if codes != pipe.vq.vocab_size:
+            raise ValueError(f"the LIIF decoder {args.liif} was trained on a tokenizer with {codes} codes, but this "
+                             f"model's tokenizer has {pipe.vq.vocab_size}: use the LIIF decoder of this tokenizer")
     out = pipe(args.conditions, num_images_per_prompt=args.num_images, **_sampling(args), seed=args.seed,
-               output_type="pt", progress=not args.quiet, method=args.method, method_options=_method_options(args))
+               output_type="latent" if liif else "pt", progress=not args.quiet, method=args.method,
+               method_options=_method_options(args))
     images = out.images
+    if liif is not None:
+        images = liif.decode(images.view(-1, *pipe.gpt.grid), size=args.size, scale=args.scale)
+        images = ((images + 1) / 2).clamp(0, 1)
     folder = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(args.output)}")

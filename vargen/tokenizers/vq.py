@@ -140,7 +140,8 @@ class Decoder(nn.Module):
         self.norm_out = _norm(cin, groups)
         self.conv_out = nn.Conv2d(cin, 3, 3, 1, 1)
 
-    def forward(self, z):
+    def trunk(self, z):
+        """Features before the output norm and conv (what a LIIF head reads)."""
         h = self.conv_in(z)
         for m in self.mid:
             h = m(h)
@@ -148,7 +149,10 @@ class Decoder(nn.Module):
             h = _run_level(block, h)
             if hasattr(block, "upsample"):
                 h = block.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return h
+
+    def forward(self, z):
+        return self.conv_out(F.silu(self.norm_out(self.trunk(z))))
 
 
 class VectorQuantizer(nn.Module):
