@@ -86,10 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", "--num-images", type=_positive_int, default=1, help="images per condition")
     _add_method_args(gen)
     gen.add_argument("--size", type=_image_size, default=None,
-                     help="output size WIDTHxHEIGHT (e.g. 512x384), rendered by the LIIF decoder (--liif)")
+                     help="output size WIDTHxHEIGHT (e.g. 512x384), rendered by the model's LIIF decoder (or --liif)")
     gen.add_argument("--scale", type=_positive_float, default=None,
-                     help="output scale relative to the tokenizer's size (e.g. 2.5), rendered by --liif")
-    gen.add_argument("--liif", default=None, help="LIIF token decoder folder (from `vargen train liif`)")
+                     help="output scale relative to the tokenizer's size (e.g. 2.5), rendered by LIIF")
+    gen.add_argument("--liif", default=None,
+                     help="LIIF token decoder folder (default: the model's own, e.g. scenes-t2i/liif)")
     gen.add_argument("--stats", default=None, help="write DecodeStats as JSON to this path")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -535,12 +536,13 @@ def cmd_generate(args) -> int:
     if args.size or args.scale:
         if args.size and args.scale:
             raise ValueError("give --size or --scale, not both")
-        if not args.liif:
-            raise ValueError("--size / --scale render through a LIIF decoder: pass --liif FOLDER "
-                             "(train one with `vargen train liif --config configs/liif_scenes.json`)")
+        own = os.path.join(getattr(pipe, "name_or_path", None) or "", "liif")  # a model's own LIIF decoder
+        if not args.liif and not os.path.isdir(own):
+            raise ValueError(f"--size / --scale render through a LIIF decoder and {args.model} has none: pass "
+                             "--liif FOLDER (train one with `vargen train liif --config configs/liif_scenes.json`)")
         from .decoders import LIIFTokenDecoder
 
-        liif = LIIFTokenDecoder.from_pretrained(args.liif).to(args.device)
+        liif = LIIFTokenDecoder.from_pretrained(args.liif or own).to(args.device)
         codes = liif.config["vq"]["codebook_size"]
         if codes != pipe.vq.vocab_size:
             raise ValueError(f"the LIIF decoder {args.liif} was trained on a tokenizer with {codes} codes, but this "
