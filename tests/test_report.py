@@ -45,6 +45,8 @@ def test_report_rows_costs_and_distances(report):
     # the figures come from the folders: passes from the stats logs, FD from clean-fid features
     costs = read_costs(rows["sjd"]["folder"])
     assert costs["indices"] == list(range(8)) and rows["sjd"]["forward_passes_mean"] == costs["passes"].mean()
+    assert len(costs["batch_latency_s"]) == 2 and costs["batch_latency_s"].mean() == pytest.approx(
+        costs["latency_s"].mean())  # one timing per batch of 4: the unit the speedup interval resamples
     a = folder_features(rows[FLOOR]["folder"], _PixelStats())
     b = folder_features(rows["ar"]["folder"], _PixelStats())
     assert rows[FLOOR]["fd_vs_ar"]["value"] == pytest.approx(frechet_distance(*feature_stats(a), *feature_stats(b)))

@@ -31,10 +31,12 @@ FLOOR = "ar@other-seeds"
 def read_costs(folder: str) -> dict:
     """Per-image forward passes and decoding latency from a sample folder's ``stats-*.jsonl``.
 
-    A batch's wall time is shared equally by its images; images whose batch line is missing
-    (a kill between the PNGs and the log line) are simply not counted.
+    A batch's wall time is shared equally by its images (``latency_s``); ``batch_latency_s``
+    keeps one value per batch, the unit a latency interval must resample (images of a batch
+    share one timing). Images whose batch line is missing (a kill between the PNGs and the
+    log line) are simply not counted.
     """
-    passes, latency = {}, {}
+    passes, latency, batches = {}, {}, []
     for name in sorted(os.listdir(folder)):
         if not (name.startswith("stats-") and name.endswith(".jsonl")):
             continue
@@ -44,9 +46,11 @@ def read_costs(folder: str) -> dict:
                 per = rec.get("per_sample_forward_passes") or [rec["forward_passes"]] * len(rec["indices"])
                 for i, p in zip(rec["indices"], per):
                     passes[i], latency[i] = p, rec["wall_s"] / len(rec["indices"])
+                batches.append(rec["wall_s"] / len(rec["indices"]))
     idx = sorted(passes)
     return {"indices": idx, "passes": np.array([passes[i] for i in idx], dtype=np.float64),
-            "latency_s": np.array([latency[i] for i in idx], dtype=np.float64)}
+            "latency_s": np.array([latency[i] for i in idx], dtype=np.float64),
+            "batch_latency_s": np.array(batches, dtype=np.float64)}
 
 
 def _interval(values: np.ndarray) -> List[float]:
@@ -122,7 +126,6 @@ def bench_report(pipe, methods: Sequence[str], n: int, out_dir: str, seed: int =
     # the noise floor: AR itself on seeds no method uses, same conditions
     floor_items = [SampleItem(it.index, it.condition, it.seed + n) for it in items]
     sampling = sampling or {}
-    rng = np.random.default_rng(seed)
     runs = {}
     for name, its in [*((m, items) for m in methods), (FLOOR, floor_items)]:
         method = "ar" if name == FLOOR else name
@@ -144,18 +147,22 @@ def bench_report(pipe, methods: Sequence[str], n: int, out_dir: str, seed: int =
     ar = runs["ar"]
     results = []
     tokens = pipe.gpt.num_tokens
-    for name, run in runs.items():
+    for i, (name, run) in enumerate(runs.items()):
+        # one generator per figure, so that an interval never depends on how many draws another one made
+        rngs = [np.random.default_rng([seed % 2 ** 32, i, k]) for k in range(4)]
         passes, latency = run["costs"]["passes"], run["costs"]["latency_s"]
+        passes_ci = _bootstrap_mean(passes, rngs[0], bootstrap)
         row = {
             "method": name, "folder": run["folder"], "n": int(len(passes)),
             "options": (method_options or {}).get("ar" if name == FLOOR else name, {}),
-            "forward_passes_mean": float(passes.mean()), "forward_passes_ci95": _bootstrap_mean(passes, rng, bootstrap),
+            "forward_passes_mean": float(passes.mean()), "forward_passes_ci95": passes_ci,
             "step_compression": float(tokens / passes.mean()),
-            "step_compression_ci95": [tokens / c for c in _bootstrap_mean(passes, rng, bootstrap)][::-1],
+            "step_compression_ci95": [tokens / c for c in passes_ci[::-1]],
             "latency_s_mean": float(latency.mean()),
             "speedup": float(ar["costs"]["latency_s"].mean() / latency.mean()),
-            "speedup_ci95": _bootstrap_ratio(ar["costs"]["latency_s"], latency, rng, bootstrap),
-            "fd_vs_ar": None if name == "ar" else paired_frechet(run["features"], ar["features"], rng, bootstrap),
+            "speedup_ci95": _bootstrap_ratio(ar["costs"]["batch_latency_s"], run["costs"]["batch_latency_s"], rngs[1],
+                                             bootstrap),
+            "fd_vs_ar": None if name == "ar" else paired_frechet(run["features"], ar["features"], rngs[2], bootstrap),
         }
         if ref_stats is not None:
             from .fid import feature_stats, frechet_distance
@@ -163,7 +170,7 @@ def bench_report(pipe, methods: Sequence[str], n: int, out_dir: str, seed: int =
             row["fd_vs_reference"] = frechet_distance(*feature_stats(run["features"]), ref_stats["mu"],
                                                       ref_stats["sigma"])
         if scenes is not None:
-            row["scenes"] = _scene_scores(run["folder"], scenes, rng, bootstrap)
+            row["scenes"] = _scene_scores(run["folder"], scenes, rngs[3], bootstrap)
         results.append(row)
     return {"model": model_name or "default", "device": _device_name(pipe.device), "n": n, "seed": seed,
             "batch_size": batch_size, "tokens": tokens, "sampling": sampling,
