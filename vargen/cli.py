@@ -265,6 +265,7 @@ def _extractor(args):
 def cmd_eval_fid(args) -> int:
     import json
 
+    from .atomic import write_atomic
     from .eval.fid import compute_fid
 
     result = compute_fid(args.gen_dir, args.ref, mode=args.mode, extractor=_extractor(args),
@@ -277,10 +278,7 @@ def cmd_eval_fid(args) -> int:
             extra = f" ± {d['is_std']:.3f}" if key == "is_mean" else ""
             print(f"{key.replace('is_mean', 'IS')}: {d[key]:.4f}{extra}")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(d, f, indent=2)
-        os.replace(tmp, args.json)
+        write_atomic(args.json, json.dumps(d, indent=2))
         print(f"wrote {args.json}")
     return 0
 
@@ -366,6 +364,7 @@ def _bench_methods(args) -> tuple:
 def cmd_eval_sr(args) -> int:
     import json
 
+    from .atomic import write_atomic
     from .decoders import LIIFTokenDecoder
     from .eval.sr import compare_scales, format_table, upsamplers
     from .tokenizers import VQTokenizer
@@ -379,9 +378,7 @@ def cmd_eval_sr(args) -> int:
                            seed=args.seed, device=args.device)
     print(format_table(table))
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(table, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)
+        write_atomic(args.json, json.dumps(table, indent=2))
         print(f"wrote {args.json}")
     return 0
 
@@ -545,7 +542,7 @@ def cmd_generate(args) -> int:
         liif = LIIFTokenDecoder.from_pretrained(args.liif or own).to(args.device)
         codes = liif.config["vq"]["codebook_size"]
         if codes != pipe.vq.vocab_size:
-            raise ValueError(f"the LIIF decoder {args.liif} was trained on a tokenizer with {codes} codes, but this "
+            raise ValueError(f"the LIIF decoder {args.liif or own} was trained on a tokenizer with {codes} codes, but this "
                              f"model's tokenizer has {pipe.vq.vocab_size}: use the LIIF decoder of this tokenizer")
     out = pipe(args.conditions, num_images_per_prompt=args.num_images, **_sampling(args), seed=args.seed,
                output_type="latent" if liif else "pt", progress=not args.quiet, method=args.method,

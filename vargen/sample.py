@@ -19,6 +19,8 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
+from .atomic import save_png_atomic, write_atomic
+
 RUN_FILE = "run.json"
 
 
@@ -110,10 +112,7 @@ def check_run_settings(out_dir: str, settings: dict, run_file: str = RUN_FILE) -
                              "use a new --out folder or the same settings to resume")
         return
     os.makedirs(out_dir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(settings, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(settings, indent=2))
 
 
 def start_run(out_dir: str, settings: dict, items: Sequence[SampleItem]) -> dict:
@@ -126,10 +125,7 @@ def start_run(out_dir: str, settings: dict, items: Sequence[SampleItem]) -> dict
     check_run_settings(out_dir, settings)
     path = os.path.join(out_dir, "conditions.txt")
     if not os.path.exists(path):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(conditions)
-        os.replace(tmp, path)
+        write_atomic(path, conditions)
     return settings
 
 
@@ -138,15 +134,6 @@ def missing_items(items: Sequence[SampleItem], out_dir: str, process_index: int 
     """This process's share of ``items`` whose PNG does not exist yet."""
     return [it for it in items if it.index % num_processes == process_index
             and not os.path.exists(image_path(out_dir, it.index))]
-
-
-def save_png_atomic(image: np.ndarray, path: str) -> None:
-    """``[H, W, 3]`` uint8 -> PNG at ``path``, via a temporary file in the same folder and a rename."""
-    from PIL import Image
-
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    Image.fromarray(image).save(tmp, format="png")
-    os.replace(tmp, path)
 
 
 def sample_to_folder(pipe, items: Sequence[SampleItem], out_dir: str, batch_size: int = 16, method: str = "ar",

@@ -43,7 +43,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..sample import check_run_settings, save_png_atomic
+from ..atomic import save_png_atomic, write_atomic
+from ..sample import check_run_settings
 
 METADATA_SOURCE = "prompts/evaluation_metadata.jsonl of https://github.com/djghosh13/geneval"
 DETECTOR_NAME = "mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco"
@@ -132,14 +133,6 @@ def sample_seed(seed: int, index: int, n: int, n_samples: int) -> int:
     return seed + index * n_samples + n
 
 
-def _atomic_write_bytes(data: bytes, path: str) -> None:
-    # the temporary name starts with "." so that neither the evaluator's r"\d+\.png" nor a glob picks it up
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _grid(images: Sequence[np.ndarray], pad: int = 2) -> np.ndarray:
     """One row of images with ``pad`` black pixels around each (torchvision ``make_grid``'s look)."""
     h, w = images[0].shape[:2]
@@ -203,7 +196,7 @@ def write_geneval(pipe, metadata: Union[str, Sequence[dict]], out_dir: str, n_sa
                 raise ValueError(f"{path} holds another prompt's metadata ({there[:80]!r}); "
                                  "use a new output folder for another metadata file")
         else:
-            _atomic_write_bytes(line.encode("utf-8"), path)
+            write_atomic(path, line)
         todo += [(i, n) for n in range(n_samples) if not os.path.exists(sample_path(out_dir, i, n))]
     total = len(metadata) * n_samples
     from tqdm.auto import tqdm

@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..atomic import write_atomic
+
 FLOOR = "ar@other-seeds"
 
 
@@ -269,9 +271,6 @@ def write_report(report: dict, out_dir: str) -> Dict[str, str]:
     """``report.json``, ``report.md`` and ``report.png`` in ``out_dir`` (text files written atomically)."""
     paths = {k: os.path.join(out_dir, f"report.{k}") for k in ("json", "md", "png")}
     for key, text in (("json", json.dumps(report, indent=2)), ("md", format_report(report) + "\n")):
-        tmp = paths[key] + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, paths[key])
+        write_atomic(paths[key], text)
     plot_report(report, paths["png"])
     return paths

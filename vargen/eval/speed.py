@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..atomic import write_atomic
+
 from ..decoding import SamplingConfig, get_method, logits_to_probs
 
 
@@ -174,10 +176,7 @@ def write_report(report: dict, json_path: Optional[str] = None, plot_path: Optio
     """Write the JSON (atomically) and the plot."""
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        tmp = json_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, json_path)
+        write_atomic(json_path, json.dumps(report, indent=2))
     if plot_path:
         os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
         plot_report(report, plot_path, grid)
