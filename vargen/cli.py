@@ -60,6 +60,14 @@ def _add_method_args(parser: argparse.ArgumentParser) -> None:
     _add_lantern_args(parser)
 
 
+def _add_compile_arg(parser: argparse.ArgumentParser) -> None:
+    from .models.compiled import COMPILE_MODES
+
+    parser.add_argument("--compile", nargs="?", const="reduce-overhead", default=None, choices=COMPILE_MODES,
+                        metavar="MODE", help="decode steps under torch.compile (default mode reduce-overhead: "
+                                             "CUDA graphs on a GPU); the first call per shape compiles")
+
+
 def _method_options(args) -> dict:
     return {"window": args.window, "init": args.init, "lantern_delta": args.lantern_delta,
             "lantern_lambda": args.lantern_lambda, "lantern_k": args.lantern_k}
@@ -93,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="LIIF token decoder folder (default: the model's own, e.g. scenes-t2i/liif)")
     gen.add_argument("--stats", default=None, help="write DecodeStats as JSON to this path")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    _add_compile_arg(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
 
@@ -212,8 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
                                              "with plain AR in the same run.")
     _add_bench_args(speed, methods="ar,sjd,sjd+coupling", n=32, batch_size=8)
     speed.add_argument("--device", default="cpu", help="torch device")
+    _add_compile_arg(speed)
     speed.add_argument("--json", default=None, help="write the report as JSON here")
     speed.add_argument("--plot", default=None, help="write accepted-length histograms and acceptance maps (PNG)")
+    latency = speed.add_argument_group(
+        "latency table", "with --sizes: time every method's steps on random-weight LlamaGen GPTs of these sizes "
+                         "against AR and the memory-bandwidth floor; SJD-family step counts come from --model's "
+                         "trained step compression (or --compression-json)")
+    latency.add_argument("--sizes", default=None, help="comma-separated GPT sizes, e.g. GPT-B,GPT-XL")
+    latency.add_argument("--tokens", default="256,1024", help="image tokens per sample (square grids)")
+    latency.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
+    latency.add_argument("--dtype", default=None, help="weights dtype: bf16 (default on cuda), fp16, fp32 (cpu)")
+    latency.add_argument("--reps", type=_positive_int, default=2, help="timed decodes per cell (median)")
+    latency.add_argument("--compression-json", default=None,
+                         help="step compression from a previous `bench speed --json` instead of measuring it")
     speed.set_defaults(func=cmd_bench_speed)
 
     report = bench_sub.add_parser("report", help="sample every method on the same seeds; speed next to quality",
@@ -433,11 +454,69 @@ def cmd_bench_report(args) -> int:
     return 0
 
 
+def _int_list(text: str, flag: str) -> list:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} takes positive integers, got {text!r}")
+    return values
+
+
+def cmd_bench_latency(args) -> int:
+    import json
+
+    from .atomic import write_atomic
+    from .eval.latency import bench_latency, depends_on_acceptance, format_latency_table
+    from .eval.speed import bench_speed
+    from .models.llamagen import GPT_SIZES
+
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in GPT_SIZES]
+    if unknown:
+        raise ValueError(f"unknown GPT size(s) {unknown}; choose from {', '.join(GPT_SIZES)}")
+    tokens = _int_list(args.tokens, "--tokens")
+    if any(int(t ** 0.5) ** 2 != t for t in tokens):
+        raise ValueError(f"--tokens must be square numbers (a square grid), got {args.tokens}")
+    batches = _int_list(args.batch_sizes, "--batch-sizes")
+    methods, options = _bench_methods(args)
+    need = [m for m in methods if depends_on_acceptance(m)]
+    compression, source = {}, ""
+    if need and args.compression_json:
+        with open(args.compression_json) as f:
+            measured = json.load(f)
+        compression = {r["method"]: r["step_compression"] for r in measured["results"]}
+        source = f"{args.compression_json} ({measured.get('model')}, {measured.get('tokens')} tokens)"
+    elif need:
+        from .pipeline import VarGenPipeline
+
+        pipe = VarGenPipeline.load(args.model, device=args.device)
+        measured = bench_speed(pipe, need, n=args.n, seed=args.seed, batch_size=args.batch_size,
+                               sampling=_sampling(args), method_options=options)
+        compression = {r["method"]: r["step_compression"] for r in measured["results"]}
+        source = f"{args.model or 'the default model'} ({measured['tokens']} tokens, n={args.n}, seed {args.seed})"
+    dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    report = bench_latency(sizes, batches, tokens, methods, compression, device=args.device, dtype=dtype,
+                           sampling=_sampling(args), method_options=options, compile_mode=args.compile,
+                           reps=args.reps, compression_source=source)
+    print(format_latency_table(report))
+    if args.json:
+        write_atomic(args.json, json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_bench_speed(args) -> int:
     from .eval.speed import bench_speed, format_table, write_report
     from .pipeline import VarGenPipeline
 
+    if args.sizes:
+        return cmd_bench_latency(args)
+
     pipe = VarGenPipeline.load(args.model, device=args.device)
+    if args.compile:
+        pipe.enable_compile(args.compile)
     methods, options = _bench_methods(args)
     report = bench_speed(pipe, methods, n=args.n, seed=args.seed, batch_size=args.batch_size,
                          sampling=_sampling(args), method_options=options)
@@ -528,6 +607,8 @@ def cmd_generate(args) -> int:
         print(f"vargen: using the default model {args.model!r}{note}", file=sys.stderr)
     pipe = VarGenPipeline.load(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=args.quiet)
+    if args.compile:
+        pipe.enable_compile(args.compile)
     start = time.perf_counter()
     liif = None
     if args.size or args.scale:

@@ -166,12 +166,26 @@ class VarGenPipeline(DiffusionPipeline):
         if callback_on_step_end is not None:
             def callback(step, tokens, committed):
                 callback_on_step_end(self, step, None, {"tokens": tokens, "committed": committed})
-        tokens, stats = decode(self.gpt, cond, sampling, seeds, cond_mask=cond_mask, progress=progress,
+        tokens, stats = decode(self.decode_model, cond, sampling, seeds, cond_mask=cond_mask, progress=progress,
                                callback=callback)
         images = tokens if output_type == "latent" else self._convert(self.decode_tokens(tokens), output_type)
         if not return_dict:
             return images, tokens, stats
         return VarGenPipelineOutput(images=images, tokens=tokens, stats=stats)
+
+    def enable_compile(self, mode: str = "reduce-overhead", backend: str = "inductor") -> "VarGenPipeline":
+        """Decode through ``torch.compile`` from now on (fixed-shape steps over a static cache; CUDA graphs
+        with ``mode="reduce-overhead"`` on a GPU). The first image of each batch shape pays the compilation."""
+        from .models.compiled import compile_model
+
+        self._compiled_gpt = compile_model(self.gpt, mode, backend)
+        return self
+
+    @property
+    def decode_model(self):
+        """The model the decoding methods run: the compiled wrapper after :meth:`enable_compile`, else ``gpt``."""
+        compiled = self.__dict__.get("_compiled_gpt")
+        return compiled if compiled is not None and compiled.model is self.gpt else self.gpt
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

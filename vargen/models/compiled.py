@@ -1,0 +1,86 @@
+"""Compiled decoding: a protocol model whose image-token forward runs under ``torch.compile``.
+
+gpt-fast's recipe: the static KV cache keeps every decode step at a fixed shape (``[B, 1]``
+for AR, ``[B, L + 1]`` for a verify window of ``L``), so one compiled graph per shape
+serves every step of every image; ``mode="reduce-overhead"`` then replays each step as a
+CUDA graph, which removes the launch overhead that dominates a small model's step. The
+condition prefill (variable caption length, once per image) stays eager.
+
+Caches are pooled per ``(batch, max_len)`` and their buffers marked as static addresses:
+CUDA graphs need the mutated cache at the same address on every replay, and a new cache
+per image would force a re-record. A :class:`CompiledModel` therefore runs one decode at
+a time (the decoding methods never interleave two sessions).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .cache import StaticKVCache
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class CompiledModel:
+    """Wrap a protocol model (e.g. :class:`vargen.models.LlamaGen`) so decode steps run compiled.
+
+    Every attribute not defined here (``grid``, ``num_tokens``, ``condition_embeddings``,
+    ``forward_train``, ``parameters``, ...) is the wrapped model's, so any decoding method
+    takes a ``CompiledModel`` where it takes the model.
+
+    Args:
+        model: the model to compile (weights are shared, not copied).
+        mode: ``torch.compile`` mode; ``"reduce-overhead"`` uses CUDA graphs on a GPU.
+        backend: ``"inductor"`` (default); ``"eager"`` / ``"aot_eager"`` trace without code
+            generation (tests use them to check graph breaks and recompilations on CPU).
+        fullgraph: fail on a graph break instead of silently running pieces eagerly.
+    """
+
+    def __init__(self, model, mode: str = "reduce-overhead", backend: str = "inductor", fullgraph: bool = True):
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"unknown torch.compile mode {mode!r}; choose from {COMPILE_MODES}")
+        self.model, self.mode, self.backend = model, mode, backend
+        self._cache_pool = {}
+        options = {"mode": mode} if backend == "inductor" else {}
+        self._step = torch.compile(self._image_step, backend=backend, fullgraph=fullgraph, dynamic=False, **options)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["model"], name)
+
+    def __repr__(self) -> str:
+        return f"CompiledModel({type(self.model).__name__}, mode={self.mode!r}, backend={self.backend!r})"
+
+    def new_cache(self, batch: int, max_len: Optional[int] = None) -> StaticKVCache:
+        """A reset cache from the pool (same buffers for the same shape, marked static for CUDA graphs)."""
+        key = (batch, max_len or self.model.prefix_len + self.model.num_tokens)
+        cache = self._cache_pool.get(key)
+        if cache is None:
+            cache = self.model.new_cache(batch, key[1])
+            for t in (*cache.k, *cache.v, cache.visible, cache.length):
+                torch._dynamo.mark_static_address(t)
+            self._cache_pool[key] = cache
+        cache.visible.zero_()  # stale keys/values stay but are invisible, as after a rollback
+        cache.length.zero_()
+        return cache
+
+    def _image_step(self, tokens, positions, slots, mask, cache):
+        return self.model(tokens=tokens, positions=positions, slots=slots, mask=mask, cache=cache)
+
+    def __call__(self, tokens: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
+                 slots: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                 cache: Optional[StaticKVCache] = None, embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The protocol forward: image-token steps with a cache run compiled, everything else eagerly."""
+        if embeds is not None or cache is None:
+            return self.model(tokens=tokens, positions=positions, slots=slots, mask=mask, cache=cache, embeds=embeds)
+        if self.backend == "inductor" and self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        # a CUDA-graph output is overwritten by the next replay; the loops may keep probabilities a step longer
+        return self._step(tokens, positions, slots, mask, cache).clone()
+
+    forward = __call__
+
+
+def compile_model(model, mode: str = "reduce-overhead", backend: str = "inductor") -> CompiledModel:
+    """``CompiledModel(model, mode, backend)``; a model that is already compiled is returned as it is."""
+    return model if isinstance(model, CompiledModel) else CompiledModel(model, mode, backend)
