@@ -57,3 +57,70 @@ def test_no_query_attends_an_empty_or_rolled_back_slot(c2i, monkeypatch, decode)
     _garbage_cache(c2i, monkeypatch)
     dirty, _ = decode(c2i, cond, sampling)
     assert torch.equal(clean, dirty)
+
+
+# ------------------------------------------------------------------------------- adaptive window
+from conftest import make_gpt  # noqa: E402
+from test_speculative import N_SAMPLES, SHARP, chi_square_p, exact_distribution  # noqa: E402
+
+from vargen.decoding.zipar_adaptive import decode_zipar_adaptive  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def grid8():
+    return make_gpt("c2i", block=64)  # 8 x 8 tokens
+
+
+@pytest.mark.parametrize("s", [1, 3, 8])
+def test_adaptive_with_no_early_start_is_fixed_zipar(grid8, s):
+    greedy = SamplingConfig(temperature=0, cfg_scale=2.0)
+    fixed, fs = decode_zipar(grid8, torch.arange(3), greedy, window=s)
+    adaptive, stats = decode_zipar_adaptive(grid8, torch.arange(3), greedy, window=s, min_window=s)
+    assert torch.equal(fixed, adaptive) and stats.per_sample_forward_passes == [fs.forward_passes] * 3
+    assert sum(stats.extra["first_token_checks"]) == 0
+
+
+@pytest.mark.parametrize("window,min_window", [(4, 1), (4, 2), (6, 3)])
+def test_adaptive_passes_lie_between_the_two_fixed_windows(grid8, window, min_window):
+    sampling = SamplingConfig(cfg_scale=2.0)
+    cond, seeds = torch.arange(6) % 5, range(6)
+    _, short = decode_zipar(grid8, cond, sampling, seeds=seeds, window=min_window)
+    _, long = decode_zipar(grid8, cond, sampling, seeds=seeds, window=window)
+    tokens, stats = decode_zipar_adaptive(grid8, cond, sampling, seeds=seeds, window=window, min_window=min_window)
+    assert all(short.forward_passes <= p <= long.forward_passes for p in stats.per_sample_forward_passes)
+    assert sum(stats.extra["first_token_checks"]) > 0 and 0 <= tokens.min() and tokens.max() < grid8.vocab_size
+
+
+def test_adaptive_restarts_never_attend_discarded_slots(grid8, monkeypatch):
+    sampling = SamplingConfig(top_k=10)
+    cond = torch.arange(5)
+    clean, stats = decode_zipar_adaptive(grid8, cond, sampling, window=4, min_window=1)
+    assert sum(stats.extra["first_token_rejections"]) > 0  # restarts happened
+    _garbage_cache(grid8, monkeypatch)
+    dirty, _ = decode_zipar_adaptive(grid8, cond, sampling, window=4, min_window=1)
+    assert torch.equal(clean, dirty)
+
+
+def test_adaptive_samples_do_not_depend_on_the_batch(grid8):
+    sampling = SamplingConfig(cfg_scale=2.0)
+    batch, _ = decode_zipar_adaptive(grid8, torch.tensor([0, 3, 4]), sampling, seeds=[7, 8, 9], window=4)
+    alone, _ = decode_zipar_adaptive(grid8, torch.tensor([3]), sampling, seeds=[8], window=4)
+    assert torch.equal(batch[1], alone[0])
+
+
+def test_checking_with_the_full_row_makes_a_two_row_grid_exact():
+    """On 2 x 2 tokens with window 2, each first token is checked against the AR context, so adaptive
+    ZipAR samples the exact AR distribution, which fixed ZipAR with its proxy does not."""
+    small = make_gpt("c2i", vocab=4, block=4, seed=3)
+    expected = exact_distribution(small, 1, SHARP)
+    cond = torch.full((N_SAMPLES,), 1)
+    tokens, stats = decode_zipar_adaptive(small, cond, SHARP, seeds=range(N_SAMPLES), window=2, min_window=1)
+    assert chi_square_p(tokens, expected, 4) > 1e-3
+    assert 0 < sum(stats.extra["first_token_rejections"]) < N_SAMPLES  # the check acts, and not always
+    approximate, _ = decode_zipar(small, cond, SHARP, seeds=range(N_SAMPLES), window=1)
+    assert chi_square_p(approximate, expected, 4) < 1e-6
+
+
+def test_adaptive_window_arguments():
+    with pytest.raises(ValueError, match="1 <= min_window <= window"):
+        decode_zipar_adaptive(make_gpt("c2i"), torch.arange(2), window=2, min_window=3)

@@ -57,6 +57,8 @@ def _add_method_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=_positive_int, default=None,
                         help="SJD drafts per verify pass (default 16) or ZipAR row lead (default 8)")
     parser.add_argument("--init", default=None, help="draft initialisation (SJD): random, left, above, left-dist")
+    parser.add_argument("--min-window", type=_positive_int, default=None,
+                        help="zipar-adaptive: row lead at which a row starts early (default window // 2)")
     _add_lantern_args(parser)
 
 
@@ -69,7 +71,8 @@ def _add_compile_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _method_options(args) -> dict:
-    return {"window": args.window, "init": args.init, "lantern_delta": args.lantern_delta,
+    return {"window": args.window, "init": args.init, "min_window": args.min_window,
+            "lantern_delta": args.lantern_delta,
             "lantern_lambda": args.lantern_lambda, "lantern_k": args.lantern_k}
 
 
@@ -365,6 +368,8 @@ def _add_bench_args(parser: argparse.ArgumentParser, methods: str, n: int, batch
     parser.add_argument("--window", type=_positive_int, default=16, help="SJD window (drafts per pass)")
     parser.add_argument("--init", default="left", help="SJD draft initialisation")
     parser.add_argument("--zipar-window", type=_positive_int, default=8, help="ZipAR row lead (tokens)")
+    parser.add_argument("--zipar-min-window", type=_positive_int, default=None,
+                        help="zipar-adaptive: lead at which rows start early (default zipar-window // 2)")
     _add_sampling_args(parser)
     _add_lantern_args(parser)
 
@@ -375,6 +380,8 @@ def _bench_methods(args) -> tuple:
     options = {m: {"window": args.window, "init": args.init} for m in methods if m.startswith("sjd")}
     if "zipar" in methods:
         options["zipar"] = {"window": args.zipar_window}
+    if "zipar-adaptive" in methods:
+        options["zipar-adaptive"] = {"window": args.zipar_window, "min_window": args.zipar_min_window}
     for m in methods:
         if m.endswith("lantern"):
             options[m].update(lantern_delta=args.lantern_delta, lantern_lambda=args.lantern_lambda,

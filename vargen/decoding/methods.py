@@ -8,6 +8,7 @@ from .ar import decode_ar
 from .sampling import SamplingConfig
 from .speculative import decode_sjd
 from .zipar import decode_zipar
+from .zipar_adaptive import decode_zipar_adaptive
 
 # name -> (decode function, fixed options); user options (window, init, ...) are added per call
 METHODS = {
@@ -19,6 +20,7 @@ METHODS = {
     "sjd+coupling+lantern": (decode_sjd, {"coupling": "maximal", "acceptance": "lantern"}),
     "gsd": (decode_sjd, {"coupling": "none", "acceptance": "gsd", "init": "random"}),
     "zipar": (decode_zipar, {}),
+    "zipar-adaptive": (decode_zipar_adaptive, {}),
 }
 RELAXATION_OPTIONS = ("lantern_delta", "lantern_lambda", "lantern_k")
 

@@ -97,6 +97,12 @@ class DecodeSession:
         later slots become invisible. A pointer move: nothing is copied."""
         self.cache.rollback(self._double(image_slots + self.prefix_len))
 
+    def hide(self, image_slots: torch.Tensor) -> None:
+        """Make the image slots where ``image_slots`` (``[B, S]`` bool) is True invisible to later tokens
+        (discarded tokens written out of order, e.g. a restarted row); the length pointer is untouched."""
+        m = self._double(image_slots)
+        self.cache.visible[:, self.prefix_len:self.prefix_len + m.shape[1]] &= ~m
+
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         self.stats.forward_passes += 1
         self._non_finite += (~torch.isfinite(logits)).sum()

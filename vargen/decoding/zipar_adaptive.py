@@ -1,0 +1,144 @@
+"""ZipAR with an adaptive window: start rows early, check each row's first token with more context.
+
+The ZipAR paper proposes it and its code lacks it. A row ``r + 1`` starts as soon as row
+``r`` has ``min_window`` tokens: its first token ``x`` is drawn from the early distribution
+``q``. Once row ``r`` has ``window`` tokens, the same cell is predicted again from the
+fuller context (``p``) and ``x`` is checked rejection-sampling style: kept with
+probability ``min(1, p(x) / q(x))``, else replaced by a draw from ``norm(max(p - q, 0))``
+and the row restarts from it (its later tokens are discarded and their cache slots
+hidden). Either way the row's first token is distributed as fixed-window ZipAR's with
+``window``; where the early guess stands, the row gained ``window - min_window`` steps of
+lead. A rejection means the short window was too small for that row.
+
+A row starts only below a checked row, so a rejection never invalidates more than one
+row, and no row is ever behind where fixed-window ZipAR (``window``) would have it:
+passes lie between those of fixed ZipAR with ``min_window`` and with ``window``.
+
+Unlike fixed ZipAR the schedule depends on each sample's checks, so the state lives in
+tensors (per sample, per row) and every pass feeds two inputs per row at fixed shapes:
+the row's next-token input, and a "tail" input at the row's last cell, which starts,
+checks or fixes up the row below (the proxy token, as in ZipAR, until the true last
+token is known).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .acceptance import gather_prob, residual
+from .sampling import SamplingConfig, exponential_noise, sample_categorical, uniform_noise
+from .session import DecodeSession
+
+
+@torch.no_grad()
+def decode_zipar_adaptive(model, cond, sampling: SamplingConfig = SamplingConfig(),
+                          seeds: Optional[Sequence[int]] = None, cond_mask: Optional[torch.Tensor] = None,
+                          window: int = 8, min_window: Optional[int] = None, progress: bool = False, callback=None):
+    """Generate all image tokens with adaptive-window ZipAR.
+
+    Args:
+        model, cond, sampling, seeds, cond_mask: as :func:`vargen.decoding.decode_ar`.
+        window: the row lead whose context checks each row's first token (ZipAR's ``s``).
+        min_window: the lead at which a row starts (default ``window // 2``, at least 1);
+            ``min_window == window`` is fixed-window ZipAR.
+        progress: tqdm bar over the least advanced sample's tokens.
+        callback: optional ``callback(step, tokens, committed)`` after each pass.
+
+    Returns:
+        ``(tokens [B, N], DecodeStats)``; ``stats.extra`` has the first-token checks and
+        rejections, ``stats.per_sample_forward_passes`` each sample's passes.
+    """
+    H, W = model.grid
+    N, V = model.num_tokens, model.vocab_size
+    min_window = max(1, window // 2) if min_window is None else min_window
+    if not 1 <= min_window <= window:
+        raise ValueError(f"need 1 <= min_window <= window, got min_window={min_window}, window={window}")
+    session = DecodeSession(model, cond, sampling, seeds, cond_mask, method="zipar-adaptive",
+                            max_len=model.prefix_len + N + 1)
+    B, dev, gens = session.batch, session.device, session.generators
+    tokens = torch.zeros(B, N + 1, dtype=torch.long, device=dev)  # cell N: scratch for padding inputs
+    tokens[:, 0] = sample_categorical(session.prefill(), gens)
+    count = torch.zeros(B, H, dtype=torch.long, device=dev)  # tokens generated per row
+    count[:, 0] = 1
+    checked = torch.zeros(B, H, dtype=torch.bool, device=dev)  # the row's first token has its full-window context
+    checked[:, 0] = True
+    fixed = torch.zeros(B, H, dtype=torch.bool, device=dev)  # the row's last slot holds its true token
+    q_first = torch.zeros(B, H, V, device=dev)  # the distribution each row's first token was drawn from
+    row_start = torch.arange(H, device=dev) * W
+    cols = torch.arange(W, device=dev)
+    passes = torch.ones(B, dtype=torch.long, device=dev)
+    checks = torch.zeros(B, dtype=torch.long, device=dev)
+    rejections = torch.zeros(B, dtype=torch.long, device=dev)
+    committed_log = []
+    bar = tqdm(total=N, disable=not progress, desc="zipar-adaptive", leave=False)
+    step = 0
+    while True:
+        active = (count < W).any(1)
+        if not bool(active.any()):  # one host sync per pass
+            break
+        # what each row does in this pass (rows 0..H-2 have a row below)
+        advance = (count > 0) & (count < W)
+        below = torch.cat([count[:, 1:], torch.full_like(count[:, :1], W)], 1)  # count of the row below
+        below_checked = torch.cat([checked[:, 1:], torch.ones_like(checked[:, :1])], 1)
+        start = (below == 0) & (count >= min_window) & checked
+        check = (below > 0) & ~below_checked & (count >= window)
+        fixup = (count == W) & ~fixed
+        fixup[:, -1] = False  # nothing is generated after the last row
+        tail = start | check | fixup
+        latest = row_start + (count - 1).clamp(min=0)  # the row's newest cell (its true last cell when complete)
+        last_slot = row_start + W - 1
+        pad = torch.full_like(count, N)
+        src = torch.cat([torch.where(advance, latest, pad), torch.where(tail, latest, pad)], 1)
+        slot = torch.cat([torch.where(advance, latest, pad), torch.where(tail, last_slot, pad)], 1)
+        probs = session.forward(tokens.gather(1, src), positions=slot.clamp(max=N - 1), slots=slot)
+        p_next, p_below = probs[:, :H], probs[:, H:]  # row's next cell; first cell of the row below
+        # advance: one new token per active row
+        x = sample_categorical(p_next, noise=exponential_noise((H, V), gens, dev))
+        target = torch.where(advance, latest + 1, pad)
+        tokens.scatter_(1, target, torch.where(advance, x, tokens.gather(1, target)))
+        new_count = count + advance.long()
+        # the row below: start it, or check its first token against the fuller context
+        q_below = torch.cat([q_first[:, 1:], q_first[:, :1]], 1)  # aligned with p_below (last row unused)
+        first_cell = (row_start + W).clamp(max=N).expand(B, H)
+        old_first = tokens.gather(1, first_cell)
+        coins = uniform_noise((H,), gens, dev)
+        keep = coins * gather_prob(q_below, old_first) < gather_prob(p_below, old_first)
+        reject = check & ~keep
+        draw = sample_categorical(torch.where(reject[..., None], residual(p_below, q_below), p_below),
+                                  noise=exponential_noise((H, V), gens, dev))
+        put = start | reject
+        tokens.scatter_(1, first_cell, torch.where(put, draw, old_first))
+        put_below = torch.cat([torch.zeros_like(put[:, :1]), put[:, :-1]], 1)  # indexed by the row below
+        new_count = torch.where(put_below, 1, new_count)
+        q_first = torch.where(torch.cat([torch.zeros_like(start[:, :1]), start[:, :-1]], 1)[..., None],
+                              torch.cat([p_below[:, -1:], p_below[:, :-1]], 1), q_first)
+        started_full = start & (count >= window)  # started with the full window: nothing to check
+        now_checked = torch.cat([torch.zeros_like(check[:, :1]), (check | started_full)[:, :-1]], 1)
+        checked = checked | now_checked
+        # a rejected row restarts: hide its discarded cells (the first one is rewritten next pass)
+        rejected_below = torch.cat([torch.zeros_like(reject[:, :1]), reject[:, :-1]], 1)
+        hidden = (rejected_below[..., None] & (cols >= 0)).reshape(B, N)
+        session.hide(hidden)
+        fixed = (fixed | fixup) & ~rejected_below  # a restarted row needs its true last token written again
+        checks += check.sum(1)
+        rejections += reject.sum(1)
+        passes += active.long()
+        committed_log.append((new_count.sum(1) - count.sum(1)).clamp(min=0) * active)
+        count = new_count
+        if callback is not None:
+            callback(step, tokens[:, :N], count.sum(1))
+        step += 1
+        if progress:
+            bar.n = int(count.sum(1).min())
+            bar.refresh()
+    bar.close()
+    stats = session.finish()
+    log = torch.stack(committed_log) if committed_log else torch.zeros(0, B, dtype=torch.long)
+    stats.record_accepted([1] * B + log[log > 0].tolist())
+    stats.per_sample_forward_passes = passes.tolist()
+    stats.extra.update(window=window, min_window=min_window, first_token_checks=checks.tolist(),
+                       first_token_rejections=rejections.tolist(),
+                       step_compression=N / (sum(stats.per_sample_forward_passes) / B))
+    return tokens[:, :N], stats
