@@ -4,5 +4,17 @@ from .checkpoint import CheckpointError, read_state_dict
 from .llamagen import GPT_SIZES, LlamaGen
 from .protocol import ARImageModel
 
+# Hugging Face adapters import transformers' model classes: loaded on first use, not with vargen.models
+_HF_EXPORTS = {"HFImageModel": "hf_base", "JanusImageModel": "hf", "Emu3ImageModel": "hf",
+               "ChameleonImageModel": "hf", "load_hf_image_model": "hf", "SlotKVCache": "hf_cache"}
+
 __all__ = ["ARImageModel", "CheckpointError", "GPT_SIZES", "LlamaGen", "StaticKVCache", "causal_slot_mask",
-           "read_state_dict"]
+           "read_state_dict", *_HF_EXPORTS]
+
+
+def __getattr__(name):
+    if name in _HF_EXPORTS:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_HF_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
