@@ -70,3 +70,29 @@ def test_pipeline_and_cli_compile(fresh_dynamo, tmp_path):
         build_parser().parse_args(["generate", "0", "--compile", "fastest"])
     args = build_parser().parse_args(["generate", "0", "--compile"])
     assert args.compile == "reduce-overhead"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_match_eager_logits_and_decode(fresh_dynamo):
+    """Replayed CUDA graphs on the pooled cache compute eager's logits (fp32 tolerance; inductor's fused
+    kernels round differently, so tokens are compared through the logits, not sampled paths)."""
+    model = make_gpt("c2i").cuda()
+    compiled = compile_model(model, "reduce-overhead")
+    cond = torch.tensor([0, 4], device="cuda")
+    for rep in range(3):  # record, then replay
+        caches = [m.new_cache(2, model.prefix_len + model.num_tokens) for m in (model, compiled)]
+        prefix = model.condition_embeddings(cond)
+        slots = torch.zeros(2, 1, dtype=torch.long, device="cuda")
+        for m, cache in zip((model, compiled), caches):
+            m(embeds=prefix, positions=torch.full_like(slots, -1), slots=slots, cache=cache)
+        tokens = torch.randint(0, model.vocab_size, (2, model.num_tokens), device="cuda",
+                               generator=torch.Generator("cuda").manual_seed(rep))
+        for k in range(model.num_tokens - 1):
+            step = torch.full((2, 1), k, device="cuda")
+            a = model(tokens=tokens[:, k:k + 1], positions=step, slots=step + 1, cache=caches[0])
+            b = compiled(tokens=tokens[:, k:k + 1], positions=step, slots=step + 1, cache=caches[1])
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for decode, kw in ((decode_ar, {}), (decode_sjd, {"window": 4})):
+        for _ in range(2):
+            out, stats = decode(compiled, cond, SAMPLING, seeds=[3, 4], **kw)
+            assert out.shape == (2, model.num_tokens) and int(out.max()) < model.vocab_size
