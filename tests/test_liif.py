@@ -168,6 +168,20 @@ def test_psnr_y_and_scale_comparison():
     assert table["bicubic"]["x2"] > 15  # bicubic from the exact low-res render is a sane baseline
 
 
+def test_scale_consistency_separates_consistent_from_inconsistent_upsamplers():
+    from vargen.eval.sr import scale_consistency
+
+    def nearest(x, size):  # replicates pixels: its area-downsampled x4 is exactly its x1
+        return torch.nn.functional.interpolate(x, size=size, mode="nearest")
+
+    def drifting(x, size):  # brighter the larger it renders: a different image at every scale
+        return (nearest(x, size) + 0.05 * size[0] / x.shape[-1]).clamp(-1, 1)
+
+    result = scale_consistency({"nearest": nearest, "drifting": drifting}, base=8, scale=4, n_scenes=2)
+    assert result["nearest"] == 99.0  # identical (capped)
+    assert result["drifting"] < 35
+
+
 def test_recipe_trains_saves_and_evaluates(tmp_path):
     from vargen.train.liif import train_liif
 

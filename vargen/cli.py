@@ -394,7 +394,7 @@ def cmd_eval_sr(args) -> int:
 
     from .atomic import write_atomic
     from .decoders import LIIFTokenDecoder
-    from .eval.sr import compare_scales, format_table, upsamplers
+    from .eval.sr import compare_scales, format_table, scale_consistency, upsamplers
     from .tokenizers import VQTokenizer
 
     liif = LIIFTokenDecoder.from_pretrained(args.liif).to(args.device)
@@ -402,9 +402,15 @@ def cmd_eval_sr(args) -> int:
     scales = [float(v) for v in args.scales.split(",")]
     if any(v <= 0 for v in scales):
         raise ValueError(f"scales must be > 0, got {args.scales}")
-    table = compare_scales(upsamplers(liif, vq), base=args.base, scales=scales, n_scenes=args.n_scenes,
+    methods = upsamplers(liif, vq)
+    table = compare_scales(methods, base=args.base, scales=scales, n_scenes=args.n_scenes,
                            seed=args.seed, device=args.device)
     print(format_table(table))
+    consistency = scale_consistency(methods, base=args.base, scale=4, n_scenes=args.n_scenes, seed=args.seed,
+                                    device=args.device)
+    table["consistency_x4_to_x1_db"] = consistency
+    print("scale consistency (x4 output area-downsampled vs x1 output, Y-PSNR dB): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in consistency.items()))
     if args.json:
         write_atomic(args.json, json.dumps(table, indent=2))
         print(f"wrote {args.json}")

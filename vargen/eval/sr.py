@@ -86,6 +86,25 @@ def compare_scales(methods: Dict[str, Upsampler], base: int = 32, scales: Sequen
     return {name: {f"x{s:g}": v / n_scenes for s, v in row.items()} for name, row in sums.items()}
 
 
+@torch.no_grad()
+def scale_consistency(methods: Dict[str, Upsampler], base: int = 32, scale: int = 4, n_scenes: int = 16,
+                      seed: int = 10_000, batch_size: int = 8, device="cpu") -> Dict[str, float]:
+    """Mean Y-PSNR (dB) between each method's x``scale`` output, area-downsampled to ``base``, and its x1
+    output: an arbitrary-scale decoder should render one image at every scale, not different ones."""
+    data = SceneDataset(resolution=base, seed=seed)
+    scenes = [data.scene(i) for i in range(n_scenes)]
+    sums = {name: 0.0 for name in methods}
+    for start in range(0, n_scenes, batch_size):
+        lr = torch.stack([_to_tensor(render_scene(sc, base)) for sc in scenes[start:start + batch_size]])
+        lr = lr.to(device) * 2 - 1
+        for name, fn in methods.items():
+            x1 = ((fn(lr, (base, base)) + 1) / 2).clamp(0, 1)
+            big = ((fn(lr, (base * scale, base * scale)) + 1) / 2).clamp(0, 1)
+            down = F.avg_pool2d(big, scale)  # area downsampling: each x1 pixel is the mean of its scale^2 pixels
+            sums[name] += psnr_y(down, x1).clamp(max=99.0).sum().item()  # identical images: capped, not inf
+    return {name: v / n_scenes for name, v in sums.items()}
+
+
 def format_table(results: Dict[str, dict]) -> str:
     """A plain-text table of :func:`compare_scales` results (dB)."""
     cols = list(next(iter(results.values())))
