@@ -22,24 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
 from ..models.checkpoint import CheckpointError, load_checked, read_state_dict
+from ..ops.reference import make_coord  # defined with the gather reference that uses it
 
 Size = Union[int, Sequence[int]]
-
-
-def make_coord(shape: Sequence[int], ranges=None, flatten: bool = True, device=None) -> torch.Tensor:
-    """Pixel-centre coordinates of a grid: ``[*shape, ndim]`` (or ``[prod(shape), ndim]`` flattened).
-
-    Each axis of ``n`` pixels spans ``[-1, 1]`` (or ``ranges[i]``); pixel ``i`` sits at
-    ``-1 + (2i + 1) / n``, i.e. ``align_corners=False`` centres. Axis order is (row, col).
-    """
-    seqs = []
-    for i, n in enumerate(shape):
-        v0, v1 = (-1.0, 1.0) if ranges is None else ranges[i]
-        r = (v1 - v0) / (2 * n)
-        seqs.append(v0 + r + 2 * r * torch.arange(n, device=device).float())
-    ret = torch.stack(torch.meshgrid(*seqs, indexing="ij"), dim=-1)
-    return ret.view(-1, ret.shape[-1]) if flatten else ret
 
 
 def output_size(hw: Sequence[int], size: Optional[Size] = None, scale=None) -> Tuple[int, int]:
@@ -172,32 +159,11 @@ class LIIF(nn.Module):
         B, _, h, w = feat.shape
         if self.feat_unfold:  # each feature carries its 3 x 3 neighbourhood (zero-padded at the border)
             feat = F.unfold(feat, 3, padding=1).view(B, feat.shape[1] * 9, h, w)
-        if self.local_ensemble:
-            shifts, eps_shift = [(-1, -1), (-1, 1), (1, -1), (1, 1)], 1e-6
-        else:
-            shifts, eps_shift = [(0, 0)], 0.0
-        # Half a feature cell in [-1, 1] units: shifting by it lands in the neighbouring cell on that side.
-        rx, ry = 1.0 / h, 1.0 / w
-        feat_coord = make_coord((h, w), flatten=False, device=feat.device).to(feat.dtype)
-        feat_coord = feat_coord.permute(2, 0, 1).unsqueeze(0).expand(B, 2, h, w)
-        hw = coord.new_tensor([h, w])
-        preds, areas = [], []
-        for vx, vy in shifts:
-            coord_ = coord.clone()
-            # eps breaks ties when a query sits exactly on a cell border, so the 4 corners are 4 distinct cells.
-            coord_[..., 0] += vx * rx + eps_shift
-            coord_[..., 1] += vy * ry + eps_shift
-            coord_.clamp_(-1 + 1e-6, 1 - 1e-6)
-            grid = coord_.flip(-1).unsqueeze(1)  # grid_sample wants (x, y) = (col, row)
-            q_feat = F.grid_sample(feat, grid, mode="nearest", align_corners=False)[:, :, 0, :].permute(0, 2, 1)
-            q_coord = F.grid_sample(feat_coord, grid, mode="nearest", align_corners=False)[:, :, 0, :].permute(0, 2, 1)
-            rel_coord = (coord - q_coord) * hw  # offset from the chosen feature's centre, in feature cells
-            inp = [q_feat, rel_coord]
-            if self.cell_decode:
-                inp.append(cell * hw)  # the query pixel's size in feature cells
-            preds.append(self.imnet(torch.cat(inp, dim=-1)))
-            areas.append(torch.abs(rel_coord[..., 0] * rel_coord[..., 1]) + 1e-9)
-        tot_area = torch.stack(areas).sum(dim=0)
+        # per corner: nearest feature + offset from its centre (+ cell), all in feature cells
+        inp, areas = ops.liif_corners(feat, coord, cell, self.local_ensemble, self.cell_decode)
+        preds = [self.imnet(x) for x in inp]
+        tot_area = areas.sum(dim=0)
+        areas = list(areas)
         if self.local_ensemble:
             # Each corner is weighted by the area of the rectangle to the diagonally opposite corner
             # (bilinear-style weights): swap 0<->3 and 1<->2.

@@ -8,25 +8,16 @@ bounded, stated amount.
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
+from .. import ops
+from ..ops.reference import accept_drafts, gather_prob, residual, settle_window  # one implementation
 from .sampling import sample_categorical
 
-
-def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``norm(max(p - q, 0))``, the distribution to resample from after rejecting a draft from ``q``.
-
-    Where ``p <= q`` everywhere (a rejection that had probability 0, reachable only through
-    rounding) the result is ``p`` itself, so a draw is always well defined.
-    """
-    r = (p - q).clamp_min(0)
-    mass = r.sum(-1, keepdim=True)
-    return torch.where(mass > 0, r / mass.clamp_min(1e-30), p)
-
-
-def gather_prob(dist: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """``dist[..., tokens]``: the probability of each token under its own row."""
-    return dist.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+__all__ = ["ExactAcceptance", "LanternAcceptance", "GroupedAcceptance", "codebook_neighbours", "couple",
+           "gather_prob", "residual", "verify_window"]
 
 
 class ExactAcceptance:
@@ -39,10 +30,13 @@ class ExactAcceptance:
         """The distribution the rule samples from in effect (``p`` here; a relaxed ``p~`` elsewhere)."""
         return p
 
+    def extra_mass(self, p: torch.Tensor, drafts: torch.Tensor):
+        """Mass a relaxed rule adds to ``p(d)`` when judging draft ``d`` (``[...]``), or ``None`` (exact)."""
+        return None
+
     def accept(self, p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, coins: torch.Tensor) -> torch.Tensor:
-        """Bool ``[...]``: which drafts pass their coin."""
-        t = self.target(p)
-        return coins * gather_prob(q, drafts) < gather_prob(t, drafts)
+        """Bool ``[...]``: which drafts pass their coin, ``coins * q(d) < p~(d) + extra_mass``."""
+        return accept_drafts(self.target(p), q, drafts, coins, self.extra_mass(p, drafts))
 
     def resample(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Distribution to draw from after a rejection."""
@@ -104,18 +98,23 @@ class LanternAcceptance(ExactAcceptance):
         if lam is not None and lam < 1:
             raise ValueError(f"LANTERN lambda must be >= 1, got {lam}")
         self.neighbours, self.delta, self.lam = neighbours, delta, lam
+        self._device_tables = {}
 
     def pooled_mass(self, p: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         """``S_m`` per draft: the neighbours' mass pooled into ``p(x)`` (``[...]``)."""
-        nb = self.neighbours.to(drafts.device)[drafts]  # [..., k]
-        cum = p.gather(-1, nb).cumsum(-1)
-        budget = (self.lam - 1) * gather_prob(p, drafts) if self.lam is not None else torch.full_like(cum[..., 0],
-                                                                                                      self.delta)
-        return (cum * (cum <= budget[..., None])).amax(-1)
+        return ops.lantern_pooled_mass(p, drafts, self._table(drafts.device), delta=self.delta, lam=self.lam)
 
-    def accept(self, p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, coins: torch.Tensor) -> torch.Tensor:
-        relaxed = gather_prob(p, drafts) + self.pooled_mass(p, drafts)
-        return coins * gather_prob(q, drafts) < relaxed
+    def extra_mass(self, p: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
+        return self.pooled_mass(p, drafts)
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        # the [V, k] table is large (16384 x 1000 longs): copy it to the device once, not every step
+        if self.neighbours.device != device:
+            cached = self._device_tables.get(device)
+            if cached is None:
+                cached = self._device_tables[device] = self.neighbours.to(device)
+            return cached
+        return self.neighbours
 
 
 class GroupedAcceptance(ExactAcceptance):
@@ -156,3 +155,26 @@ class GroupedAcceptance(ExactAcceptance):
         mass_p = (p.gather(-1, members) * in_group).sum(-1)
         mass_q = (q.gather(-1, members) * in_group).sum(-1)
         return coins * mass_q < mass_p
+
+
+def _is_extra_mass_rule(rule) -> bool:
+    """Whether ``rule`` is :class:`ExactAcceptance` up to :meth:`~ExactAcceptance.extra_mass`, i.e.
+    fits the fused verify kernel (LANTERN does; GSD's grouped ratio and custom rules do not)."""
+    cls = type(rule)
+    return (isinstance(rule, ExactAcceptance) and cls.accept is ExactAcceptance.accept
+            and cls.target is ExactAcceptance.target and cls.resample is ExactAcceptance.resample)
+
+
+def verify_window(rule, probs: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, coins: torch.Tensor,
+                  valid: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Verify a window of drafts under ``rule``: ``(r [B], x [B])``, see :func:`vargen.ops.verify_window`.
+
+    Rules expressible as extra mass on ``p(d)`` go to the fused op (a CUDA kernel on GPU); any
+    other rule accepts with its own :meth:`accept` and then shares the reference first-rejection
+    and resampling step (with its own ``resample`` / ``target``).
+    """
+    L = q.shape[1]
+    if _is_extra_mass_rule(rule):
+        return ops.verify_window(probs, q, drafts, coins, valid, noise, rule.extra_mass(probs[:, :L], drafts))
+    ok = rule.accept(probs[:, :L], q, drafts, coins) & valid
+    return settle_window(ok, probs, q, noise, resample=rule.resample, target=rule.target)

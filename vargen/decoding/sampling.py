@@ -11,6 +11,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import ops
+from ..ops.reference import filter_logits, guided_logits  # noqa: F401 - public here; one implementation
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -52,31 +55,6 @@ class SamplingConfig:
         return asdict(self)
 
 
-def guided_logits(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-    """Combine a CFG-doubled batch ``[cond; uncond]`` into guided fp32 logits (half the batch)."""
-    logits = logits.float()
-    if cfg_scale == 1.0:
-        return logits
-    cond, uncond = logits.chunk(2, dim=0)
-    return uncond + cfg_scale * (cond - uncond)
-
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set logits outside the top-k / top-p support to ``-inf`` (fp32, last dim = vocabulary)."""
-    logits = logits.float()
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the mass before it already reaches top_p (so the crossing token stays)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
 def non_finite_error(count: int) -> FloatingPointError:
     return FloatingPointError(f"model produced {count} non-finite logits (NaN/inf); check the weights and dtype "
                               "(fp16 overflow?) before sampling")
@@ -88,14 +66,14 @@ def logits_to_probs(logits: torch.Tensor, config: SamplingConfig, check_finite: 
     Order as LlamaGen: CFG, temperature, top-k, top-p, softmax. Temperature 0 gives a
     one-hot distribution on the argmax. NaN/inf logits raise; decoding loops pass
     ``check_finite=False`` and check once at the end instead (no host sync per step).
+    Runs :func:`vargen.ops.sampling_probs` (a fused kernel on CUDA, the reference elsewhere).
     """
-    logits = guided_logits(logits, config.cfg_scale)
-    if check_finite and not torch.isfinite(logits).all():
-        raise non_finite_error(int((~torch.isfinite(logits)).sum()))
-    if config.temperature == 0:
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = filter_logits(logits / config.temperature, config.top_k, config.top_p)
-    return logits.softmax(-1)
+    cfg_scale = config.cfg_scale
+    if check_finite:
+        logits, cfg_scale = guided_logits(logits, cfg_scale), 1.0
+        if not torch.isfinite(logits).all():
+            raise non_finite_error(int((~torch.isfinite(logits)).sum()))
+    return ops.sampling_probs(logits, cfg_scale, config.temperature, config.top_k, config.top_p)
 
 
 def make_generators(seeds: Sequence[int], device=None) -> list:

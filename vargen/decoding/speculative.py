@@ -15,12 +15,13 @@ flickering between iterations, which is what raises acceptance (the MC-SJD idea)
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .acceptance import ExactAcceptance, couple
+from .acceptance import ExactAcceptance, couple, verify_window
 from .drafts import check_init, fill_fresh
 from .sampling import SamplingConfig, exponential_noise, sample_categorical, uniform_noise
 from .session import DecodeSession
@@ -55,7 +56,7 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    check_init(init)
+    init = check_init(init)
     if coupling not in COUPLINGS:
         raise ValueError(f"unknown coupling {coupling!r}; choose from {COUPLINGS}")
     acceptance = acceptance or ExactAcceptance()
@@ -87,12 +88,11 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         inputs = torch.cat([canvas.gather(1, (n - 1)[:, None]), drafts], dim=1)
         probs = session.forward(inputs, positions=pos.clamp(max=N - 1), slots=pos)  # [B, L+1, V]
         valid = (pos[:, 1:] < N) & active[:, None]
-        ok = acceptance.accept(probs[:, :L], q, drafts, uniform_noise((L,), gens, dev)) & valid
-        r = ok.long().cumprod(1).sum(1)  # drafts accepted before the first rejection
+        coins = uniform_noise((L,), gens, dev)
+        noise = exponential_noise((V,), gens, dev)  # the resample's Exp(1) draw, made explicit for the fused op
+        # r: drafts accepted before the first rejection; x: the residual (or bonus) token at n + r
+        r, x = verify_window(acceptance, probs, q, drafts, coins, valid, noise)
         p_r = _rows(probs, r[:, None])[:, 0]
-        q_r = _rows(q, r.clamp(max=L - 1)[:, None])[:, 0]
-        dist = torch.where((r < L)[:, None], acceptance.resample(p_r, q_r), acceptance.target(p_r))
-        x = sample_categorical(dist, gens)
         # commit the accepted drafts at n .. n+r-1 and the resampled (or bonus) token at n+r
         cells = n[:, None] + steps[:L]
         keep = (steps[None, :L] < r[:, None]) & active[:, None]
@@ -133,3 +133,21 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
                        step_compression=N / (sum(stats.per_sample_forward_passes) / B),
                        accepted_cells=from_draft[:, :N].float().mean(0).tolist())
     return canvas[:, :N], stats
+
+
+def decode_jacobi(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: Optional[Sequence[int]] = None,
+                  cond_mask: Optional[torch.Tensor] = None, window: int = 16, init: str = "left",
+                  progress: bool = False, callback=None):
+    """Plain Jacobi decoding, the greedy fixed-point iteration SJD generalises (the reference point).
+
+    Every pass replaces each draft in the window by the argmax given the drafts before it
+    and commits the prefix that stopped changing. This is SJD at temperature 0: a one-hot
+    ``p`` accepts a draft iff it is the argmax, and the "residual" is the argmax itself, so
+    the output is exactly greedy AR. ``sampling``'s CFG is kept; its temperature, top-k and
+    top-p are replaced by greedy selection.
+    """
+    greedy = replace(sampling, temperature=0.0, top_k=0, top_p=1.0)
+    tokens, stats = decode_sjd(model, cond, greedy, seeds, cond_mask, window=window, init=init, progress=progress,
+                               callback=callback)
+    stats.method = "jacobi"
+    return tokens, stats
