@@ -217,3 +217,27 @@ def test_gsd_with_no_gap_is_exact_sjd_and_runs_by_name(c2i):
     assert torch.equal(exact, alone) and s.method == "sjd+gsd"
     tokens, stats = get_method("gsd", window=4)(c2i, cond, sampling)
     assert tokens.shape == (3, 16) and stats.extra["acceptance"] == "gsd" and stats.method == "gsd"
+
+
+def test_plain_jacobi_is_greedy_ar_in_fewer_passes(c2i):
+    from vargen.decoding import decode_jacobi
+
+    sampling = SamplingConfig(cfg_scale=2.0, temperature=0.7, top_k=5)  # Jacobi replaces these by argmax
+    greedy, _ = decode_ar(c2i, torch.arange(4), SamplingConfig(cfg_scale=2.0, temperature=0))
+    tokens, stats = decode_jacobi(c2i, torch.arange(4), sampling, window=4, init="up")
+    assert torch.equal(tokens, greedy) and stats.method == "jacobi"
+    assert stats.extra["init"] == "above" and stats.extra["step_compression"] >= 1.0
+
+
+def test_method_flags_compose_to_method_names():
+    from vargen.decoding.methods import compose_method
+
+    assert compose_method("sjd", "maximal", "lantern") == "sjd+coupling+lantern"
+    assert compose_method("sjd", "gumbel") == "sjd+gumbel" and compose_method("sjd", relax="gsd") == "gsd"
+    assert compose_method("zipar") == "zipar"
+    with pytest.raises(ValueError, match="not a defined combination"):
+        compose_method("sjd", "gumbel", "lantern")
+    with pytest.raises(ValueError, match="apply to --method sjd"):
+        compose_method("ar", "maximal")
+    with pytest.raises(ValueError, match="unknown relaxation 'eagle'"):
+        compose_method("sjd", relax="eagle")

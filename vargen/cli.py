@@ -55,8 +55,10 @@ def _add_lantern_args(parser: argparse.ArgumentParser) -> None:
 def _add_method_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="ar", help="decoding method: " + ", ".join(_method_names()))
     parser.add_argument("--window", type=_positive_int, default=None,
-                        help="SJD drafts per verify pass (default 16) or ZipAR row lead (default 8)")
-    parser.add_argument("--init", default=None, help="draft initialisation (SJD): random, left, above, left-dist")
+                        help="SJD / Jacobi drafts per verify pass (default 16) or ZipAR row lead (default 8)")
+    parser.add_argument("--init", default=None, help="draft initialisation (SJD): random, left, above (up), left-dist (sample)")
+    parser.add_argument("--coupling", default="none", help="with --method sjd: none, maximal or gumbel redraws")
+    parser.add_argument("--relax", default="none", help="with --method sjd: none, lantern or gsd acceptance")
     parser.add_argument("--min-window", type=_positive_int, default=None,
                         help="zipar-adaptive: row lead at which a row starts early (default window // 2)")
     _add_lantern_args(parser)
@@ -663,6 +665,10 @@ def cmd_generate(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "relax"):  # --method sjd --coupling maximal --relax lantern -> sjd+coupling+lantern
+            from .decoding.methods import compose_method
+
+            args.method = compose_method(args.method, args.coupling, args.relax)
         return args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"vargen: error: {err}", file=sys.stderr)

@@ -4,12 +4,12 @@ from .methods import METHODS, get_method
 from .sampling import (SamplingConfig, filter_logits, guided_logits, logits_to_probs, make_generators,
                        sample_categorical)
 from .session import DecodeSession
-from .speculative import decode_sjd
+from .speculative import decode_jacobi, decode_sjd
 from .stats import DecodeStats
 from .zipar import decode_zipar, zipar_schedule
 from .zipar_adaptive import decode_zipar_adaptive
 
-__all__ = ["METHODS", "DecodeSession", "DecodeStats", "SamplingConfig", "decode_ar", "decode_sjd",
+__all__ = ["METHODS", "DecodeSession", "DecodeStats", "SamplingConfig", "decode_ar", "decode_jacobi", "decode_sjd",
            "decode_zipar", "decode_zipar_adaptive", "zipar_schedule",
            "get_method", "filter_logits", "guided_logits",
            "logits_to_probs", "make_generators", "sample_categorical"]

@@ -13,11 +13,15 @@ import torch
 from .sampling import sample_categorical
 
 DRAFT_INITS = ("random", "left", "above", "left-dist")
+INIT_ALIASES = {"up": "above", "sample": "left-dist"}  # the names SJD's paper and code use
 
 
 def check_init(init: str) -> str:
+    """The canonical name of a draft initialisation (aliases ``up``, ``sample`` accepted)."""
+    init = INIT_ALIASES.get(init, init)
     if init not in DRAFT_INITS:
-        raise ValueError(f"unknown draft initialisation {init!r}; choose from {DRAFT_INITS}")
+        raise ValueError(f"unknown draft initialisation {init!r}; choose from {DRAFT_INITS} "
+                         f"(aliases {sorted(INIT_ALIASES)})")
     return init
 
 

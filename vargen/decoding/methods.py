@@ -6,13 +6,14 @@ import inspect
 from .acceptance import GroupedAcceptance, LanternAcceptance, codebook_neighbours
 from .ar import decode_ar
 from .sampling import SamplingConfig
-from .speculative import decode_sjd
+from .speculative import decode_jacobi, decode_sjd
 from .zipar import decode_zipar
 from .zipar_adaptive import decode_zipar_adaptive
 
 # name -> (decode function, fixed options); user options (window, init, ...) are added per call
 METHODS = {
     "ar": (decode_ar, {}),
+    "jacobi": (decode_jacobi, {}),
     "sjd": (decode_sjd, {"coupling": "none"}),
     "sjd+coupling": (decode_sjd, {"coupling": "maximal"}),
     "sjd+gumbel": (decode_sjd, {"coupling": "gumbel"}),
@@ -23,6 +24,29 @@ METHODS = {
     "zipar-adaptive": (decode_zipar_adaptive, {}),
 }
 RELAXATION_OPTIONS = ("lantern_delta", "lantern_lambda", "lantern_k")
+COUPLING_SUFFIX = {"none": "", "maximal": "+coupling", "gumbel": "+gumbel"}
+RELAX_SUFFIX = {"none": "", "lantern": "+lantern", "gsd": "gsd"}
+
+
+def compose_method(method: str, coupling: str = "none", relax: str = "none") -> str:
+    """The method name for ``--method sjd --coupling maximal --relax lantern`` style flags
+    (``"sjd+coupling+lantern"``); a combination vargen does not define raises ``ValueError``."""
+    if coupling not in COUPLING_SUFFIX:
+        raise ValueError(f"unknown coupling {coupling!r}; choose from {sorted(COUPLING_SUFFIX)}")
+    if relax not in RELAX_SUFFIX:
+        raise ValueError(f"unknown relaxation {relax!r}; choose from {sorted(RELAX_SUFFIX)}")
+    if coupling == "none" and relax == "none":
+        return method
+    if method != "sjd":
+        raise ValueError(f"--coupling and --relax apply to --method sjd, not {method!r}")
+    if relax == "gsd":
+        if coupling != "none":
+            raise ValueError("GSD's grouped acceptance is defined for plain SJD drafts; use --coupling none")
+        return "gsd"
+    name = "sjd" + COUPLING_SUFFIX[coupling] + RELAX_SUFFIX[relax]
+    if name not in METHODS:
+        raise ValueError(f"{name!r} is not a defined combination; choose from {sorted(METHODS)}")
+    return name
 
 
 def get_method(name: str, codebook=None, **options):

@@ -19,7 +19,7 @@ import torch
 
 from ..decoding import SamplingConfig, get_method
 from ..decoding.methods import METHODS
-from ..decoding.speculative import decode_sjd
+from ..decoding.speculative import decode_jacobi, decode_sjd
 from ..decoding.zipar_adaptive import decode_zipar_adaptive
 from ..models import LlamaGen
 from .speed import _device_name
@@ -53,9 +53,9 @@ def parameter_bytes(model: torch.nn.Module) -> int:
 
 
 def depends_on_acceptance(method: str) -> bool:
-    """Whether a method's number of forward passes depends on the model's distribution (SJD family,
-    adaptive ZipAR's first-token checks)."""
-    return METHODS[method][0] in (decode_sjd, decode_zipar_adaptive)
+    """Whether a method's number of forward passes depends on the model's distribution (Jacobi and the
+    SJD family, adaptive ZipAR's first-token checks)."""
+    return METHODS[method][0] in (decode_sjd, decode_jacobi, decode_zipar_adaptive)
 
 
 def random_gpt(size: str, tokens: int, device, dtype: torch.dtype, vocab_size: int = 16384) -> LlamaGen:
