@@ -69,6 +69,18 @@ def test_cli_generate_writes_image_and_stats(tmp_path, capsys):
                  "--window", "4", "--init", "above"]) == 0
     stats = json.loads(st.read_text())
     assert stats["method"] == "sjd+coupling" and stats["extra"]["window"] == 4 and stats["extra"]["init"] == "above"
+    # the flag spelling: --method sjd --coupling ... --relax ..., --zipar-window, --init up
+    assert main(["generate", "class1", "--model", "tiny-random", "-o", str(out), "--stats", str(st), "--quiet",
+                 "--method", "sjd", "--coupling", "gumbel", "--init", "up", "--window", "3"]) == 0
+    stats = json.loads(st.read_text())
+    assert stats["method"] == "sjd+gumbel" and stats["extra"]["init"] == "above" and stats["extra"]["window"] == 3
+    assert main(["generate", "class1", "--model", "tiny-random", "-o", str(out), "--stats", str(st), "--quiet",
+                 "--method", "zipar-adaptive", "--zipar-window", "4", "--min-window", "2"]) == 0
+    stats = json.loads(st.read_text())
+    assert stats["method"] == "zipar-adaptive" and (stats["extra"]["window"], stats["extra"]["min_window"]) == (4, 2)
+    assert main(["generate", "class1", "--model", "tiny-random", "-o", str(out), "--quiet", "--method", "sjd",
+                 "--coupling", "gumbel", "--relax", "lantern"]) == 2
+    assert "'sjd+gumbel+lantern' is not a defined combination" in capsys.readouterr().err
 
 
 def test_cli_reports_bad_arguments(tmp_path, capsys):

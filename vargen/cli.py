@@ -59,6 +59,8 @@ def _add_method_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", default=None, help="draft initialisation (SJD): random, left, above (up), left-dist (sample)")
     parser.add_argument("--coupling", default="none", help="with --method sjd: none, maximal or gumbel redraws")
     parser.add_argument("--relax", default="none", help="with --method sjd: none, lantern or gsd acceptance")
+    parser.add_argument("--zipar-window", type=_positive_int, default=None,
+                        help="ZipAR row lead (the same as --window for the zipar methods)")
     parser.add_argument("--min-window", type=_positive_int, default=None,
                         help="zipar-adaptive: row lead at which a row starts early (default window // 2)")
     _add_lantern_args(parser)
@@ -73,7 +75,14 @@ def _add_compile_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _method_options(args) -> dict:
-    return {"window": args.window, "init": args.init, "min_window": args.min_window,
+    window = args.window
+    if args.zipar_window is not None:
+        if not args.method.startswith("zipar"):
+            raise ValueError(f"--zipar-window is for the zipar methods, not {args.method!r}; use --window")
+        if window is not None and window != args.zipar_window:
+            raise ValueError(f"--window {window} and --zipar-window {args.zipar_window} disagree; give one")
+        window = args.zipar_window
+    return {"window": window, "init": args.init, "min_window": args.min_window,
             "lantern_delta": args.lantern_delta,
             "lantern_lambda": args.lantern_lambda, "lantern_k": args.lantern_k}
 

@@ -43,9 +43,6 @@ class DecodeStats:
 
     def to_json(self, path) -> None:
         """Write the stats as JSON (atomically: temporary file, then rename)."""
-        import os
+        from ..atomic import write_atomic
 
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        write_atomic(str(path), json.dumps(self.to_dict(), indent=2))
