@@ -156,17 +156,6 @@ def test_grid_and_default_four_samples(tmp_path):
         write_geneval(FakePipe(size=6), other, out, progress=False)
 
 
-@pytest.fixture
-def one_thread():
-    """A tiny model decodes faster on one thread (and does not fight other processes for cores)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny_t2i(meta):
     return make_t2i_pipeline([m["prompt"] for m in meta])
 

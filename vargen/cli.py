@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a tokenizer, an AR generator or the FD-vargen classifier from a JSON "
                                          "recipe config",
                            description="Train with a recipe config (configs/*.json); reruns resume from OUT/state.")
-    train.add_argument("what", choices=["tokenizer", "ar", "classifier", "liif"], help="what to train")
+    train.add_argument("what", choices=["tokenizer", "ar", "classifier", "liif", "flex1d"], help="what to train")
     train.add_argument("--config", required=True, help="recipe config (JSON), e.g. configs/scenes_vq.json")
     train.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
     train.add_argument("--steps", type=_positive_int, default=None, help="override the config's step count")
@@ -177,6 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--json", default=None, help="write the table as JSON here")
     sr.add_argument("--device", default="cpu", help="torch device")
     sr.set_defaults(func=cmd_eval_sr)
+
+    flex = eval_sub.add_parser("flex1d", help="1D flexible tokenizer: reconstruction PSNR against token count",
+                               description="Held-out scenes encoded with every prefix length of the 1D tokenizer, "
+                                           "next to the 2D VQ tokenizer on the same scenes.")
+    flex.add_argument("--tokenizer", required=True, help="Flex1DTokenizer folder (from `vargen train flex1d`)")
+    flex.add_argument("--vq", default=None, help="2D VQ tokenizer to compare with, e.g. vargen/weights/scenes-t2i/vq")
+    flex.add_argument("--vq-resolution", type=_positive_int, nargs="+", default=[128],
+                      help="resolutions to run the 2D VQ at")
+    flex.add_argument("-n", "--n", type=_positive_int, default=64, help="held-out scenes")
+    flex.add_argument("--seed", type=int, default=10_000, help="scene seed (training uses 0-2)")
+    flex.add_argument("--lengths", type=_positive_int, nargs="+", default=None,
+                      help="prefix lengths (default: powers of two up to K)")
+    flex.add_argument("--out", default="outputs/flex1d", help="folder for psnr_vs_tokens.json/.png and recon.png")
+    flex.add_argument("--device", default="cpu", help="torch device")
+    flex.set_defaults(func=cmd_eval_flex1d)
 
     geneval = eval_sub.add_parser("geneval", help="draw GenEval's prompts in the official layout (and score them)",
                                   description="Write OUT/<index:05d>/metadata.jsonl and samples/<n:04d>.png for each "
@@ -428,6 +443,16 @@ def cmd_eval_sr(args) -> int:
     return 0
 
 
+def cmd_eval_flex1d(args) -> int:
+    from .eval.flex1d import evaluate, format_table
+
+    table = evaluate(args.tokenizer, args.vq, args.n, args.seed, args.lengths, args.vq_resolution, args.out,
+                     args.device)
+    print(format_table(table))
+    print(f"wrote {args.out}/psnr_vs_tokens.json, psnr_vs_tokens.png, recon.png")
+    return 0
+
+
 def cmd_eval_geneval(args) -> int:
     from .eval.geneval import (GenEvalUnavailable, check_layout, format_summary, read_metadata, score_geneval,
                                write_geneval)
@@ -612,6 +637,8 @@ def cmd_train(args) -> int:
         from .train.classifier import train_classifier as recipe
     elif args.what == "liif":
         from .train.liif import train_liif as recipe
+    elif args.what == "flex1d":
+        from .train.flex1d import train_flex1d as recipe
     else:
         from .train.ar import train_ar as recipe
     result = recipe(config, out)

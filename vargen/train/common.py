@@ -102,6 +102,22 @@ def run_training(config: dict, modules: Dict[str, torch.nn.Module], params, batc
     return {**summary, "modules": {n: accelerator.unwrap_model(m) for n, m in modules.items()}}
 
 
+def save_trained(result: dict, name: str, out_dir: str):
+    """Pop the trained module ``name`` from ``run_training``'s result, save it to ``out_dir/name`` in eval mode;
+    returns ``(module, folder)``."""
+    trained = result.pop("modules")[name].eval()
+    folder = os.path.join(out_dir, name)
+    trained.save_pretrained(folder)
+    return trained, folder
+
+
+def write_metrics(folder: str, metrics: dict) -> None:
+    """Held-out metrics of a trained module, next to its weights (``folder/metrics.json``), written atomically."""
+    from ..atomic import write_atomic
+
+    write_atomic(os.path.join(folder, "metrics.json"), json.dumps(metrics, indent=2))
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

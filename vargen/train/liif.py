@@ -9,8 +9,6 @@ the token ids an AR model emits keep their meaning.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import random
 from typing import Iterator
 
@@ -20,7 +18,7 @@ import torch.nn.functional as F
 
 from ..data.scenes import SceneDataset, render_scene
 from ..decoders.liif import LIIFTokenDecoder, make_coord
-from .common import run_training
+from .common import run_training, save_trained, write_metrics
 
 
 def _image(img: np.ndarray) -> torch.Tensor:
@@ -85,9 +83,7 @@ def train_liif(config: dict, out_dir: str) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     result = run_training(config, {"liif": model}, params, batches, functools.partial(liif_step, vq=vq), out_dir,
                           log_every=config.get("log_every", 10), save_every=config.get("save_every", 200))
-    trained = result.pop("modules")["liif"].eval()
-    folder = os.path.join(out_dir, "liif")
-    trained.save_pretrained(folder)
+    trained, folder = save_trained(result, "liif", out_dir)
     if config.get("eval"):
         from ..eval.sr import compare_scales, format_table, upsamplers
 
@@ -97,6 +93,5 @@ def train_liif(config: dict, out_dir: str) -> dict:
                                n_scenes=ev.get("n_scenes", 16), seed=ev.get("seed", 10_000), device=device)
         print(format_table(table))
         result["psnr_y"] = table
-        with open(os.path.join(folder, "metrics.json"), "w") as f:
-            json.dump(table, f, indent=2)
+        write_metrics(folder, table)
     return result
