@@ -63,7 +63,22 @@ def _add_method_args(parser: argparse.ArgumentParser) -> None:
                         help="ZipAR row lead (the same as --window for the zipar methods)")
     parser.add_argument("--min-window", type=_positive_int, default=None,
                         help="zipar-adaptive: row lead at which a row starts early (default window // 2)")
+    _add_lpd_args(parser)
     _add_lantern_args(parser)
+
+
+def _add_lpd_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lpd", default=None, metavar="PATH",
+                        help="lpd: LPD model folder (default: the model's own lpd/, e.g. scenes-t2i/lpd)")
+    parser.add_argument("--lpd-steps", type=_positive_int, default=None, help="lpd: forward passes (default 20)")
+
+
+def _lpd_options(args, methods) -> dict:
+    """``{"weights", "steps"}`` for the lpd method from ``--lpd`` / ``--lpd-steps`` (an error if lpd is not run)."""
+    given = {"weights": args.lpd, "steps": args.lpd_steps}
+    if "lpd" not in methods and any(v is not None for v in given.values()):
+        raise ValueError("--lpd and --lpd-steps are for --method lpd")
+    return given
 
 
 def _add_compile_arg(parser: argparse.ArgumentParser) -> None:
@@ -82,8 +97,9 @@ def _method_options(args) -> dict:
         if window is not None and window != args.zipar_window:
             raise ValueError(f"--window {window} and --zipar-window {args.zipar_window} disagree; give one")
         window = args.zipar_window
+    lpd = _lpd_options(args, [args.method])
     return {"window": window, "init": args.init, "min_window": args.min_window,
-            "lantern_delta": args.lantern_delta,
+            **(lpd if args.method == "lpd" else {}), "lantern_delta": args.lantern_delta,
             "lantern_lambda": args.lantern_lambda, "lantern_k": args.lantern_k}
 
 
@@ -144,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a tokenizer, an AR generator or the FD-vargen classifier from a JSON "
                                          "recipe config",
                            description="Train with a recipe config (configs/*.json); reruns resume from OUT/state.")
-    train.add_argument("what", choices=["tokenizer", "ar", "classifier", "liif", "flex1d"], help="what to train")
+    train.add_argument("what", choices=["tokenizer", "ar", "classifier", "liif", "flex1d", "lpd"],
+                       help="what to train")
     train.add_argument("--config", required=True, help="recipe config (JSON), e.g. configs/scenes_vq.json")
     train.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
     train.add_argument("--steps", type=_positive_int, default=None, help="override the config's step count")
@@ -396,6 +413,7 @@ def _add_bench_args(parser: argparse.ArgumentParser, methods: str, n: int, batch
     parser.add_argument("--zipar-window", type=_positive_int, default=8, help="ZipAR row lead (tokens)")
     parser.add_argument("--zipar-min-window", type=_positive_int, default=None,
                         help="zipar-adaptive: lead at which rows start early (default zipar-window // 2)")
+    _add_lpd_args(parser)
     _add_sampling_args(parser)
     _add_lantern_args(parser)
 
@@ -408,6 +426,9 @@ def _bench_methods(args) -> tuple:
         options["zipar"] = {"window": args.zipar_window}
     if "zipar-adaptive" in methods:
         options["zipar-adaptive"] = {"window": args.zipar_window, "min_window": args.zipar_min_window}
+    lpd = _lpd_options(args, methods)
+    if "lpd" in methods:
+        options["lpd"] = lpd
     for m in methods:
         if m.endswith("lantern"):
             options[m].update(lantern_delta=args.lantern_delta, lantern_lambda=args.lantern_lambda,
@@ -639,6 +660,8 @@ def cmd_train(args) -> int:
         from .train.liif import train_liif as recipe
     elif args.what == "flex1d":
         from .train.flex1d import train_flex1d as recipe
+    elif args.what == "lpd":
+        from .train.lpd import train_lpd as recipe
     else:
         from .train.ar import train_ar as recipe
     result = recipe(config, out)

@@ -5,6 +5,7 @@ import inspect
 
 from .acceptance import GroupedAcceptance, LanternAcceptance, codebook_neighbours
 from .ar import decode_ar
+from .lpd import decode_lpd
 from .sampling import SamplingConfig
 from .speculative import decode_jacobi, decode_sjd
 from .zipar import decode_zipar
@@ -22,6 +23,7 @@ METHODS = {
     "gsd": (decode_sjd, {"coupling": "none", "acceptance": "gsd", "init": "random"}),
     "zipar": (decode_zipar, {}),
     "zipar-adaptive": (decode_zipar_adaptive, {}),
+    "lpd": (decode_lpd, {}),
 }
 RELAXATION_OPTIONS = ("lantern_delta", "lantern_lambda", "lantern_k")
 COUPLING_SUFFIX = {"none": "", "maximal": "+coupling", "gumbel": "+gumbel"}

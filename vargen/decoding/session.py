@@ -8,6 +8,7 @@ model's internals or duplicate this bookkeeping.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import torch
@@ -81,16 +82,18 @@ class DecodeSession:
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, cfg_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Feed image ``tokens`` ``[B, T]`` at grid ``positions`` into cache ``slots``; returns ``[B, T, V]`` probs.
 
-        Slots count from 0 at the first image token (the prefix is added here).
+        Slots count from 0 at the first image token (the prefix is added here). ``cfg_scale``
+        (a tensor broadcasting to ``[B, T, 1]``) replaces the guidance scale for this call, for
+        schedules such as LPD's ramp; it applies only when the session guides (``cfg_scale != 1``).
         """
         slots = slots + self.prefix_len
         logits = self.model(tokens=self._double(tokens), positions=self._double(positions),
                             slots=self._double(slots), mask=None if mask is None else self._double(mask),
                             cache=self.cache)
-        return self._probs(logits)
+        return self._probs(logits, cfg_scale)
 
     def rollback(self, image_slots: torch.Tensor) -> None:
         """Keep the prefix and the first ``image_slots[b]`` image slots of sample ``b`` (``[B]``);
@@ -103,9 +106,13 @@ class DecodeSession:
         m = self._double(image_slots)
         self.cache.visible[:, self.prefix_len:self.prefix_len + m.shape[1]] &= ~m
 
-    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+    def _probs(self, logits: torch.Tensor, cfg_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.stats.forward_passes += 1
         self._non_finite += (~torch.isfinite(logits)).sum()
+        if cfg_scale is not None and self.sampling.uses_cfg:
+            cond, uncond = logits.float().chunk(2)
+            logits = uncond + cfg_scale * (cond - uncond)
+            return logits_to_probs(logits, replace(self.sampling, cfg_scale=1.0), check_finite=False)
         return logits_to_probs(logits, self.sampling, check_finite=False)
 
     def finish(self) -> DecodeStats:

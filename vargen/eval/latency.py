@@ -22,14 +22,9 @@ from ..decoding.methods import METHODS
 from ..decoding.speculative import decode_jacobi, decode_sjd
 from ..decoding.zipar_adaptive import decode_zipar_adaptive
 from ..models import LlamaGen
-from .speed import _device_name
+from .speed import _device_name, _sync
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def copy_bandwidth(device, megabytes: int = 1024, reps: int = 10) -> float:

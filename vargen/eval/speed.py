@@ -14,7 +14,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,11 @@ import torch
 from ..atomic import write_atomic
 
 from ..decoding import SamplingConfig, get_method, logits_to_probs
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -82,8 +87,10 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
             _, cond, cond_mask, seeds = batches[0]
             decode(pipe.decode_model, cond, sampling_cfg, seeds, cond_mask=cond_mask)
         for start, cond, cond_mask, seeds in tqdm(batches, desc=name, disable=not progress, leave=False):
+            _sync(pipe.device)
             t0 = time.perf_counter()
             out, stats = decode(pipe.decode_model, cond, sampling_cfg, seeds, cond_mask=cond_mask)
+            _sync(pipe.device)  # kernels still queued belong to this decode
             latencies.append(time.perf_counter() - t0)
             tokens.append(out)
             passes += stats.per_sample_forward_passes or [stats.forward_passes] * len(cond)

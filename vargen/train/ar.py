@@ -69,10 +69,9 @@ def _collate_tokens(items):
     return out
 
 
-def train_ar(config: dict, out_dir: str) -> dict:
-    """Train the GPT of ``config["model"]`` (+ text encoder for t2i) on ``config["data"]`` tokenised by
-    ``config["tokenizer"]`` (a saved VQTokenizer folder). Saves ``out_dir/gpt`` (and ``out_dir/text_encoder``)."""
-    torch.manual_seed(config.get("seed", 0))
+def load_token_cache(config: dict, out_dir: str):
+    """``(vq, cache)``: the tokenizer ``config["tokenizer"]`` and ``config["data"]`` tokenised once
+    (cached in ``out_dir/tokens.pt``; ``config["num_images"]`` limits it)."""
     vq = VQTokenizer.from_pretrained(config["tokenizer"])
     cache_path = os.path.join(out_dir, "tokens.pt")
     os.makedirs(out_dir, exist_ok=True)
@@ -83,6 +82,21 @@ def train_ar(config: dict, out_dir: str) -> dict:
                                  num_workers=config.get("num_workers", 0))
         torch.save(cache, cache_path + ".tmp")
         os.replace(cache_path + ".tmp", cache_path)
+    return vq, cache
+
+
+def token_batches(cache: dict, batch_size: int):
+    """Endless shuffled batches ``{"tokens", "captions"[, "labels"]}`` of a token cache."""
+    loader = torch.utils.data.DataLoader(_TokenBatches(cache), batch_size=batch_size, shuffle=True,
+                                         drop_last=True, collate_fn=_collate_tokens)
+    return infinite(loader)
+
+
+def train_ar(config: dict, out_dir: str) -> dict:
+    """Train the GPT of ``config["model"]`` (+ text encoder for t2i) on ``config["data"]`` tokenised by
+    ``config["tokenizer"]`` (a saved VQTokenizer folder). Saves ``out_dir/gpt`` (and ``out_dir/text_encoder``)."""
+    torch.manual_seed(config.get("seed", 0))
+    vq, cache = load_token_cache(config, out_dir)
     grid = int(round(cache["tokens"].shape[1] ** 0.5))
     model_cfg = dict(config["model"])
     size = model_cfg.pop("size", None)  # a named size, or the explicit dims in the config
@@ -97,9 +111,7 @@ def train_ar(config: dict, out_dir: str) -> dict:
     gpt = LlamaGen.from_size(size, **model_cfg) if size else LlamaGen(**model_cfg)
     modules = {"gpt": gpt, **modules}
     params = [p for m in modules.values() for p in m.parameters()]
-    loader = torch.utils.data.DataLoader(_TokenBatches(cache), batch_size=config["batch_size"], shuffle=True,
-                                         drop_last=True, collate_fn=_collate_tokens)
-    result = run_training(config, modules, params, infinite(loader), ar_step, out_dir,
+    result = run_training(config, modules, params, token_batches(cache, config["batch_size"]), ar_step, out_dir,
                           log_every=config.get("log_every", 10), save_every=config.get("save_every", 200))
     for name, module in result.pop("modules").items():
         module.save_pretrained(os.path.join(out_dir, name))

@@ -1,0 +1,133 @@
+"""LPD decoding (Zhang et al., ICLR 2026): groups of position queries, one forward per group.
+
+Needs an :class:`vargen.models.lpd.LPD` model (fine-tuned from the AR model with
+``vargen train lpd``). Step ``i`` feeds the tokens sampled at step ``i - 1`` (at their cells'
+positions) and the queries of group ``i``. Cache slots follow generation order: group ``i``
+owns image slots ``[bounds[i], bounds[i + 1])``; its queries are written there at step
+``i`` and overwritten by its sampled tokens at step ``i + 1`` (the cache is written before
+attention in every layer), so no later step ever sees a query. The mask is block-causal
+over slots, exactly the training mask: the tokens of group ``i - 1`` see the condition and
+slots ``< bounds[i]``, the queries of group ``i`` also their own group's slots.
+
+Orders are per sample (sample ``b``'s order depends only on ``seeds[b]``), computed on the
+host one group ahead, so on a GPU the next group's cells are chosen while the current
+forward runs. Guidance ramps linearly as in LPD: the token generated ``k``-th of ``N`` uses
+``1 + (s - 1) * k / N``.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models.lpd import LPD, TRAIN_HINT, load_lpd
+from .lpd_order import ORDERS, group_bounds, group_schedule, iter_groups, order_generator
+from .sampling import SamplingConfig, sample_categorical
+from .session import DecodeSession
+
+
+@lru_cache(maxsize=4)
+def _load(path: str, stamp: float) -> LPD:
+    return load_lpd(path)
+
+
+def _folder_stamp(path: str) -> float:
+    """Newest modification time in ``path`` (a retrained model reloads), 0 if it is not a folder."""
+    if not os.path.isdir(path):
+        return 0.0
+    return max([os.path.getmtime(os.path.join(path, f)) for f in os.listdir(path)] or [0.0])
+
+
+def default_lpd_path(model) -> str:
+    """``<model folder>/lpd``: the LPD model shipped beside the AR GPT's folder (e.g. ``scenes-t2i/lpd``)."""
+    source = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not source:
+        raise FileNotFoundError("--method lpd needs an LPD model and this AR model was not loaded from a folder: "
+                                f"pass weights=PATH (CLI: --lpd PATH); {TRAIN_HINT}")
+    path = os.path.join(os.path.dirname(os.path.normpath(source)), "lpd")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--method lpd needs an LPD model: the model has none ({path!r} is missing) and no "
+                                f"--lpd PATH was given; {TRAIN_HINT}")
+    return path
+
+
+def resolve_lpd(model, weights=None) -> LPD:
+    """The LPD model to decode with: ``model`` itself if it is one, else ``weights`` (an :class:`LPD` or
+    its folder; default :func:`default_lpd_path`) checked against ``model`` and moved to its device/dtype."""
+    base = getattr(model, "model", model)  # a CompiledModel wraps the GPT
+    if isinstance(base, LPD):
+        return base
+    if not hasattr(base, "tok_embeddings"):
+        raise ValueError(f"LPD decodes with a model fine-tuned from a LlamaGen GPT; {type(base).__name__} is not one")
+    if isinstance(weights, LPD):
+        lpd, where = weights, "the given LPD model"
+    else:
+        path = os.path.abspath(weights if weights is not None else default_lpd_path(base))
+        lpd, where = _load(path, _folder_stamp(path)), f"the LPD model at {path!r}"
+    lpd.check_matches(base, where)
+    param = next(base.parameters())
+    return torch.nn.Module.to(lpd, device=param.device, dtype=param.dtype).eval()
+
+
+@torch.no_grad()
+def decode_lpd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: Optional[Sequence[int]] = None,
+               cond_mask: Optional[torch.Tensor] = None, weights=None, steps: int = 20, repulsion: float = 2.0,
+               order: str = "locality", progress: bool = False, callback=None):
+    """Generate all image tokens in ``steps`` groups with LPD.
+
+    Args:
+        model: an :class:`LPD` model, or the AR LlamaGen it was fine-tuned from (then ``weights``).
+        cond, sampling, seeds, cond_mask: as :func:`vargen.decoding.decode_ar`; ``sampling.cfg_scale``
+            is the ramp's final scale.
+        weights: an :class:`LPD` model or its folder; default ``<AR model folder>/lpd``.
+        steps: forward passes after the condition prefill (group sizes: :func:`group_schedule`,
+            the paper's list for 256 tokens in 20 steps).
+        repulsion: Chebyshev distance within which a group's proximity picks repel each other.
+        order: ``"locality"`` (LPD's), ``"random"`` or ``"raster"``.
+        progress: tqdm bar over steps.
+        callback: optional ``callback(step, tokens, committed)`` after each step (``tokens [B, N]``
+            raster, zero where not generated yet; ``committed`` tokens generated so far).
+
+    Returns:
+        ``(tokens [B, N] long in raster order, DecodeStats)``; ``forward_passes == 1 + steps``.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"unknown LPD order {order!r}; choose from {ORDERS}")
+    lpd = resolve_lpd(model, weights)
+    N = lpd.num_tokens
+    sizes = group_schedule(N, steps)
+    bounds = group_bounds(sizes)
+    session = DecodeSession(lpd, cond, sampling, seeds, cond_mask, method="lpd")
+    B, dev, P = session.batch, session.device, session.prefix_len
+    seeds = list(range(B)) if seeds is None else list(seeds)
+    groups = iter_groups(order, lpd.grid, sizes, [order_generator(s) for s in seeds], repulsion)
+    session.prefill()  # the condition; the first token comes from group 0's query
+    cond_visible = session.cache.visible[:B, :P].clone()  # real caption tokens (pads stay hidden)
+    slot_ids = torch.arange(N, device=dev)
+    orders = torch.zeros(B, N, dtype=torch.long, device=dev)  # cell of each generation index
+    generated = torch.zeros(B, N, dtype=torch.long, device=dev)  # tokens in generation order
+    for i in tqdm(range(len(sizes)), disable=not progress, desc="lpd", leave=False):
+        a, b = bounds[i], bounds[i + 1]
+        prev = bounds[i - 1] if i else a  # the previous group's tokens enter the cache now
+        orders[:, a:b] = torch.from_numpy(next(groups)).to(dev, non_blocking=True)
+        tokens = torch.cat([generated[:, prev:a], torch.full((B, b - a), lpd.mask_id, device=dev)], 1)
+        limit = torch.cat([torch.full((a - prev,), a, device=dev), torch.full((b - a,), b, device=dev)])
+        mask = torch.cat([cond_visible[:, None, :].expand(B, b - prev, P),
+                          (slot_ids[None, :] < limit[:, None]).expand(B, -1, -1)], 2)
+        rank = torch.cat([torch.zeros(a - prev, device=dev), torch.arange(a, b, device=dev) / N])
+        ramp = 1 + (sampling.cfg_scale - 1) * rank  # only the query rows' scales matter
+        probs = session.forward(tokens, orders[:, prev:b], slot_ids[prev:b].expand(B, -1), mask,
+                                cfg_scale=ramp[None, :, None])[:, a - prev:]
+        generated[:, a:b] = sample_categorical(probs, session.generators)
+        if callback is not None:
+            partial = torch.zeros_like(generated).scatter_(1, orders[:, :b], generated[:, :b])
+            callback(i, partial, torch.full((B,), b, device=dev))
+    stats = session.finish()
+    stats.record_accepted([g for g in sizes for _ in range(B)])
+    stats.per_sample_forward_passes = [1 + len(sizes)] * B
+    stats.extra.update(steps=len(sizes), group_sizes=sizes, order=order, repulsion=repulsion,
+                       step_compression=N / (1 + len(sizes)))
+    return torch.zeros_like(generated).scatter_(1, orders, generated), stats
