@@ -67,7 +67,6 @@ def decode_zipar_adaptive(model, cond, sampling: SamplingConfig = SamplingConfig
     fixed = torch.zeros(B, H, dtype=torch.bool, device=dev)  # the row's last slot holds its true token
     q_first = torch.zeros(B, H, V, device=dev)  # the distribution each row's first token was drawn from
     row_start = torch.arange(H, device=dev) * W
-    cols = torch.arange(W, device=dev)
     passes = torch.ones(B, dtype=torch.long, device=dev)
     checks = torch.zeros(B, dtype=torch.long, device=dev)
     rejections = torch.zeros(B, dtype=torch.long, device=dev)
@@ -119,7 +118,7 @@ def decode_zipar_adaptive(model, cond, sampling: SamplingConfig = SamplingConfig
         checked = checked | now_checked
         # a rejected row restarts: hide its discarded cells (the first one is rewritten next pass)
         rejected_below = torch.cat([torch.zeros_like(reject[:, :1]), reject[:, :-1]], 1)
-        hidden = (rejected_below[..., None] & (cols >= 0)).reshape(B, N)
+        hidden = rejected_below[..., None].expand(B, H, W).reshape(B, N)  # every cell of those rows
         session.hide(hidden)
         fixed = (fixed | fixup) & ~rejected_below  # a restarted row needs its true last token written again
         checks += check.sum(1)
