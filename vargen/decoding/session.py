@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from .sampling import SamplingConfig, logits_to_probs, make_generators, non_finite_error
+from ..ops.reference import guided_logits
 from .stats import DecodeStats
 
 
@@ -110,9 +111,8 @@ class DecodeSession:
         self.stats.forward_passes += 1
         self._non_finite += (~torch.isfinite(logits)).sum()
         if cfg_scale is not None and self.sampling.uses_cfg:
-            cond, uncond = logits.float().chunk(2)
-            logits = uncond + cfg_scale * (cond - uncond)
-            return logits_to_probs(logits, replace(self.sampling, cfg_scale=1.0), check_finite=False)
+            return logits_to_probs(guided_logits(logits, cfg_scale), replace(self.sampling, cfg_scale=1.0),
+                                   check_finite=False)
         return logits_to_probs(logits, self.sampling, check_finite=False)
 
     def finish(self) -> DecodeStats:

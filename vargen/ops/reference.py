@@ -13,10 +13,12 @@ import torch.nn.functional as F
 
 
 # --------------------------------------------------------------------------------------------- sampling
-def guided_logits(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-    """Combine a CFG-doubled batch ``[cond; uncond]`` into guided fp32 logits (half the batch)."""
+def guided_logits(logits: torch.Tensor, cfg_scale) -> torch.Tensor:
+    """Combine a CFG-doubled batch ``[cond; uncond]`` into guided fp32 logits (half the batch).
+
+    ``cfg_scale`` is a float, or a tensor broadcasting over the half batch (per-position schedules)."""
     logits = logits.float()
-    if cfg_scale == 1.0:
+    if not torch.is_tensor(cfg_scale) and cfg_scale == 1.0:
         return logits
     cond, uncond = logits.chunk(2, dim=0)
     return uncond + cfg_scale * (cond - uncond)
