@@ -37,8 +37,10 @@ def chi_square_p(tokens: torch.Tensor, expected: torch.Tensor, vocab: int) -> fl
     observed = torch.bincount(index, minlength=len(expected)).double()
     exp = expected / expected.sum() * len(tokens)
     big = exp >= 5
-    f_obs = torch.cat([observed[big], observed[~big].sum()[None]])
-    f_exp = torch.cat([exp[big], exp[~big].sum()[None]])
+    f_obs, f_exp = observed[big], exp[big]
+    if not big.all():
+        f_obs = torch.cat([f_obs, observed[~big].sum()[None]])
+        f_exp = torch.cat([f_exp, exp[~big].sum()[None]])
     return float(chisquare(f_obs.numpy(), f_exp.numpy()).pvalue)
 
 

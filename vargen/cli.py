@@ -71,6 +71,8 @@ def _add_lpd_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lpd", default=None, metavar="PATH",
                         help="lpd: LPD model folder (default: the model's own lpd/, e.g. scenes-t2i/lpd)")
     parser.add_argument("--lpd-steps", type=_positive_int, default=None, help="lpd: forward passes (default 20)")
+    parser.add_argument("--nar", default=None, metavar="PATH",
+                        help="nar: NAR model folder (default: the model's own nar/, e.g. scenes-t2i/nar)")
 
 
 def _lpd_options(args, methods) -> dict:
@@ -79,6 +81,13 @@ def _lpd_options(args, methods) -> dict:
     if "lpd" not in methods and any(v is not None for v in given.values()):
         raise ValueError("--lpd and --lpd-steps are for --method lpd")
     return given
+
+
+def _nar_options(args, methods) -> dict:
+    """``{"weights"}`` for the nar method from ``--nar`` (an error if nar is not run)."""
+    if "nar" not in methods and args.nar is not None:
+        raise ValueError("--nar is for --method nar")
+    return {"weights": args.nar}
 
 
 def _add_compile_arg(parser: argparse.ArgumentParser) -> None:
@@ -98,8 +107,10 @@ def _method_options(args) -> dict:
             raise ValueError(f"--window {window} and --zipar-window {args.zipar_window} disagree; give one")
         window = args.zipar_window
     lpd = _lpd_options(args, [args.method])
+    nar = _nar_options(args, [args.method])
     return {"window": window, "init": args.init, "min_window": args.min_window,
-            **(lpd if args.method == "lpd" else {}), "lantern_delta": args.lantern_delta,
+            **(lpd if args.method == "lpd" else {}), **(nar if args.method == "nar" else {}),
+            "lantern_delta": args.lantern_delta,
             "lantern_lambda": args.lantern_lambda, "lantern_k": args.lantern_k}
 
 
@@ -123,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     gen.add_argument("-n", "--num-images", type=_positive_int, default=1, help="images per condition")
     _add_method_args(gen)
+    gen.add_argument("--tokens", type=_positive_int, default=None, metavar="K",
+                     help="1D-token models: stop after K tokens (any prefix decodes; fewer tokens, coarser image)")
     gen.add_argument("--size", type=_image_size, default=None,
                      help="output size WIDTHxHEIGHT (e.g. 512x384), rendered by the model's LIIF decoder (or --liif)")
     gen.add_argument("--scale", type=_positive_float, default=None,
@@ -160,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a tokenizer, an AR generator or the FD-vargen classifier from a JSON "
                                          "recipe config",
                            description="Train with a recipe config (configs/*.json); reruns resume from OUT/state.")
-    train.add_argument("what", choices=["tokenizer", "ar", "classifier", "liif", "flex1d", "lpd"],
+    train.add_argument("what", choices=["tokenizer", "ar", "classifier", "liif", "flex1d", "lpd", "nar"],
                        help="what to train")
     train.add_argument("--config", required=True, help="recipe config (JSON), e.g. configs/scenes_vq.json")
     train.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
@@ -429,6 +442,9 @@ def _bench_methods(args) -> tuple:
     lpd = _lpd_options(args, methods)
     if "lpd" in methods:
         options["lpd"] = lpd
+    nar = _nar_options(args, methods)
+    if "nar" in methods:
+        options["nar"] = nar
     for m in methods:
         if m.endswith("lantern"):
             options[m].update(lantern_delta=args.lantern_delta, lantern_lambda=args.lantern_lambda,
@@ -662,6 +678,8 @@ def cmd_train(args) -> int:
         from .train.flex1d import train_flex1d as recipe
     elif args.what == "lpd":
         from .train.lpd import train_lpd as recipe
+    elif args.what == "nar":
+        from .train.nar import train_nar as recipe
     else:
         from .train.ar import train_ar as recipe
     result = recipe(config, out)
@@ -688,6 +706,8 @@ def cmd_generate(args) -> int:
     if args.size or args.scale:
         if args.size and args.scale:
             raise ValueError("give --size or --scale, not both")
+        if pipe.gpt.grid[0] == 1:
+            raise ValueError("--size / --scale render 2D token grids through LIIF; this model makes 1D tokens")
         own = os.path.join(getattr(pipe, "name_or_path", None) or "", "liif")  # a model's own LIIF decoder
         if not args.liif and not os.path.isdir(own):
             raise ValueError(f"--size / --scale render through a LIIF decoder and {args.model} has none: pass "
@@ -701,7 +721,7 @@ def cmd_generate(args) -> int:
                              f"model's tokenizer has {pipe.vq.vocab_size}: use the LIIF decoder of this tokenizer")
     out = pipe(args.conditions, num_images_per_prompt=args.num_images, **_sampling(args), seed=args.seed,
                output_type="latent" if liif else "pt", progress=not args.quiet, method=args.method,
-               method_options=_method_options(args))
+               method_options=_method_options(args), num_tokens=args.tokens)
     images = out.images
     if liif is not None:
         images = liif.decode(images.view(-1, *pipe.gpt.grid), size=args.size, scale=args.scale)

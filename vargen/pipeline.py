@@ -11,9 +11,9 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from .decoding import DecodeStats, SamplingConfig, get_method
-from .models import LlamaGen
+from .models import LlamaGen, PrefixModel
 from .models.text import WordTextEncoder
-from .tokenizers import VQTokenizer
+from .tokenizers import Flex1DTokenizer, VQTokenizer
 
 TINY_RANDOM = "tiny-random"
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -43,7 +43,9 @@ class VarGenPipeline(DiffusionPipeline):
     """Generate images with an AR model and a VQ tokenizer.
 
     Components: ``gpt`` (:class:`vargen.models.LlamaGen`), ``vq``
-    (:class:`vargen.tokenizers.VQTokenizer`) and, for text-to-image models, ``text_encoder``
+    (:class:`vargen.tokenizers.VQTokenizer` for token grids, or
+    :class:`vargen.tokenizers.Flex1DTokenizer` for a 1D-token GPT, ``grid_rows=1``, which can
+    stop after any ``num_tokens``) and, for text-to-image models, ``text_encoder``
     (:class:`vargen.models.text.WordTextEncoder`); ``save_pretrained`` / ``from_pretrained``
     round-trip them.
 
@@ -56,12 +58,17 @@ class VarGenPipeline(DiffusionPipeline):
 
     _optional_components = ["text_encoder", "tokenizer"]
 
-    def __init__(self, gpt: LlamaGen, vq: VQTokenizer, text_encoder=None, tokenizer=None):
+    def __init__(self, gpt: LlamaGen, vq: Union[VQTokenizer, Flex1DTokenizer], text_encoder=None, tokenizer=None):
         """``text_encoder``: a :class:`WordTextEncoder`, or a transformers T5 encoder with its ``tokenizer``."""
         super().__init__()
         if gpt.vocab_size != vq.vocab_size:
             raise ValueError(f"model vocabulary ({gpt.vocab_size} tokens) does not match the tokenizer codebook "
                              f"({vq.vocab_size} codes); pair the GPT with the tokenizer it was trained on")
+        one_d = isinstance(vq, Flex1DTokenizer)
+        if one_d != (gpt.grid[0] == 1) or (one_d and gpt.num_tokens > vq.num_latents):
+            raise ValueError(f"a {'x'.join(map(str, gpt.grid))} token model does not fit a "
+                             f"{type(vq).__name__}: pair 1D-token models (grid_rows=1, at most num_latents tokens) "
+                             "with a Flex1DTokenizer and token grids with a VQTokenizer")
         if gpt.config.model_type == "t2i" and text_encoder is not None:
             dim = getattr(text_encoder.config, "caption_dim", None) or getattr(text_encoder.config, "d_model", None)
             if dim != gpt.config.caption_dim:
@@ -135,7 +142,7 @@ class VarGenPipeline(DiffusionPipeline):
                  cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: Union[int, Sequence[int]] = 0, output_type: str = "pil", progress: bool = True,
                  callback_on_step_end: Optional[Callable] = None, return_dict: bool = True,
-                 method: str = "ar", method_options: Optional[dict] = None):
+                 method: str = "ar", method_options: Optional[dict] = None, num_tokens: Optional[int] = None):
         """Generate ``num_images_per_prompt`` images per class (c2i) or prompt (t2i); image ``i`` uses seed ``seed + i``
         (or ``seed[i]`` when a list with one seed per image is given).
 
@@ -144,7 +151,9 @@ class VarGenPipeline(DiffusionPipeline):
         ``[B, N]`` tokens, as diffusers returns latents). ``callback_on_step_end(pipe, step, None, {"tokens", "committed"})``
         is called after every forward pass. ``method`` picks the decoding method
         (``vargen.decoding.METHODS``: ``"ar"``, ``"sjd"``, ``"sjd+coupling"``, ...) and
-        ``method_options`` its settings (e.g. ``{"window": 16, "init": "left"}``).
+        ``method_options`` its settings (e.g. ``{"window": 16, "init": "left"}``). ``num_tokens``
+        (1D-token models only) stops every method after that many tokens; the 1D tokenizer
+        decodes the prefix.
         """
         if isinstance(inputs, (int, str)):
             inputs = [inputs]
@@ -166,8 +175,8 @@ class VarGenPipeline(DiffusionPipeline):
         if callback_on_step_end is not None:
             def callback(step, tokens, committed):
                 callback_on_step_end(self, step, None, {"tokens": tokens, "committed": committed})
-        tokens, stats = decode(self.decode_model, cond, sampling, seeds, cond_mask=cond_mask, progress=progress,
-                               callback=callback)
+        model = self.decode_model if num_tokens is None else PrefixModel(self.decode_model, num_tokens)
+        tokens, stats = decode(model, cond, sampling, seeds, cond_mask=cond_mask, progress=progress, callback=callback)
         images = tokens if output_type == "latent" else self._convert(self.decode_tokens(tokens), output_type)
         if not return_dict:
             return images, tokens, stats
@@ -189,9 +198,11 @@ class VarGenPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Raster token sequences ``[B, N]`` -> images ``[B, 3, H, W]`` in [0, 1]."""
-        h, w = self.gpt.grid
-        images = self.vq.decode(tokens.view(-1, h, w))
+        """Raster token sequences ``[B, N]`` (1D tokens: any prefix ``[B, k]``) -> images ``[B, 3, H, W]`` in [0, 1]."""
+        if isinstance(self.vq, Flex1DTokenizer):
+            images = self.vq.decode(tokens)
+        else:
+            images = self.vq.decode(tokens.view(-1, *self.gpt.grid))
         return ((images.float() + 1) / 2).clamp(0, 1)
 
     @staticmethod

@@ -2,6 +2,7 @@
 from .ar import decode_ar
 from .lpd import decode_lpd
 from .methods import METHODS, get_method
+from .nar import decode_nar
 from .sampling import (SamplingConfig, filter_logits, guided_logits, logits_to_probs, make_generators,
                        sample_categorical)
 from .session import DecodeSession
@@ -11,6 +12,7 @@ from .zipar import decode_zipar, zipar_schedule
 from .zipar_adaptive import decode_zipar_adaptive
 
 __all__ = ["METHODS", "DecodeSession", "DecodeStats", "SamplingConfig", "decode_ar", "decode_jacobi", "decode_lpd",
+           "decode_nar",
            "decode_sjd", "decode_zipar", "decode_zipar_adaptive", "zipar_schedule",
            "get_method", "filter_logits", "guided_logits",
            "logits_to_probs", "make_generators", "sample_categorical"]

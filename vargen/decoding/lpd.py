@@ -54,22 +54,28 @@ def default_lpd_path(model) -> str:
     return path
 
 
-def resolve_lpd(model, weights=None) -> LPD:
-    """The LPD model to decode with: ``model`` itself if it is one, else ``weights`` (an :class:`LPD` or
-    its folder; default :func:`default_lpd_path`) checked against ``model`` and moved to its device/dtype."""
+def resolve_trained(model, weights, cls, name: str, default_path, load):
+    """The ``cls`` model (LPD, NAR: trained from an AR GPT) to decode with: ``model`` itself if it is one,
+    else ``weights`` (a ``cls`` or its folder; default ``default_path(model)``, read by ``load(path, stamp)``)
+    checked against ``model`` and moved to its device/dtype."""
     base = getattr(model, "model", model)  # a CompiledModel wraps the GPT
-    if isinstance(base, LPD):
+    if isinstance(base, cls):
         return base
     if not hasattr(base, "tok_embeddings"):
-        raise ValueError(f"LPD decodes with a model fine-tuned from a LlamaGen GPT; {type(base).__name__} is not one")
-    if isinstance(weights, LPD):
-        lpd, where = weights, "the given LPD model"
+        raise ValueError(f"{name} decodes with a model trained from a LlamaGen GPT; {type(base).__name__} is not one")
+    if isinstance(weights, cls):
+        trained, where = weights, f"the given {name} model"
     else:
-        path = os.path.abspath(weights if weights is not None else default_lpd_path(base))
-        lpd, where = _load(path, _folder_stamp(path)), f"the LPD model at {path!r}"
-    lpd.check_matches(base, where)
+        path = os.path.abspath(weights if weights is not None else default_path(base))
+        trained, where = load(path, _folder_stamp(path)), f"the {name} model at {path!r}"
+    trained.check_matches(base, where)
     param = next(base.parameters())
-    return torch.nn.Module.to(lpd, device=param.device, dtype=param.dtype).eval()
+    return torch.nn.Module.to(trained, device=param.device, dtype=param.dtype).eval()
+
+
+def resolve_lpd(model, weights=None) -> LPD:
+    """The LPD model to decode with (see :func:`resolve_trained`)."""
+    return resolve_trained(model, weights, LPD, "LPD", default_lpd_path, _load)
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ import inspect
 from .acceptance import GroupedAcceptance, LanternAcceptance, codebook_neighbours
 from .ar import decode_ar
 from .lpd import decode_lpd
+from .nar import decode_nar
 from .sampling import SamplingConfig
 from .speculative import decode_jacobi, decode_sjd
 from .zipar import decode_zipar
@@ -24,6 +25,7 @@ METHODS = {
     "zipar": (decode_zipar, {}),
     "zipar-adaptive": (decode_zipar_adaptive, {}),
     "lpd": (decode_lpd, {}),
+    "nar": (decode_nar, {}),
 }
 RELAXATION_OPTIONS = ("lantern_delta", "lantern_lambda", "lantern_k")
 COUPLING_SUFFIX = {"none": "", "maximal": "+coupling", "gumbel": "+gumbel"}

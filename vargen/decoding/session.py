@@ -83,17 +83,21 @@ class DecodeSession:
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                mask: Optional[torch.Tensor] = None, cfg_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, cfg_scale: Optional[torch.Tensor] = None,
+                model_inputs: Optional[dict] = None) -> torch.Tensor:
         """Feed image ``tokens`` ``[B, T]`` at grid ``positions`` into cache ``slots``; returns ``[B, T, V]`` probs.
 
         Slots count from 0 at the first image token (the prefix is added here). ``cfg_scale``
         (a tensor broadcasting to ``[B, T, 1]``) replaces the guidance scale for this call, for
         schedules such as LPD's ramp; it applies only when the session guides (``cfg_scale != 1``).
+        ``model_inputs`` are extra per-sample model arguments (``[B, ...]`` tensors, doubled for the
+        CFG halves), e.g. NAR's ``targets`` (the cells to predict; then the probs are ``[B, S, V]``).
         """
         slots = slots + self.prefix_len
+        extra = {k: self._double(v) for k, v in (model_inputs or {}).items()}
         logits = self.model(tokens=self._double(tokens), positions=self._double(positions),
                             slots=self._double(slots), mask=None if mask is None else self._double(mask),
-                            cache=self.cache)
+                            cache=self.cache, **extra)
         return self._probs(logits, cfg_scale)
 
     def rollback(self, image_slots: torch.Tensor) -> None:

@@ -443,9 +443,13 @@ def scene_following(pipe, n: int = 100, seed: int = 999, resolution: Optional[in
 @torch.no_grad()
 def tokenizer_ceiling(vq, n: int = 100, seed: int = 999, resolution: int = 128, batch_size: int = 16) -> dict:
     """The same scores for the ground-truth renders of the same ``n`` scenes after encode -> decode
-    through ``vq``: what a perfect generator could reach with this tokenizer."""
+    through ``vq``: what a perfect generator could reach with this tokenizer (a 1D tokenizer takes its own
+    fixed ``image_size``)."""
     from ..data.scenes import SceneDataset
+    from ..tokenizers import Flex1DTokenizer
 
+    if isinstance(vq, Flex1DTokenizer):  # the 2D VQ is fully convolutional, the 1D tokenizer is not
+        resolution = vq.config.image_size
     data = SceneDataset(resolution=resolution, seed=seed)
     scenes = [data.scene(i) for i in range(n)]
     images = []

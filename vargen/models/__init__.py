@@ -3,14 +3,15 @@ from .cache import StaticKVCache, causal_slot_mask
 from .checkpoint import CheckpointError, read_state_dict
 from .llamagen import GPT_SIZES, LlamaGen
 from .lpd import LPD
+from .prefix import PrefixModel
 from .protocol import ARImageModel
 
 # Hugging Face adapters import transformers' model classes: loaded on first use, not with vargen.models
 _HF_EXPORTS = {"HFImageModel": "hf_base", "JanusImageModel": "hf", "Emu3ImageModel": "hf",
                "ChameleonImageModel": "hf", "load_hf_image_model": "hf", "SlotKVCache": "hf_cache"}
 
-__all__ = ["ARImageModel", "CheckpointError", "GPT_SIZES", "LPD", "LlamaGen", "StaticKVCache", "causal_slot_mask",
-           "read_state_dict", *_HF_EXPORTS]
+__all__ = ["ARImageModel", "CheckpointError", "GPT_SIZES", "LPD", "LlamaGen", "PrefixModel", "StaticKVCache",
+           "causal_slot_mask", "read_state_dict", *_HF_EXPORTS]
 
 
 def __getattr__(name):

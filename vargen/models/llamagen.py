@@ -35,6 +35,19 @@ GPT_SIZES = {
 }
 
 
+def _token_grid(block_size: int, grid_rows: Optional[int]) -> tuple:
+    """``(rows, cols)``: a square grid by default; ``grid_rows=1`` makes a 1D sequence (a ``1 x N`` grid)."""
+    if grid_rows is None:
+        g = int(round(block_size ** 0.5))
+        if g * g != block_size:
+            raise ValueError(f"block_size must be a square number of tokens, got {block_size} "
+                             "(set grid_rows for other grids, grid_rows=1 for 1D token sequences)")
+        return (g, g)
+    if grid_rows < 1 or block_size % grid_rows:
+        raise ValueError(f"grid_rows must be a positive divisor of block_size {block_size}, got {grid_rows}")
+    return (grid_rows, block_size // grid_rows)
+
+
 def _round_up(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
 
@@ -169,7 +182,10 @@ class LlamaGen(ModelMixin, ConfigMixin):
     Protocol: :meth:`forward` takes image tokens (or condition embeddings) at explicit
     ``positions`` (raster cell index ``r * grid + c``; ``-1`` for condition tokens) and
     writes them to ``slots`` of a :class:`StaticKVCache`; ``mask`` (``[B, T, max_len]``,
-    ``True`` = attend) defaults to generation-order causal.
+    ``True`` = attend) defaults to generation-order causal. ``grid_rows=1`` makes a 1D-token
+    model (a ``1 x block_size`` grid, e.g. for :class:`vargen.tokenizers.Flex1DTokenizer`
+    sequences): its RoPE rotates by the sequence index only, and every decoding method
+    runs on it unchanged.
 
     Example:
         >>> model = LlamaGen.from_size("GPT-tiny", block_size=16, vocab_size=32, num_classes=4)
@@ -187,15 +203,13 @@ class LlamaGen(ModelMixin, ConfigMixin):
                  drop_path_rate: float = 0.0, num_classes: int = 1000, caption_dim: int = 2048,
                  class_dropout_prob: float = 0.1, model_type: str = "c2i", vocab_size: int = 16384,
                  cls_token_num: int = 1, block_size: int = 256, cond_rope: str = "zeros",
-                 class_names: Optional[Sequence[str]] = None):
+                 class_names: Optional[Sequence[str]] = None, grid_rows: Optional[int] = None):
         super().__init__()
         if model_type not in ("c2i", "t2i"):
             raise ValueError(f"model_type must be 'c2i' or 't2i', got {model_type!r}")
         if dim % n_head:
             raise ValueError(f"dim {dim} is not divisible by n_head {n_head}")
-        grid = int(round(block_size ** 0.5))
-        if grid * grid != block_size:
-            raise ValueError(f"block_size must be a square number of tokens, got {block_size}")
+        rows, cols = _token_grid(block_size, grid_rows)
         cfg = self.config
         if model_type == "c2i":
             self.cls_embedding = LabelEmbedder(num_classes, dim, class_dropout_prob)
@@ -207,7 +221,8 @@ class LlamaGen(ModelMixin, ConfigMixin):
         self.layers = nn.ModuleList(TransformerBlock(cfg, r) for r in rates)
         self.norm = RMSNorm(dim, norm_eps)
         self.output = nn.Linear(dim, vocab_size, bias=False)
-        self.register_buffer("rope", rope_2d_table(grid, dim // n_head, rope_base, cond_rope), persistent=False)
+        self.register_buffer("rope", rope_2d_table(rows, dim // n_head, rope_base, cond_rope, cols=cols),
+                             persistent=False)
         self._init_weights()
 
     # ----------------------------------------------------------------------------- set-up
@@ -254,8 +269,8 @@ class LlamaGen(ModelMixin, ConfigMixin):
     # ----------------------------------------------------------------------------- metadata
     @property
     def grid(self) -> tuple:
-        g = int(round(self.config.block_size ** 0.5))
-        return (g, g)
+        """``(rows, cols)`` of the token grid: square for image grids, ``(1, N)`` for 1D token sequences."""
+        return _token_grid(self.config.block_size, self.config.grid_rows)
 
     @property
     def num_tokens(self) -> int:

@@ -7,24 +7,31 @@ must be kept to run its weights; ``"identity"`` is offered for new training.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
-def rope_2d_table(grid: int, head_dim: int, base: float = 10000.0, cond_row: str = "zeros") -> torch.Tensor:
-    """Return ``[1 + grid*grid, head_dim // 2, 2]`` (cos, sin); row 0 is the condition row.
+def rope_2d_table(grid: int, head_dim: int, base: float = 10000.0, cond_row: str = "zeros",
+                  cols: Optional[int] = None) -> torch.Tensor:
+    """Return ``[1 + rows*cols, head_dim // 2, 2]`` (cos, sin); row 0 is the condition row.
 
-    Image cell ``k = r * grid + c`` is row ``k + 1``.
+    The grid has ``grid`` rows and ``cols`` columns (default ``grid``: square, as LlamaGen).
+    Image cell ``k = r * cols + c`` is row ``k + 1``. With one row (``grid=1``) the row
+    angle is 0 everywhere, so the row half of the pairs is not rotated and the column half
+    is a 1D RoPE over the cell index: the positional encoding of 1D token sequences.
     """
     if head_dim % 4:
         raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+    rows, cols = grid, grid if cols is None else cols
     half = head_dim // 2
     freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
-    t = torch.arange(grid, dtype=torch.float32)
-    freqs = torch.outer(t, freqs)  # [grid, half/2]
+    row_freqs = torch.outer(torch.arange(rows, dtype=torch.float32), freqs)  # [rows, half/2]
+    col_freqs = torch.outer(torch.arange(cols, dtype=torch.float32), freqs)  # [cols, half/2]
     grid_freqs = torch.cat([
-        freqs[:, None, :].expand(-1, grid, -1),   # row angle
-        freqs[None, :, :].expand(grid, -1, -1),   # column angle
-    ], dim=-1)  # [grid, grid, half]
+        row_freqs[:, None, :].expand(-1, cols, -1),   # row angle
+        col_freqs[None, :, :].expand(rows, -1, -1),   # column angle
+    ], dim=-1)  # [rows, cols, half]
     table = torch.stack([torch.cos(grid_freqs), torch.sin(grid_freqs)], dim=-1).flatten(0, 1)
     if cond_row == "zeros":
         cond = torch.zeros(1, half, 2)

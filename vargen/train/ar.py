@@ -1,12 +1,15 @@
-"""Recipe: train an AR generator (c2i or t2i) on token grids from a trained VQ tokenizer.
+"""Recipe: train an AR generator (c2i or t2i) on token grids from a trained VQ tokenizer, or on the
+1D token sequences of a flexible-length tokenizer (:class:`~vargen.tokenizers.Flex1DTokenizer`).
 
 Images are tokenised once and cached (``out_dir/tokens.pt``); t2i trains the word-level
 text encoder jointly through LlamaGen's caption path. Condition dropout (for CFG) is the
-model's ``class_dropout_prob``.
+model's ``class_dropout_prob``. A 1D tokenizer gives a 1D-token GPT (``grid_rows=1``, one
+position per sequence index) that can stop after any number of tokens when generating.
 """
 from __future__ import annotations
 
 import os
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -15,13 +18,14 @@ from tqdm.auto import tqdm
 from ..data.registry import build_dataset, collate
 from ..models import LlamaGen
 from ..models.text import WordTextEncoder, build_vocabulary
-from ..tokenizers import VQTokenizer
+from ..tokenizers import Flex1DTokenizer, VQTokenizer, load_tokenizer
 from .common import infinite, run_training
 
 
 @torch.no_grad()
-def tokenize_dataset(vq: VQTokenizer, dataset, batch_size: int = 64, limit: int = 0, num_workers: int = 0) -> dict:
-    """Encode every image once: ``{"tokens": [N, h*w] long, "captions": [...], "labels": [N] or None}``."""
+def tokenize_dataset(vq: Union[VQTokenizer, Flex1DTokenizer], dataset, batch_size: int = 64, limit: int = 0,
+                     num_workers: int = 0) -> dict:
+    """Encode every image once: ``{"tokens": [N, h*w] (1D: [N, K]) long, "captions": [...], "labels": [N] or None}``."""
     n = min(len(dataset), limit) if limit else len(dataset)
     subset = torch.utils.data.Subset(dataset, range(n))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
@@ -70,9 +74,10 @@ def _collate_tokens(items):
 
 
 def load_token_cache(config: dict, out_dir: str):
-    """``(vq, cache)``: the tokenizer ``config["tokenizer"]`` and ``config["data"]`` tokenised once
-    (cached in ``out_dir/tokens.pt``; ``config["num_images"]`` limits it)."""
-    vq = VQTokenizer.from_pretrained(config["tokenizer"])
+    """``(vq, cache)``: the tokenizer ``config["tokenizer"]`` (a VQ or 1D tokenizer folder, by its config or
+    ``config["tokenizer_type"]``) and ``config["data"]`` tokenised once (cached in ``out_dir/tokens.pt``;
+    ``config["num_images"]`` limits it)."""
+    vq = load_tokenizer(config["tokenizer"], config.get("tokenizer_type"))
     cache_path = os.path.join(out_dir, "tokens.pt")
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(cache_path):
@@ -94,10 +99,11 @@ def token_batches(cache: dict, batch_size: int):
 
 def train_ar(config: dict, out_dir: str) -> dict:
     """Train the GPT of ``config["model"]`` (+ text encoder for t2i) on ``config["data"]`` tokenised by
-    ``config["tokenizer"]`` (a saved VQTokenizer folder). Saves ``out_dir/gpt`` (and ``out_dir/text_encoder``)."""
+    ``config["tokenizer"]`` (a saved VQTokenizer folder, or a Flex1DTokenizer folder for a 1D-token GPT).
+    Saves ``out_dir/gpt`` (and ``out_dir/text_encoder``); ``config["save_pipeline"]`` also writes
+    ``out_dir/pipeline``, a :class:`~vargen.pipeline.VarGenPipeline` folder for ``vargen generate --model``."""
     torch.manual_seed(config.get("seed", 0))
     vq, cache = load_token_cache(config, out_dir)
-    grid = int(round(cache["tokens"].shape[1] ** 0.5))
     model_cfg = dict(config["model"])
     size = model_cfg.pop("size", None)  # a named size, or the explicit dims in the config
     modules = {}
@@ -107,12 +113,20 @@ def train_ar(config: dict, out_dir: str) -> dict:
         modules["text_encoder"] = WordTextEncoder(vocabulary=vocab, **text_cfg)
         model_cfg.update(caption_dim=modules["text_encoder"].config.caption_dim,
                          cls_token_num=modules["text_encoder"].config.max_length)
-    model_cfg.update(vocab_size=vq.vocab_size, block_size=grid * grid)
+    model_cfg.update(vocab_size=vq.vocab_size, block_size=cache["tokens"].shape[1])
+    if isinstance(vq, Flex1DTokenizer):
+        model_cfg.update(grid_rows=1)
     gpt = LlamaGen.from_size(size, **model_cfg) if size else LlamaGen(**model_cfg)
     modules = {"gpt": gpt, **modules}
     params = [p for m in modules.values() for p in m.parameters()]
     result = run_training(config, modules, params, token_batches(cache, config["batch_size"]), ar_step, out_dir,
                           log_every=config.get("log_every", 10), save_every=config.get("save_every", 200))
-    for name, module in result.pop("modules").items():
+    trained = result.pop("modules")
+    for name, module in trained.items():
         module.save_pretrained(os.path.join(out_dir, name))
+    if config.get("save_pipeline"):
+        from ..pipeline import VarGenPipeline
+
+        VarGenPipeline(gpt=trained["gpt"], vq=vq.eval(), text_encoder=trained.get("text_encoder")).save_pretrained(
+            os.path.join(out_dir, "pipeline"))
     return result

@@ -67,17 +67,24 @@ def _check_pairing(gpt: LlamaGen, vq, cache: dict, text_encoder: Optional[WordTe
                              f"GPT takes {gpt.config.cls_token_num} x {gpt.config.caption_dim}; pair them as trained")
 
 
-def train_lpd(config: dict, out_dir: str) -> dict:
-    """Fine-tune ``LPD.from_ar(config["init"])`` (an AR GPT folder) on ``config["data"]`` tokenised by
-    ``config["tokenizer"]``; t2i models read captions through the frozen ``config["text_encoder"]``.
-    Saves ``out_dir/lpd``."""
-    torch.manual_seed(config.get("seed", 0))
+def load_start(config: dict, out_dir: str):
+    """What a recipe that trains from an AR GPT starts with: ``(token cache, GPT from config["init"],
+    frozen text encoder or None)``, checked to belong together."""
     vq, cache = load_token_cache(config, out_dir)
     gpt = LlamaGen.from_pretrained(config["init"]).float()
     text_encoder = None
     if config.get("text_encoder"):
         text_encoder = WordTextEncoder.from_pretrained(config["text_encoder"]).float().eval().requires_grad_(False)
     _check_pairing(gpt, vq, cache, text_encoder, config["init"])
+    return cache, gpt, text_encoder
+
+
+def train_lpd(config: dict, out_dir: str) -> dict:
+    """Fine-tune ``LPD.from_ar(config["init"])`` (an AR GPT folder) on ``config["data"]`` tokenised by
+    ``config["tokenizer"]``; t2i models read captions through the frozen ``config["text_encoder"]``.
+    Saves ``out_dir/lpd``."""
+    torch.manual_seed(config.get("seed", 0))
+    cache, gpt, text_encoder = load_start(config, out_dir)
     lpd = LPD.from_ar(gpt, mask_init=config.get("mask_init", "mean"))
     step_fn = partial(lpd_step, text_encoder=text_encoder,
                       train_steps=tuple(config.get("train_steps", DEFAULT_TRAIN_STEPS)))

@@ -1,0 +1,95 @@
+"""NAR decoding (arXiv 2503.10696): one anti-diagonal of cells per forward pass, ``H + W - 1`` passes.
+
+Needs a :class:`vargen.models.nar.NARModel` (trained from the AR model with ``vargen train nar``).
+The prefill runs the condition and gives cell ``(0, 0)`` (both heads at the last condition
+row, averaged). Step ``c = 1 .. H + W - 2`` feeds the tokens of anti-diagonal ``c - 1`` at their
+cells' positions, writes them at their raster cache slots (``prefix + cell``), and reads the
+logits of diagonal ``c``: right head at the left parent, below head at the upper parent,
+averaged where a cell has both (:meth:`NARModel.child_logits`). The mask is the proximity mask
+of training (condition + every slot on diagonals ``<= c - 1``), so each step reproduces the
+teacher-forced forward exactly. CFG folds the two halves' averaged logits as every method does
+(linear, so folding before or after averaging is the same).
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models.nar import TRAIN_HINT, NARModel, load_nar
+from .lpd import resolve_trained
+from .nar_order import anti_diagonals, proximity_slot_mask
+from .sampling import SamplingConfig, sample_categorical
+from .session import DecodeSession
+
+
+@lru_cache(maxsize=4)
+def _load(path: str, stamp: float) -> NARModel:
+    return load_nar(path)
+
+
+def default_nar_path(model) -> str:
+    """``<model folder>/nar``: the NAR model shipped beside the AR GPT's folder (e.g. ``scenes-t2i/nar``)."""
+    source = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not source:
+        raise FileNotFoundError("--method nar needs a NAR model and this AR model was not loaded from a folder: "
+                                f"pass weights=PATH (CLI: --nar PATH); {TRAIN_HINT}")
+    path = os.path.join(os.path.dirname(os.path.normpath(source)), "nar")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--method nar needs a NAR model: the model has none ({path!r} is missing) and no "
+                                f"--nar PATH was given; {TRAIN_HINT}")
+    return path
+
+
+def resolve_nar(model, weights=None) -> NARModel:
+    """The NAR model to decode with (see :func:`~vargen.decoding.lpd.resolve_trained`)."""
+    return resolve_trained(model, weights, NARModel, "NAR", default_nar_path, _load)
+
+
+@torch.no_grad()
+def decode_nar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: Optional[Sequence[int]] = None,
+               cond_mask: Optional[torch.Tensor] = None, weights=None, progress: bool = False, callback=None):
+    """Generate all image tokens anti-diagonal by anti-diagonal with a NAR model.
+
+    Args:
+        model: a :class:`NARModel`, or the AR LlamaGen it was trained from (then ``weights``).
+        cond, sampling, seeds, cond_mask: as :func:`vargen.decoding.decode_ar`.
+        weights: a :class:`NARModel` or its folder; default ``<AR model folder>/nar``.
+        progress: tqdm bar over steps.
+        callback: optional ``callback(step, tokens, committed)`` after each step (``tokens [B, N]`` raster,
+            zero where not generated yet; ``committed`` the number of tokens generated so far).
+
+    Returns:
+        ``(tokens [B, N] long in raster order, DecodeStats)``; ``forward_passes == H + W - 1`` (the prefill
+        gives cell (0, 0)); ``stats.extra["step_compression"] == N / (H + W - 1)``.
+    """
+    nar = resolve_nar(model, weights)
+    grid, N = nar.grid, nar.num_tokens
+    session = DecodeSession(nar, cond, sampling, seeds, cond_mask, method="nar")
+    B, dev, P = session.batch, session.device, session.prefix_len
+    groups = anti_diagonals(grid)
+    cells = [torch.tensor(g, device=dev) for g in groups]
+    tokens = torch.zeros(B, N, dtype=torch.long, device=dev)
+    tokens[:, 0] = sample_categorical(session.prefill(), session.generators)
+    cond_visible = session.cache.visible[:B, :P].clone()  # real caption tokens (pads stay hidden)
+    done = 1
+    if callback is not None:
+        callback(0, tokens, torch.full((B,), done, device=dev))
+    for c in tqdm(range(1, len(groups)), disable=not progress, desc="nar", leave=False):
+        parents, children = cells[c - 1].expand(B, -1), cells[c].expand(B, -1)
+        mask = proximity_slot_mask(grid, c - 1, parents.shape[1], cond_visible, session.cache.max_len)
+        probs = session.forward(tokens.gather(1, parents), parents, parents, mask,
+                                model_inputs={"targets": children})
+        tokens.scatter_(1, children, sample_categorical(probs, session.generators))
+        done += len(groups[c])
+        if callback is not None:
+            callback(c, tokens, torch.full((B,), done, device=dev))
+    stats = session.finish()
+    stats.record_accepted([len(g) for g in groups for _ in range(B)])
+    stats.per_sample_forward_passes = [len(groups)] * B
+    stats.extra.update(steps=len(groups), grid=list(grid), head_layers=nar.config.head_layers,
+                       step_compression=N / len(groups))
+    return tokens, stats
