@@ -1,5 +1,10 @@
+import json
+import os
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vargen.decoders import LIIF, EDSRBaseline, LIIFTokenDecoder, make_coord
 from vargen.models.checkpoint import CheckpointError
@@ -217,3 +222,100 @@ def test_cli_generate_renders_any_size_through_liif(tmp_path, capsys):
                      hidden=[16]).save_pretrained(other)
     assert main(["generate", "--model", "tiny-random", "3", "--quiet", "--scale", "2", "--liif", other]) == 2
     assert "64 codes" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ super-resolution variant (image encoder)
+SR_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "sr")
+
+
+def write_png(path, array):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def fake_benchmark(root, seed=0):
+    """A Set5 with one 13 x 17 image (and a given x2 LR of the wrong size, which must be ignored) and a Set14."""
+    rng = np.random.default_rng(seed)
+    write_png(root / "Set5" / "HR" / "a.png", rng.integers(0, 256, (13, 17, 3), dtype=np.uint8))
+    write_png(root / "Set5" / "LR_bicubic" / "X3" / "ax3.png", rng.integers(0, 256, (4, 5, 3), dtype=np.uint8))
+    write_png(root / "Set14" / "HR" / "b.png", rng.integers(0, 256, (20, 24), dtype=np.uint8))  # greyscale
+    return root
+
+
+def test_benchmark_pairs_modcrop_and_use_the_sets_own_lr(tmp_path):
+    from vargen.eval.sr import benchmark_pairs, lr_size
+
+    root = fake_benchmark(tmp_path)
+    assert [lr_size(13, s) for s in (2, 3, 2.5)] == [6, 4, 4]  # 5 x 2.5 = 12.5 px is not a whole HR crop
+    (_, lr, hr), = benchmark_pairs(str(root), "Set5", 2.5)
+    assert lr.shape == (1, 3, 4, 6) and hr.shape == (1, 3, 10, 15)
+    (_, lr3, hr3), = benchmark_pairs(str(root), "Set5", 3)
+    given = torch.from_numpy(np.array(Image.open(root / "Set5" / "LR_bicubic" / "X3" / "ax3.png"))).permute(2, 0, 1)
+    torch.testing.assert_close(lr3[0], given.float() / 255)  # the set's own LR file, not a re-made one
+    assert hr3.shape == (1, 3, 12, 15)
+    (_, lr14, _), = benchmark_pairs(str(root), "Set14", 2)
+    assert lr14.shape == (1, 3, 10, 12) and torch.equal(lr14[:, 0], lr14[:, 1])  # greyscale replicated
+    with pytest.raises(FileNotFoundError, match="Set5/Set14"):
+        benchmark_pairs(str(tmp_path / "nowhere"), "Set5", 2)
+
+
+@pytest.mark.skipif(not os.path.isdir(SR_DATA), reason="../shared/data/sr not present")
+def test_bicubic_reproduces_the_matlab_lr_images_of_set5():
+    from vargen.eval.sr import lr_fidelity
+
+    assert lr_fidelity(SR_DATA, 4) > 45  # dB; a wrong kernel (a = -0.75, no antialias) gives ~35
+
+
+def test_sr_recipe_learns_saves_official_format_and_evaluates(tmp_path):
+    from vargen.cli import main
+    from vargen.train.liif import sr_batches, sr_step, train_liif
+
+    folder = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        write_png(folder / f"{i}.png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    sources = [{"name": "scenes", "patch": 4, "batch_size": 2}, {"name": "folder", "path": str(folder), "resolution": None,
+                                                                 "patch": 4, "batch_size": 2}]
+    with pytest.raises(ValueError, match="lower its patch"):
+        next(sr_batches([{**sources[1], "patch": 5}]))
+    batches = sr_batches(sources, sample_q=16)
+    first, second = next(batches), next(batches)
+    assert (first["source"], second["source"]) == ("scenes", "folder")
+    assert second["inp"].shape == (2, 3, 4, 4) and second["gt"].shape == (2, 16, 3) and second["cell"].min() >= 2 / 16
+
+    torch.manual_seed(0)
+    model = LIIF(EDSRBaseline(n_resblocks=1, n_feats=8), hidden_list=[16])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):  # one fixed batch: the loss must fall
+        loss, _ = sr_step({"liif": model}, second)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0]
+
+    root = fake_benchmark(tmp_path / "sr")
+    config = {"encoder": {"n_resblocks": 1, "n_feats": 8}, "model": {"hidden": [16]},
+              "data": {"sources": sources, "sample_q": 16}, "steps": 2, "batch_size": 2, "lr": 1e-3,
+              "log_every": 1, "save_every": 2,
+              "eval": {"base": 8, "n_scenes": 2, "scales": [2, 2.5], "benchmark": str(root)}}
+    result = train_liif(config, str(tmp_path / "out"))
+    assert set(result["psnr_y"]) == {"scenes", "Set5", "Set14"}
+    assert set(result["psnr_y"]["Set5"]["liif"]) == {"x2", "x2.5"}
+    loaded = LIIF.from_liif(str(tmp_path / "out" / "liif"))  # the folder's liif.pth, official layout
+    raw = torch.load(tmp_path / "out" / "liif" / "liif.pth", weights_only=True)
+    assert raw["model"]["name"] == "liif" and raw["model"]["args"]["encoder_spec"]["name"] == "edsr-baseline"
+    x = torch.rand(1, 3, 5, 7) * 2 - 1
+    trained = LIIF(EDSRBaseline(n_resblocks=1, n_feats=8), hidden_list=[16])
+    trained.load_state_dict(raw["model"]["sd"])
+    torch.testing.assert_close(loaded.render(x, scale=2.5), trained.eval().render(x, scale=2.5))
+
+    out = tmp_path / "sr.json"
+    assert main(["eval", "sr", "--liif", str(tmp_path / "out" / "liif"), "--benchmark", str(root), "--scales", "2",
+                 "--n-scenes", "2", "--base", "8", "--json", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["Set5"]["bicubic"]["x2"] > 0 and "liif" in table["Set14"]
+    assert main(["eval", "sr", "--liif", str(tmp_path / "out" / "liif"), "--vq", "x", "--benchmark", str(root)]) == 2

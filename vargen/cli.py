@@ -198,10 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
                                          "decoder on the tokens of the low-resolution render, against the "
                                          "tokenizer's decode + bicubic and bicubic from the exact render "
                                          "(PSNR on Y, shave = ceil(scale), as LIIF reports).")
-    sr.add_argument("--liif", required=True, help="LIIF token decoder folder (from `vargen train liif`)")
-    sr.add_argument("--vq", required=True, help="its tokenizer folder, e.g. vargen/weights/scenes-t2i/vq")
+    sr.add_argument("--liif", required=True,
+                    help="LIIF token decoder folder (with --vq), or an image-input LIIF: an official-format "
+                         "checkpoint (.pth, or a folder holding liif.pth from a `vargen train liif` SR config)")
+    sr.add_argument("--vq", default=None, help="the token decoder's tokenizer folder, e.g. vargen/weights/scenes-t2i/vq")
+    sr.add_argument("--benchmark", default=None, metavar="ROOT",
+                    help="also score Set5 / Set14 under ROOT (e.g. ../shared/data/sr; image-input LIIF only)")
     sr.add_argument("--scales", default="2,3,4,2.5", help="comma-separated scales")
-    sr.add_argument("--base", type=_positive_int, default=128, help="low-resolution size (the tokenizer's input)")
+    sr.add_argument("--base", type=_positive_int, default=None,
+                    help="low-resolution scene size (default 128 for a token decoder, 32 for an image-input LIIF)")
     sr.add_argument("--n-scenes", type=_positive_int, default=32, help="held-out scenes")
     sr.add_argument("--seed", type=int, default=10_000, help="scene seed")
     sr.add_argument("--json", default=None, help="write the table as JSON here")
@@ -456,20 +461,32 @@ def cmd_eval_sr(args) -> int:
     import json
 
     from .atomic import write_atomic
-    from .decoders import LIIFTokenDecoder
-    from .eval.sr import compare_scales, format_table, scale_consistency, upsamplers
+    from .decoders import LIIF, LIIFTokenDecoder
+    from .eval.sr import compare_benchmark, compare_scales, format_table, scale_consistency, upsamplers
     from .tokenizers import VQTokenizer
 
-    liif = LIIFTokenDecoder.from_pretrained(args.liif).to(args.device)
-    vq = VQTokenizer.from_pretrained(args.vq).eval().to(args.device)
     scales = [float(v) for v in args.scales.split(",")]
     if any(v <= 0 for v in scales):
         raise ValueError(f"scales must be > 0, got {args.scales}")
-    methods = upsamplers(liif, vq)
-    table = compare_scales(methods, base=args.base, scales=scales, n_scenes=args.n_scenes,
+    if args.vq:
+        if args.benchmark:
+            raise ValueError("--benchmark scores an image-input LIIF; a token decoder (--vq) only sees its tokens")
+        methods = upsamplers(LIIFTokenDecoder.from_pretrained(args.liif).to(args.device),
+                             VQTokenizer.from_pretrained(args.vq).eval().to(args.device))
+    elif os.path.isdir(args.liif) and not os.path.exists(os.path.join(args.liif, LIIF.CHECKPOINT)):
+        raise ValueError(f"{args.liif} holds no {LIIF.CHECKPOINT}: for a LIIF token decoder pass its tokenizer "
+                         "with --vq")
+    else:
+        methods = upsamplers(LIIF.from_liif(args.liif).to(args.device))
+    base = args.base or (128 if args.vq else 32)
+    table = compare_scales(methods, base=base, scales=scales, n_scenes=args.n_scenes,
                            seed=args.seed, device=args.device)
-    print(format_table(table))
-    consistency = scale_consistency(methods, base=args.base, scale=4, n_scenes=args.n_scenes, seed=args.seed,
+    print(f"held-out scenes, {base} px input:\n{format_table(table)}")
+    if args.benchmark:
+        for name, rows in compare_benchmark(methods, args.benchmark, scales=scales, device=args.device).items():
+            print(f"{name}:\n{format_table(rows)}")
+            table[name] = rows
+    consistency = scale_consistency(methods, base=base, scale=4, n_scenes=args.n_scenes, seed=args.seed,
                                     device=args.device)
     table["consistency_x4_to_x1_db"] = consistency
     print("scale consistency (x4 output area-downsampled vs x1 output, Y-PSNR dB): "

@@ -220,10 +220,24 @@ class LIIF(nn.Module):
                    out_dim=imnet_args.get("out_dim", 3), local_ensemble=args.get("local_ensemble", True),
                    feat_unfold=args.get("feat_unfold", True), cell_decode=args.get("cell_decode", True))
 
+    CHECKPOINT = "liif.pth"
+
+    def save_pretrained(self, folder: str) -> None:
+        """Write ``folder/liif.pth`` in the official format (``{'model': spec}``), atomically;
+        :meth:`from_liif` loads the folder or the file, and so does the official ``test.py``."""
+        import io
+
+        from ..atomic import write_atomic
+
+        os.makedirs(folder, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save({"model": self.spec()}, buf)
+        write_atomic(os.path.join(folder, self.CHECKPOINT), buf.getvalue())
+
     @classmethod
     def from_liif(cls, path_or_dict) -> "LIIF":
-        """Load an official LIIF checkpoint (``.pth`` path or loaded dict), or a raw state dict
-        (``encoder.*`` + ``imnet.*`` keys).
+        """Load an official LIIF checkpoint (``.pth`` path, a folder holding ``liif.pth``, or a
+        loaded dict), or a raw state dict (``encoder.*`` + ``imnet.*`` keys).
 
         A raw state dict carries no arguments, so the sizes are read off its tensors
         (EDSR blocks and width, MLP widths, unfold/cell from the MLP's input width) and the
@@ -232,6 +246,8 @@ class LIIF(nn.Module):
         """
         obj = path_or_dict
         if isinstance(obj, (str, os.PathLike)):
+            if os.path.isdir(obj):
+                obj = os.path.join(obj, cls.CHECKPOINT)
             if not os.path.exists(obj):
                 raise FileNotFoundError(f"checkpoint not found: {obj}")
             obj = torch.load(obj, map_location="cpu", weights_only=True)  # official files are plain dicts

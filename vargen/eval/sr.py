@@ -1,8 +1,11 @@
-"""Arbitrary-scale upsampling quality: LIIF's Y-channel PSNR, and LIIF against bicubic on held-out scenes.
+"""Arbitrary-scale upsampling quality: LIIF's Y-channel PSNR against bicubic, on held-out scenes
+and on the Set5 / Set14 super-resolution benchmarks.
 
 Scenes give exact ground truth at every resolution (:func:`vargen.data.scenes.render_scene`
 rasterises the same description at any size), so a x2.5 target is a true 2.5x render,
-not a resized image.
+not a resized image. Set5 / Set14 follow the SR protocol: HR cropped to a multiple of the
+scale, LR by bicubic downsampling (Set5's own MATLAB ``LR_bicubic`` where it has the scale),
+PSNR on Y with ``shave = ceil(scale)``.
 """
 from __future__ import annotations
 
@@ -36,8 +39,13 @@ def psnr_y(pred: torch.Tensor, gt: torch.Tensor, shave: int = 0) -> torch.Tensor
 
 
 def bicubic(images: torch.Tensor, size: tuple) -> torch.Tensor:
-    """Bicubic resize (PyTorch's, a = -0.75, no antialias: these are upscales)."""
-    return F.interpolate(images, size=size, mode="bicubic", align_corners=False)
+    """Bicubic resize with MATLAB ``imresize``'s kernel (Keys, a = -0.5), widened by the factor
+    when shrinking (antialias), as SR benchmarks make and upsample their LR images.
+
+    PyTorch's antialiased bicubic is PIL's, which uses that kernel; Set5's MATLAB-made
+    ``LR_bicubic`` images are reproduced to within rounding (see :func:`lr_fidelity`).
+    """
+    return F.interpolate(images, size=tuple(size), mode="bicubic", align_corners=False, antialias=True)
 
 
 def upsamplers(liif=None, vq=None, chunk: int = 30000) -> Dict[str, Upsampler]:
@@ -111,3 +119,90 @@ def format_table(results: Dict[str, dict]) -> str:
     lines = ["method".ljust(12) + "".join(c.rjust(9) for c in cols)]
     lines += [name.ljust(12) + "".join(f"{row[c]:9.2f}" for c in cols) for name, row in results.items()]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- Set5 / Set14
+BENCHMARKS = ("Set5", "Set14")
+
+
+def _read_png(path: str) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return _to_tensor(np.array(im.convert("RGB")))  # Set14's bridge is greyscale: replicated to RGB
+
+
+def lr_size(hr: int, scale: float) -> int:
+    """The largest LR side ``h <= hr / scale`` with ``h * scale`` a whole number of HR pixels, so
+    that LR and cropped HR are aligned exactly (``h = hr // scale`` for integer scales)."""
+    h = int(hr // scale)
+    while h > 0 and abs(h * scale - round(h * scale)) > 1e-6:
+        h -= 1
+    if h < 1:
+        raise ValueError(f"an image of side {hr} is too small for scale {scale:g}")
+    return h
+
+
+def benchmark_pairs(root: str, name: str, scale: float):
+    """``[(image name, lr [1, 3, h, w], hr [1, 3, h*s, w*s])]`` in [0, 1] for benchmark ``name`` in ``root``.
+
+    HR is cropped at the bottom-right to ``lr * scale`` (the usual "modcrop"). LR is the set's
+    own ``LR_bicubic/X{s}/{name}x{s}.png`` when it exists with matching size, else :func:`bicubic`.
+    """
+    import glob
+    import os
+
+    folder = os.path.join(root, name, "HR")
+    paths = sorted(glob.glob(os.path.join(folder, "*.png")))
+    if not paths:
+        raise FileNotFoundError(f"no {name} HR images at {folder!r}: point --benchmark at the folder holding "
+                                f"{'/'.join(BENCHMARKS)} (e.g. ../shared/data/sr)")
+    pairs = []
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        hr = _read_png(path)[None]
+        h, w = (lr_size(v, scale) for v in hr.shape[-2:])
+        hr = hr[..., :round(h * scale), :round(w * scale)]
+        given = os.path.join(root, name, "LR_bicubic", f"X{scale:g}", f"{stem}x{scale:g}.png")
+        lr = _read_png(given)[None] if os.path.exists(given) else None
+        if lr is None or lr.shape[-2:] != (h, w):
+            lr = bicubic(hr, (h, w)).clamp(0, 1)
+            lr = (lr * 255).round() / 255  # an 8-bit LR image, as the benchmark files are
+        pairs.append((stem, lr, hr))
+    return pairs
+
+
+@torch.no_grad()
+def lr_fidelity(root: str, scale: int = 2) -> float:
+    """Mean RGB PSNR between :func:`bicubic`'s LR and Set5's MATLAB ``LR_bicubic`` at ``scale``: how
+    closely vargen's degradation matches the one the published numbers were measured on."""
+    import os
+
+    values = []
+    for stem, lr, hr in benchmark_pairs(root, "Set5", scale):
+        if not os.path.exists(os.path.join(root, "Set5", "LR_bicubic", f"X{scale}", f"{stem}x{scale}.png")):
+            continue
+        ours = (bicubic(hr, lr.shape[-2:]).clamp(0, 1) * 255).round() / 255
+        values.append(-10 * torch.log10((ours - lr).pow(2).mean()).item())
+    if not values:
+        raise FileNotFoundError(f"no Set5 LR_bicubic/X{scale} images under {root!r}")
+    return sum(values) / len(values)
+
+
+@torch.no_grad()
+def compare_benchmark(methods: Dict[str, Upsampler], root: str, sets: Sequence[str] = BENCHMARKS,
+                      scales: Sequence[float] = SCALES, device="cpu") -> Dict[str, Dict[str, dict]]:
+    """Mean Y-PSNR ``{set: {method: {"x2": dB, ...}}}`` on each benchmark set, one image at a time
+    (the images differ in size). Methods take and return images in [-1, 1], as in :func:`compare_scales`."""
+    out = {}
+    for name in sets:
+        sums = {m: {} for m in methods}
+        for s in scales:
+            pairs = benchmark_pairs(root, name, s)
+            for stem, lr, hr in pairs:
+                lr, hr = lr.to(device), hr.to(device)
+                for m, fn in methods.items():
+                    pred = ((fn(lr * 2 - 1, tuple(hr.shape[-2:])) + 1) / 2).clamp(0, 1)
+                    sums[m][f"x{s:g}"] = sums[m].get(f"x{s:g}", 0.0) + psnr_y(pred, hr, math.ceil(s)).item() / len(pairs)
+        out[name] = sums
+    return out
