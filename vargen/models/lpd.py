@@ -76,6 +76,16 @@ def _gpt_property(name: str) -> property:
     return property(lambda self: getattr(self.gpt, name), doc=f"The wrapped GPT's ``{name}``.")
 
 
+def check_trained_from(gpt: LlamaGen, ar: LlamaGen, where: str, use: str) -> None:
+    """Raise ``ValueError`` unless ``gpt`` (inside a model trained from an AR GPT: LPD, NAR) has ``ar``'s
+    tokens, grid and condition; the message names each difference and says to ``use`` the matching model."""
+    mine, theirs = gpt.config, ar.config
+    keys = MATCHING_CONFIG + (("caption_dim", "cls_token_num") if mine.model_type == "t2i" else ("num_classes",))
+    diff = [f"{k} {getattr(mine, k)} vs {getattr(theirs, k)}" for k in keys if getattr(mine, k) != getattr(theirs, k)]
+    if diff:
+        raise ValueError(f"{where} does not match the AR model ({', '.join(diff)}); use {use} and its tokenizer")
+
+
 class LPD(ModelMixin, ConfigMixin):
     """LlamaGen GPT + a learnable mask token: position queries for any order and group size.
 
@@ -135,13 +145,7 @@ class LPD(ModelMixin, ConfigMixin):
 
     def check_matches(self, ar: LlamaGen, where: str = "this LPD model") -> None:
         """Raise ``ValueError`` unless this model can stand in for ``ar`` (same tokens, grid, condition)."""
-        mine, theirs = self.gpt.config, ar.config
-        keys = MATCHING_CONFIG + (("caption_dim", "cls_token_num") if mine.model_type == "t2i" else ("num_classes",))
-        diff = [f"{k} {getattr(mine, k)} vs {getattr(theirs, k)}" for k in keys
-                if getattr(mine, k) != getattr(theirs, k)]
-        if diff:
-            raise ValueError(f"{where} does not match the AR model ({', '.join(diff)}); use the LPD model "
-                             "fine-tuned from this AR model and its tokenizer")
+        check_trained_from(self.gpt, ar, where, "the LPD model fine-tuned from this AR model")
 
     # ----------------------------------------------------------------------------- forward
     def embed_inputs(self, tokens: torch.Tensor) -> torch.Tensor:

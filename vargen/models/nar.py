@@ -46,7 +46,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from ..decoding.nar_order import parents, proximity_mask
 from .cache import StaticKVCache, causal_slot_mask
 from .llamagen import LlamaGen, TransformerBlock
-from .lpd import MATCHING_CONFIG, _gpt_property
+from .lpd import _gpt_property, check_trained_from
 
 TRAIN_HINT = "train one with `vargen train nar --config configs/nar_scenes.json` (it writes OUT/nar)"
 
@@ -143,13 +143,7 @@ class NARModel(ModelMixin, ConfigMixin):
 
     def check_matches(self, ar: LlamaGen, where: str = "this NAR model") -> None:
         """Raise ``ValueError`` unless this model can stand in for ``ar`` (same tokens, grid, condition)."""
-        mine, theirs = self.gpt.config, ar.config
-        keys = MATCHING_CONFIG + (("caption_dim", "cls_token_num") if mine.model_type == "t2i" else ("num_classes",))
-        diff = [f"{k} {getattr(mine, k)} vs {getattr(theirs, k)}" for k in keys
-                if getattr(mine, k) != getattr(theirs, k)]
-        if diff:
-            raise ValueError(f"{where} does not match the AR model ({', '.join(diff)}); use the NAR model "
-                             "trained from this AR model and its tokenizer")
+        check_trained_from(self.gpt, ar, where, "the NAR model trained from this AR model")
 
     # ----------------------------------------------------------------------------- forward
     def head_logits(self, tokens: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
