@@ -337,6 +337,17 @@ class LlamaGen(ModelMixin, ConfigMixin):
         Give either image ``tokens`` ``[B, T]`` or input ``embeds`` ``[B, T, dim]`` (the
         condition prefix). Without a cache the call is a plain causal forward.
         """
+        h, _, _ = self.trunk(tokens, positions, slots, mask, cache, embeds)
+        h = self.norm(h)
+        logits = self.output(h).float()
+        return (logits, h) if return_hidden else logits
+
+    def trunk(self, tokens: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
+              slots: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+              cache: Optional[StaticKVCache] = None, embeds: Optional[torch.Tensor] = None) -> tuple:
+        """Embeddings and every transformer layer, arguments as :meth:`forward`: ``(h, rope, mask)``
+        with ``h`` before the final norm, so models with extra heads (NAR) run further blocks on the
+        same RoPE and mask (cache layers after ``len(self.layers)``)."""
         h = self.tok_embeddings(tokens) if embeds is None else embeds
         h = self.tok_dropout(h)
         B, T = h.shape[:2]
@@ -351,10 +362,8 @@ class LlamaGen(ModelMixin, ConfigMixin):
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask, cache, i, slots)
         if cache is not None:
-            cache.visible.scatter_(1, slots, True)
-        h = self.norm(h)
-        logits = self.output(h).float()
-        return (logits, h) if return_hidden else logits
+            cache.visible.scatter_(1, slots, True)  # masks are built already: later blocks may reuse them
+        return h, rope, mask
 
     def forward_train(self, tokens: torch.Tensor, cond, cond_mask: Optional[torch.Tensor] = None,
                       train: Optional[bool] = None, null: bool = False) -> torch.Tensor:

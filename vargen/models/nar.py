@@ -44,7 +44,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..decoding.nar_order import parents, proximity_mask
-from .cache import StaticKVCache, causal_slot_mask
+from .cache import StaticKVCache
 from .llamagen import LlamaGen, TransformerBlock
 from .lpd import _gpt_property, check_trained_from
 
@@ -155,27 +155,13 @@ class NARModel(ModelMixin, ConfigMixin):
         with one; default generation-order causal, so pass :func:`proximity_mask` for NAR).
         """
         gpt = self.gpt
-        h = gpt.tok_embeddings(tokens) if embeds is None else embeds
-        h = gpt.tok_dropout(h)
-        B, T = h.shape[:2]
-        if positions is None:
-            positions = torch.arange(T, device=h.device).expand(B, T)
-        rope = gpt.rope[positions + 1]
-        if cache is not None:
-            if slots is None:
-                raise ValueError("slots are required when writing to a cache")
-            if mask is None:
-                mask = causal_slot_mask(slots, cache)
-        for i, layer in enumerate(gpt.layers):
-            h = layer(h, rope, mask, cache, i, slots)
+        h, rope, mask = gpt.trunk(tokens, positions, slots, mask, cache, embeds)
         first, L = len(gpt.layers), len(self.right_head)
         right, below = h, h
         for j, block in enumerate(self.right_head):
             right = block(right, rope, mask, cache, first + j, slots)
         for j, block in enumerate(self.below_head):
             below = block(below, rope, mask, cache, first + L + j, slots)
-        if cache is not None:
-            cache.visible.scatter_(1, slots, True)
         return gpt.output(gpt.norm(right)).float(), gpt.output(gpt.norm(below)).float()
 
     def child_logits(self, right: torch.Tensor, below: torch.Tensor, positions: torch.Tensor,
