@@ -90,6 +90,30 @@ def test_official_checkpoint_round_trip(tmp_path):
     assert "encoder.sub_mean.weight" in m.state_dict()  # EDSR's unused mean shift is in official files
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_residual_liif_starts_as_the_interpolated_input_and_round_trips(mode, tmp_path):
+    import torch.nn.functional as F
+
+    x = torch.rand(2, 3, 7, 9) * 2 - 1
+    m = small_liif(residual=mode)
+    for size in [(14, 18), (17, 23)]:  # exact x2 and a non-integer ratio
+        ref = F.interpolate(x, size=size, mode=mode, align_corners=False)
+        torch.testing.assert_close(m.render(x, size=size, chunk=50), ref, atol=1e-5, rtol=0)
+    with torch.no_grad():  # once trained, the MLP's correction is added on top of the skip
+        m.imnet.layers[-1].bias.fill_(0.25)
+    out = m.render(x, size=(14, 18))
+    torch.testing.assert_close(out, F.interpolate(x, size=(14, 18), mode=mode, align_corners=False) + 0.25,
+                               atol=1e-5, rtol=0)
+    m.save_pretrained(str(tmp_path))
+    loaded = LIIF.from_liif(str(tmp_path))
+    assert loaded.residual == mode
+    torch.testing.assert_close(loaded.render(x, size=(14, 18)), out)
+    with pytest.raises(ValueError, match="interpolated input image"):
+        m.render(m.gen_feat(x), size=(14, 18), is_feat=True)
+    with pytest.raises(ValueError, match="residual must be one of"):
+        small_liif(residual="nearest")
+
+
 def test_bad_checkpoints_name_the_problem():
     spec = official_spec(small_liif())
     del spec["sd"]["imnet.layers.0.bias"]

@@ -27,6 +27,9 @@ from ..models.checkpoint import CheckpointError, load_checked, read_state_dict
 from ..ops.reference import make_coord  # defined with the gather reference that uses it
 
 Size = Union[int, Sequence[int]]
+# Optional skip: the input interpolated at the query point is added to the MLP's output (LTE's
+# bilinear LR residual). None is the official LIIF.
+RESIDUALS = (None, "bilinear", "bicubic")
 
 
 def output_size(hw: Sequence[int], size: Optional[Size] = None, scale=None) -> Tuple[int, int]:
@@ -124,6 +127,10 @@ class LIIF(nn.Module):
     """Encoder + implicit MLP head. ``encoder`` may be ``None`` when features come from elsewhere
     (then pass ``feat_dim`` and render with ``is_feat=True``).
 
+    ``residual="bilinear"`` or ``"bicubic"`` adds the input image interpolated at each query
+    point to the MLP's output (LTE's LR skip; the last MLP layer starts at zero, so an untrained
+    model is that interpolation). It is saved as an extra ``residual`` arg in the official spec.
+
     Example:
         >>> m = LIIF(EDSRBaseline(n_resblocks=1, n_feats=8), hidden_list=[16])
         >>> m.render(torch.zeros(1, 3, 7, 9), scale=2.5).shape
@@ -132,30 +139,39 @@ class LIIF(nn.Module):
 
     def __init__(self, encoder: Optional[nn.Module], hidden_list: Sequence[int] = (256, 256, 256, 256),
                  out_dim: int = 3, local_ensemble: bool = True, feat_unfold: bool = True, cell_decode: bool = True,
-                 feat_dim: Optional[int] = None):
+                 feat_dim: Optional[int] = None, residual: Optional[str] = None):
         super().__init__()
+        if residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
         self.local_ensemble, self.feat_unfold, self.cell_decode = local_ensemble, feat_unfold, cell_decode
+        self.residual = residual
         self.encoder = encoder
         feat_dim = feat_dim or encoder.out_dim
         in_dim = feat_dim * (9 if feat_unfold else 1) + 2 + (2 if cell_decode else 0)
         self.imnet = MLP(in_dim, out_dim, list(hidden_list))
+        if residual:  # start as the interpolated input: the MLP learns only the correction
+            nn.init.zeros_(self.imnet.layers[-1].weight)
+            nn.init.zeros_(self.imnet.layers[-1].bias)
         self.feat: Optional[torch.Tensor] = None
+        self.inp: Optional[torch.Tensor] = None
 
     # ----------------------------------------------------------------------- official interface
     def gen_feat(self, inp: torch.Tensor) -> torch.Tensor:
         """Encode ``inp`` and keep the features for :meth:`query_rgb` (the official stateful API)."""
         if self.encoder is None:
             raise ValueError("this LIIF has no encoder: pass features and is_feat=True / feat=")
-        self.feat = self.encoder(inp)
+        self.inp, self.feat = inp, self.encoder(inp)
         return self.feat
 
     def query_rgb(self, coord: torch.Tensor, cell: Optional[torch.Tensor] = None,
-                  feat: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  feat: Optional[torch.Tensor] = None, inp: Optional[torch.Tensor] = None) -> torch.Tensor:
         """RGB at query points: ``coord``, ``cell`` ``[B, Q, 2]`` (row, col in [-1, 1]) -> ``[B, Q, out_dim]``.
 
-        ``feat`` defaults to the map stored by :meth:`gen_feat`.
+        ``feat`` and ``inp`` (the input image, used by a ``residual`` model) default to those
+        stored by :meth:`gen_feat`.
         """
         feat = self.feat if feat is None else feat
+        skip = self._skip(coord, self.inp if inp is None else inp) if self.residual else 0
         B, _, h, w = feat.shape
         if self.feat_unfold:  # each feature carries its 3 x 3 neighbourhood (zero-padded at the border)
             feat = F.unfold(feat, 3, padding=1).view(B, feat.shape[1] * 9, h, w)
@@ -168,10 +184,19 @@ class LIIF(nn.Module):
             # Each corner is weighted by the area of the rectangle to the diagonally opposite corner
             # (bilinear-style weights): swap 0<->3 and 1<->2.
             areas = areas[::-1]
-        return sum(pred * (area / tot_area).unsqueeze(-1) for pred, area in zip(preds, areas))
+        return skip + sum(pred * (area / tot_area).unsqueeze(-1) for pred, area in zip(preds, areas))
+
+    def _skip(self, coord: torch.Tensor, inp: Optional[torch.Tensor]) -> torch.Tensor:
+        """The input image interpolated at ``coord`` (LTE's LR skip): ``[B, Q, 3]``."""
+        if inp is None:
+            raise ValueError(f"this LIIF adds the {self.residual}-interpolated input image: render from the "
+                             "image (not is_feat=True), or pass inp=")
+        grid = coord.flip(-1).unsqueeze(1).to(inp.dtype)  # grid_sample wants (x, y) = (col, row)
+        return F.grid_sample(inp, grid, mode=self.residual, padding_mode="border",
+                             align_corners=False)[:, :, 0, :].permute(0, 2, 1)
 
     def forward(self, inp: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        return self.query_rgb(coord, cell, feat=self.gen_feat(inp))
+        return self.query_rgb(coord, cell, feat=self.gen_feat(inp), inp=inp)
 
     # ----------------------------------------------------------------------- rendering
     @torch.no_grad()
@@ -186,8 +211,11 @@ class LIIF(nn.Module):
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         H, W = output_size(inp.shape[-2:], size, scale)
+        if is_feat and self.residual:
+            raise ValueError(f"this LIIF adds the {self.residual}-interpolated input image: render from the image, "
+                             "not from features (is_feat=True)")
         feat = inp if is_feat else self.gen_feat(inp)
-        return render_feat(self, feat, H, W, chunk)
+        return render_feat(self, feat, H, W, chunk, inp=None if is_feat else inp)
 
     # ----------------------------------------------------------------------- official checkpoints
     def spec(self) -> dict:
@@ -199,6 +227,7 @@ class LIIF(nn.Module):
             "encoder_spec": self.encoder.spec(),
             "imnet_spec": {"name": "mlp", "args": {"out_dim": hidden[-1], "hidden_list": hidden[:-1]}},
             "local_ensemble": self.local_ensemble, "feat_unfold": self.feat_unfold, "cell_decode": self.cell_decode,
+            **({"residual": self.residual} if self.residual else {}),  # vargen's key; absent = official LIIF
         }, "sd": self.state_dict()}
 
     @classmethod
@@ -218,7 +247,8 @@ class LIIF(nn.Module):
         imnet_args = imnet_spec.get("args", {})
         return cls(EDSRBaseline(**enc_args), hidden_list=imnet_args.get("hidden_list", [256] * 4),
                    out_dim=imnet_args.get("out_dim", 3), local_ensemble=args.get("local_ensemble", True),
-                   feat_unfold=args.get("feat_unfold", True), cell_decode=args.get("cell_decode", True))
+                   feat_unfold=args.get("feat_unfold", True), cell_decode=args.get("cell_decode", True),
+                   residual=args.get("residual"))
 
     CHECKPOINT = "liif.pth"
 
@@ -283,13 +313,15 @@ class LIIF(nn.Module):
                    out_dim=widths[-1], feat_unfold=unfold, cell_decode=cell)
 
 
-def render_feat(liif: LIIF, feat: torch.Tensor, H: int, W: int, chunk: int = 30000) -> torch.Tensor:
-    """Query ``liif``'s head on ``feat`` at every pixel centre of an ``H x W`` image, ``chunk`` points at a time."""
+def render_feat(liif: LIIF, feat: torch.Tensor, H: int, W: int, chunk: int = 30000,
+                inp: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Query ``liif``'s head on ``feat`` (and, for a residual LIIF, the input image ``inp``) at every
+    pixel centre of an ``H x W`` image, ``chunk`` points at a time."""
     B = feat.shape[0]
     coord = make_coord((H, W), device=feat.device).to(feat.dtype)
     cell = coord.new_tensor([2.0 / H, 2.0 / W]).expand_as(coord)
     out = [liif.query_rgb(coord[None, i:i + chunk].expand(B, -1, -1), cell[None, i:i + chunk].expand(B, -1, -1),
-                          feat=feat) for i in range(0, H * W, chunk)]
+                          feat=feat, inp=inp) for i in range(0, H * W, chunk)]
     return torch.cat(out, dim=1).view(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
 
 

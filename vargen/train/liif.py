@@ -134,7 +134,8 @@ def sr_step(modules, batch):
 
 
 def train_liif_sr(config: dict, out_dir: str) -> dict:
-    """Train ``LIIF(EDSRBaseline(**config["encoder"]), hidden_list=config["model"]["hidden"])`` on
+    """Train ``LIIF(EDSRBaseline(**config["encoder"]), hidden_list=config["model"]["hidden"],
+    residual=config["model"].get("residual"))`` on
     ``config["data"]["sources"]``; saves ``out_dir/liif/liif.pth`` (official format).
 
     With ``config["eval"]``: Y-PSNR against bicubic on held-out scenes rendered at ``base`` px
@@ -142,7 +143,9 @@ def train_liif_sr(config: dict, out_dir: str) -> dict:
     Set14 (:mod:`vargen.eval.sr`), written to ``out_dir/liif/metrics.json``.
     """
     torch.manual_seed(config.get("seed", 0))
-    model = LIIF(EDSRBaseline(**config["encoder"]), hidden_list=config.get("model", {}).get("hidden", [256] * 4))
+    spec = config.get("model", {})
+    model = LIIF(EDSRBaseline(**config["encoder"]), hidden_list=spec.get("hidden", [256] * 4),
+                 residual=spec.get("residual"))
     data = config["data"]
     batches = sr_batches(data["sources"], tuple(data.get("scale_range", (1.0, 4.0))), data.get("sample_q", 2304),
                          data.get("seed", 0))
