@@ -73,6 +73,24 @@ def _add_lpd_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lpd-steps", type=_positive_int, default=None, help="lpd: forward passes (default 20)")
     parser.add_argument("--nar", default=None, metavar="PATH",
                         help="nar: NAR model folder (default: the model's own nar/, e.g. scenes-t2i/nar)")
+    parser.add_argument("--eagle", default=None, metavar="PATH",
+                        help="eagle: EAGLE drafter folder (default: the model's own eagle/, e.g. scenes-t2i/eagle)")
+    parser.add_argument("--eagle-tree", default=None,
+                        help="eagle: draft tree: dynamic (EAGLE-2, default), chain or mc_sim_25 (static)")
+    parser.add_argument("--eagle-depth", type=_positive_int, default=None,
+                        help="eagle: draft depth (dynamic / chain, default 5)")
+    parser.add_argument("--eagle-topk", type=_positive_int, default=None,
+                        help="eagle: dynamic tree: children per node and nodes expanded per depth (default 8)")
+    parser.add_argument("--eagle-tokens", type=_positive_int, default=None,
+                        help="eagle: dynamic tree: draft nodes verified per pass (default 48)")
+    parser.add_argument("--mulo", default=None, metavar="PATH",
+                        help="mulo: MuLo drafter + up-sampler folder (default: the model's own mulo/)")
+    parser.add_argument("--mulo-radius", type=int, default=None, help="mulo: re-verify radius after round 1 (1)")
+    parser.add_argument("--mulo-expand", type=int, default=None, help="mulo: radius growth per round (1)")
+    parser.add_argument("--mulo-rounds", type=_positive_int, default=None,
+                        help="mulo: verify rounds at most (default: until nothing is pending)")
+    parser.add_argument("--mulo-finish", default=None, choices=["accept", "ar"],
+                        help="mulo: cells still pending at the round limit: accept them or plain AR (accept)")
 
 
 def _lpd_options(args, methods) -> dict:
@@ -88,6 +106,26 @@ def _nar_options(args, methods) -> dict:
     if "nar" not in methods and args.nar is not None:
         raise ValueError("--nar is for --method nar")
     return {"weights": args.nar}
+
+
+def _eagle_options(args, methods) -> dict:
+    """``{"weights", "tree", "depth", "topk", "total_tokens"}`` for the eagle methods (an error if none is run)."""
+    given = {"weights": args.eagle, "tree": args.eagle_tree, "depth": args.eagle_depth, "topk": args.eagle_topk,
+             "total_tokens": args.eagle_tokens}
+    if not any(m.startswith("eagle") for m in methods) and any(v is not None for v in given.values()):
+        raise ValueError("--eagle, --eagle-tree, --eagle-depth, --eagle-topk and --eagle-tokens are for "
+                         "--method eagle / eagle+lantern")
+    return given
+
+
+def _mulo_options(args, methods) -> dict:
+    """``{"weights", "radius", "expand", "max_rounds", "finish"}`` for the mulo methods (an error if none is run)."""
+    given = {"weights": args.mulo, "radius": args.mulo_radius, "expand": args.mulo_expand,
+             "max_rounds": args.mulo_rounds, "finish": args.mulo_finish}
+    if not any(m.startswith("mulo") for m in methods) and any(v is not None for v in given.values()):
+        raise ValueError("--mulo, --mulo-radius, --mulo-expand, --mulo-rounds and --mulo-finish are for --method mulo / "
+                         "mulo+lantern")
+    return given
 
 
 def _add_compile_arg(parser: argparse.ArgumentParser) -> None:
@@ -108,8 +146,12 @@ def _method_options(args) -> dict:
         window = args.zipar_window
     lpd = _lpd_options(args, [args.method])
     nar = _nar_options(args, [args.method])
+    eagle = _eagle_options(args, [args.method])
+    mulo = _mulo_options(args, [args.method])
     return {"window": window, "init": args.init, "min_window": args.min_window,
             **(lpd if args.method == "lpd" else {}), **(nar if args.method == "nar" else {}),
+            **(eagle if args.method.startswith("eagle") else {}),
+            **(mulo if args.method.startswith("mulo") else {}),
             "lantern_delta": args.lantern_delta,
             "lantern_lambda": args.lantern_lambda, "lantern_k": args.lantern_k}
 
@@ -173,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a tokenizer, an AR generator or the FD-vargen classifier from a JSON "
                                          "recipe config",
                            description="Train with a recipe config (configs/*.json); reruns resume from OUT/state.")
-    train.add_argument("what", choices=["tokenizer", "ar", "classifier", "liif", "flex1d", "lpd", "nar"],
+    train.add_argument("what", choices=["tokenizer", "ar", "classifier", "liif", "flex1d", "lpd", "nar", "eagle", "mulo"],
                        help="what to train")
     train.add_argument("--config", required=True, help="recipe config (JSON), e.g. configs/scenes_vq.json")
     train.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
@@ -450,6 +492,14 @@ def _bench_methods(args) -> tuple:
     nar = _nar_options(args, methods)
     if "nar" in methods:
         options["nar"] = nar
+    eagle = _eagle_options(args, methods)
+    for m in methods:
+        if m.startswith("eagle"):
+            options[m] = dict(eagle)
+    mulo = _mulo_options(args, methods)
+    for m in methods:
+        if m.startswith("mulo"):
+            options[m] = dict(mulo)
     for m in methods:
         if m.endswith("lantern"):
             options[m].update(lantern_delta=args.lantern_delta, lantern_lambda=args.lantern_lambda,
@@ -697,6 +747,10 @@ def cmd_train(args) -> int:
         from .train.lpd import train_lpd as recipe
     elif args.what == "nar":
         from .train.nar import train_nar as recipe
+    elif args.what == "eagle":
+        from .train.eagle import train_eagle as recipe
+    elif args.what == "mulo":
+        from .train.mulo import train_mulo as recipe
     else:
         from .train.ar import train_ar as recipe
     result = recipe(config, out)

@@ -16,8 +16,6 @@ forward runs. Guidance ramps linearly as in LPD: the token generated ``k``-th of
 """
 from __future__ import annotations
 
-import os
-from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
@@ -27,55 +25,12 @@ from ..models.lpd import LPD, TRAIN_HINT, load_lpd
 from .lpd_order import ORDERS, group_bounds, group_schedule, iter_groups, order_generator
 from .sampling import SamplingConfig, sample_categorical
 from .session import DecodeSession
-
-
-@lru_cache(maxsize=4)
-def _load(path: str, stamp: float) -> LPD:
-    return load_lpd(path)
-
-
-def _folder_stamp(path: str) -> float:
-    """Newest modification time in ``path`` (a retrained model reloads), 0 if it is not a folder."""
-    if not os.path.isdir(path):
-        return 0.0
-    return max([os.path.getmtime(os.path.join(path, f)) for f in os.listdir(path)] or [0.0])
-
-
-def default_lpd_path(model) -> str:
-    """``<model folder>/lpd``: the LPD model shipped beside the AR GPT's folder (e.g. ``scenes-t2i/lpd``)."""
-    source = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not source:
-        raise FileNotFoundError("--method lpd needs an LPD model and this AR model was not loaded from a folder: "
-                                f"pass weights=PATH (CLI: --lpd PATH); {TRAIN_HINT}")
-    path = os.path.join(os.path.dirname(os.path.normpath(source)), "lpd")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--method lpd needs an LPD model: the model has none ({path!r} is missing) and no "
-                                f"--lpd PATH was given; {TRAIN_HINT}")
-    return path
-
-
-def resolve_trained(model, weights, cls, name: str, default_path, load):
-    """The ``cls`` model (LPD, NAR: trained from an AR GPT) to decode with: ``model`` itself if it is one,
-    else ``weights`` (a ``cls`` or its folder; default ``default_path(model)``, read by ``load(path, stamp)``)
-    checked against ``model`` and moved to its device/dtype."""
-    base = getattr(model, "model", model)  # a CompiledModel wraps the GPT
-    if isinstance(base, cls):
-        return base
-    if not hasattr(base, "tok_embeddings"):
-        raise ValueError(f"{name} decodes with a model trained from a LlamaGen GPT; {type(base).__name__} is not one")
-    if isinstance(weights, cls):
-        trained, where = weights, f"the given {name} model"
-    else:
-        path = os.path.abspath(weights if weights is not None else default_path(base))
-        trained, where = load(path, _folder_stamp(path)), f"the {name} model at {path!r}"
-    trained.check_matches(base, where)
-    param = next(base.parameters())
-    return torch.nn.Module.to(trained, device=param.device, dtype=param.dtype).eval()
+from .trained import resolve_trained
 
 
 def resolve_lpd(model, weights=None) -> LPD:
-    """The LPD model to decode with (see :func:`resolve_trained`)."""
-    return resolve_trained(model, weights, LPD, "LPD", default_lpd_path, _load)
+    """The LPD model to decode with (see :func:`~vargen.decoding.trained.resolve_trained`)."""
+    return resolve_trained(model, weights, LPD, "LPD", "lpd", "an LPD model", load_lpd, TRAIN_HINT)
 
 
 @torch.no_grad()

@@ -5,7 +5,9 @@ import inspect
 
 from .acceptance import GroupedAcceptance, LanternAcceptance, codebook_neighbours
 from .ar import decode_ar
+from .eagle import decode_eagle
 from .lpd import decode_lpd
+from .mulo import decode_mulo
 from .nar import decode_nar
 from .sampling import SamplingConfig
 from .speculative import decode_jacobi, decode_sjd
@@ -26,6 +28,10 @@ METHODS = {
     "zipar-adaptive": (decode_zipar_adaptive, {}),
     "lpd": (decode_lpd, {}),
     "nar": (decode_nar, {}),
+    "eagle": (decode_eagle, {}),
+    "eagle+lantern": (decode_eagle, {"acceptance": "lantern"}),
+    "mulo": (decode_mulo, {}),
+    "mulo+lantern": (decode_mulo, {"acceptance": "lantern"}),
 }
 RELAXATION_OPTIONS = ("lantern_delta", "lantern_lambda", "lantern_k")
 COUPLING_SUFFIX = {"none": "", "maximal": "+coupling", "gumbel": "+gumbel"}
@@ -69,7 +75,8 @@ def get_method(name: str, codebook=None, **options):
     kind = fixed.pop("acceptance", None)
     relax = {k: options.pop(k) for k in RELAXATION_OPTIONS if options.get(k) is not None}
     if relax and kind != "lantern":
-        raise ValueError(f"method {name!r} takes no option(s) {sorted(relax)} (relaxed acceptance is sjd+lantern)")
+        raise ValueError(f"method {name!r} takes no option(s) {sorted(relax)} "
+                         "(relaxed acceptance is sjd+lantern, eagle+lantern)")
     neighbours = None
     if kind == "lantern":
         if codebook is None:

@@ -12,41 +12,21 @@ teacher-forced forward exactly. CFG folds the two halves' averaged logits as eve
 """
 from __future__ import annotations
 
-import os
-from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ..models.nar import TRAIN_HINT, NARModel, load_nar
-from .lpd import resolve_trained
 from .nar_order import anti_diagonals, proximity_slot_mask
 from .sampling import SamplingConfig, sample_categorical
 from .session import DecodeSession
-
-
-@lru_cache(maxsize=4)
-def _load(path: str, stamp: float) -> NARModel:
-    return load_nar(path)
-
-
-def default_nar_path(model) -> str:
-    """``<model folder>/nar``: the NAR model shipped beside the AR GPT's folder (e.g. ``scenes-t2i/nar``)."""
-    source = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not source:
-        raise FileNotFoundError("--method nar needs a NAR model and this AR model was not loaded from a folder: "
-                                f"pass weights=PATH (CLI: --nar PATH); {TRAIN_HINT}")
-    path = os.path.join(os.path.dirname(os.path.normpath(source)), "nar")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--method nar needs a NAR model: the model has none ({path!r} is missing) and no "
-                                f"--nar PATH was given; {TRAIN_HINT}")
-    return path
+from .trained import resolve_trained
 
 
 def resolve_nar(model, weights=None) -> NARModel:
-    """The NAR model to decode with (see :func:`~vargen.decoding.lpd.resolve_trained`)."""
-    return resolve_trained(model, weights, NARModel, "NAR", default_nar_path, _load)
+    """The NAR model to decode with (see :func:`~vargen.decoding.trained.resolve_trained`)."""
+    return resolve_trained(model, weights, NARModel, "NAR", "nar", "a NAR model", load_nar, TRAIN_HINT)
 
 
 @torch.no_grad()

@@ -63,8 +63,11 @@ class DecodeSession:
         return torch.cat([x, x]) if self.sampling.uses_cfg else x
 
     @torch.no_grad()
-    def prefill(self) -> torch.Tensor:
-        """Run the condition prefix; returns ``[B, V]`` probabilities of the first image token."""
+    def prefill(self, return_hidden: bool = False):
+        """Run the condition prefix; returns ``[B, V]`` probabilities of the first image token.
+
+        ``return_hidden=True`` also returns the model's last hidden states of every prefix position,
+        ``[rows, P, dim]`` for all batch rows (both CFG halves: cond rows first), as ``(probs, hidden)``."""
         self._t0 = time.perf_counter()
         P, rows = self.prefix_len, self.prefix.shape[0]
         slots = torch.arange(P, device=self.device).expand(rows, P)
@@ -75,16 +78,19 @@ class DecodeSession:
             mask = torch.zeros(rows, P, self.cache.max_len, dtype=torch.bool, device=self.device)
             mask[:, :, :P] = (causal[None] & self.cond_mask[:, None, :]) | torch.eye(P, dtype=torch.bool,
                                                                                      device=self.device)
-        logits = self.model(embeds=self.prefix, positions=positions, slots=slots, mask=mask, cache=self.cache)
+        logits = self.model(embeds=self.prefix, positions=positions, slots=slots, mask=mask, cache=self.cache,
+                            **({"return_hidden": True} if return_hidden else {}))
+        logits, hidden = logits if return_hidden else (logits, None)
         if self.cond_mask is not None:
             self.cache.visible[:, :P] = self.cond_mask
         self.cache.length.fill_(P)
-        return self._probs(logits[:, -1])
+        probs = self._probs(logits[:, -1])
+        return (probs, hidden) if return_hidden else probs
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 mask: Optional[torch.Tensor] = None, cfg_scale: Optional[torch.Tensor] = None,
-                model_inputs: Optional[dict] = None) -> torch.Tensor:
+                model_inputs: Optional[dict] = None, return_hidden: bool = False):
         """Feed image ``tokens`` ``[B, T]`` at grid ``positions`` into cache ``slots``; returns ``[B, T, V]`` probs.
 
         Slots count from 0 at the first image token (the prefix is added here). ``cfg_scale``
@@ -92,12 +98,19 @@ class DecodeSession:
         schedules such as LPD's ramp; it applies only when the session guides (``cfg_scale != 1``).
         ``model_inputs`` are extra per-sample model arguments (``[B, ...]`` tensors, doubled for the
         CFG halves), e.g. NAR's ``targets`` (the cells to predict; then the probs are ``[B, S, V]``).
+        ``return_hidden=True`` returns ``(probs, hidden)`` with the model's last hidden states ``[rows, T, dim]``
+        of every batch row (both CFG halves, cond rows first), e.g. for an EAGLE drafter.
         """
         slots = slots + self.prefix_len
         extra = {k: self._double(v) for k, v in (model_inputs or {}).items()}
+        if return_hidden:
+            extra["return_hidden"] = True
         logits = self.model(tokens=self._double(tokens), positions=self._double(positions),
                             slots=self._double(slots), mask=None if mask is None else self._double(mask),
                             cache=self.cache, **extra)
+        if return_hidden:
+            logits, hidden = logits
+            return self._probs(logits, cfg_scale), hidden
         return self._probs(logits, cfg_scale)
 
     def rollback(self, image_slots: torch.Tensor) -> None:

@@ -7,6 +7,7 @@ plain state dict and checks it against a module with errors that name the keys.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Iterable, Mapping
 
@@ -106,3 +107,15 @@ def load_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, 
 def _head(items, n: int = 8) -> str:
     shown = ", ".join(items[:n])
     return shown + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def check_saved_class(folder: str, class_name: str, what: str, hint: str) -> None:
+    """Raise naming ``folder`` and ``hint`` (how to make one) unless it holds a diffusers-style save of
+    ``class_name`` (a ``config.json`` with that ``_class_name``); ``what`` is e.g. ``"an LPD model"``."""
+    config = os.path.join(folder, "config.json")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"no {what.split(' ', 1)[1]} at {folder!r} (config.json missing); {hint}")
+    with open(config) as f:
+        kind = json.load(f).get("_class_name")
+    if kind != class_name:
+        raise ValueError(f"{folder!r} holds a {kind} checkpoint, not {what}; {hint}")

@@ -48,6 +48,23 @@ def _token_grid(block_size: int, grid_rows: Optional[int]) -> tuple:
     return (grid_rows, block_size // grid_rows)
 
 
+def attention_inputs(rope_table: torch.Tensor, h: torch.Tensor, positions: Optional[torch.Tensor],
+                     slots: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                     cache: Optional[StaticKVCache]) -> tuple:
+    """``(rope, mask)`` for inputs ``h`` ``[B, T, dim]`` at grid ``positions`` (default ``0..T-1``; -1 is the
+    condition): RoPE rows of ``rope_table`` and, with a cache, the generation-order causal slot mask unless
+    ``mask`` is given."""
+    B, T = h.shape[:2]
+    if positions is None:
+        positions = torch.arange(T, device=h.device).expand(B, T)
+    if cache is not None:
+        if slots is None:
+            raise ValueError("slots are required when writing to a cache")
+        if mask is None:
+            mask = causal_slot_mask(slots, cache)
+    return rope_table[positions + 1], mask
+
+
 def _round_up(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
 
@@ -350,15 +367,7 @@ class LlamaGen(ModelMixin, ConfigMixin):
         same RoPE and mask (cache layers after ``len(self.layers)``)."""
         h = self.tok_embeddings(tokens) if embeds is None else embeds
         h = self.tok_dropout(h)
-        B, T = h.shape[:2]
-        if positions is None:
-            positions = torch.arange(T, device=h.device).expand(B, T)
-        rope = self.rope[positions + 1]
-        if cache is not None:
-            if slots is None:
-                raise ValueError("slots are required when writing to a cache")
-            if mask is None:
-                mask = causal_slot_mask(slots, cache)
+        rope, mask = attention_inputs(self.rope, h, positions, slots, mask, cache)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask, cache, i, slots)
         if cache is not None:

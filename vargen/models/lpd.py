@@ -19,7 +19,6 @@ block mask); nothing else attends to a query.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional, Sequence
 
@@ -29,6 +28,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from .cache import StaticKVCache
+from .checkpoint import check_saved_class
 from .llamagen import LlamaGen
 
 TRAIN_HINT = "train one with `vargen train lpd --config configs/lpd_scenes.json` (it writes OUT/lpd)"
@@ -192,11 +192,5 @@ class LPD(ModelMixin, ConfigMixin):
 
 def load_lpd(path: str) -> LPD:
     """Load an LPD folder (``LPD.save_pretrained``), failing clearly on a missing or wrong checkpoint."""
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        raise FileNotFoundError(f"no LPD model at {path!r} (config.json missing); {TRAIN_HINT}")
-    with open(config) as f:
-        kind = json.load(f).get("_class_name")
-    if kind != LPD.__name__:
-        raise ValueError(f"{path!r} holds a {kind} checkpoint, not an LPD model; {TRAIN_HINT}")
+    check_saved_class(path, LPD.__name__, "an LPD model", TRAIN_HINT)
     return LPD.from_pretrained(path).eval()

@@ -33,7 +33,6 @@ so the right head is exactly the AR model's next-token head at first.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
@@ -45,6 +44,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from ..decoding.nar_order import parents, proximity_mask
 from .cache import StaticKVCache
+from .checkpoint import check_saved_class
 from .llamagen import LlamaGen, TransformerBlock
 from .lpd import _gpt_property, check_trained_from
 
@@ -109,13 +109,7 @@ class NARModel(ModelMixin, ConfigMixin):
         path = str(pretrained_model_name_or_path)
         local = os.path.join(path, kwargs.get("subfolder") or "")
         if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:  # not a hub id
-            config = os.path.join(local, "config.json")
-            if not os.path.isfile(config):
-                raise FileNotFoundError(f"no NAR model at {local!r} (config.json missing); {TRAIN_HINT}")
-            with open(config) as f:
-                kind = json.load(f).get("_class_name")
-            if kind != cls.__name__:
-                raise ValueError(f"{local!r} holds a {kind} checkpoint, not a NAR model; {TRAIN_HINT}")
+            check_saved_class(local, cls.__name__, "a NAR model", TRAIN_HINT)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # ----------------------------------------------------------------------------- protocol metadata

@@ -1,0 +1,465 @@
+"""EAGLE tree decoding with a one-layer drafter (EAGLE-1/2), exact or with LANTERN relaxed acceptance.
+
+Needs an :class:`vargen.models.eagle.EagleDrafter` trained for the target GPT (``vargen train eagle``).
+Per sample, the state is the committed tokens ``x_0 .. x_{n-1}``; the newest, ``c = x_{n-1}``, has no
+target KV yet (as in SJD), and the target features ``f_{-1} .. f_{n-2}`` are known (``f_{-1}`` is the
+last condition position's). One iteration = one target forward:
+
+1. **Drafter catch-up** (1 drafter pass): the pairs ``(x_j, f_{j-1})`` of the tokens committed since
+   the last iteration (``j = m .. n-1``, padded to ``depth + 1`` per batch) go into the drafter's own
+   cache with the *true* target features (EAGLE re-feeds accepted tokens; the draft tree's drafter KV is
+   dropped by a pointer rollback). The last pair's output ``f^_{n-1}`` gives ``q`` of cell ``n``.
+2. **Draft tree** (``depth - 1`` drafter passes): a node ``x`` at depth ``d`` (cell ``n - 1 + d``) is the
+   pair ``(x, f^_parent)`` at its cell's RoPE position, written at drafter slot ``prefix + n + index``
+   and attending to the committed context and its ancestors (tree mask).
+   - ``tree="dynamic"`` (EAGLE-2): every expanded node proposes its top-``topk`` tokens; the value of a
+     node is the product of draft probabilities along its path; at each depth the ``topk`` best new
+     nodes are expanded; finally the ``total_tokens`` best nodes of all depths are kept (stable sort:
+     a child never beats its parent, so the kept set is a tree).
+   - static trees (LANTERN++ / Medusa style): ``"chain"`` (top-1 ``depth`` times) or a named list of
+     paths (:data:`STATIC_TREES`), the ``r``-th ranked token at every node regardless of confidence.
+3. **Verify** (1 target pass): ``[c, node_1 .. node_M]`` at their cells' positions, written at target
+   slots ``n - 1 .. n - 1 + M`` (``c`` at its final slot), with the tree mask: every node sees the
+   committed context and its ancestors (and itself).
+4. **Acceptance walk** (drafts are deterministic top-k, so ``q`` is taken as 1; LANTERN's dynamic-tree
+   residual): at node ``u`` with target ``p = p_u``, try its children in draft-rank order: accept ``x``
+   with probability ``min(1, p~(x))``, ``p~(x) = p(x) + S_m`` (LANTERN pooling of ``x``'s latent
+   neighbours, ``S_m <= delta``; ``S_m = 0`` for exact acceptance); on a reject set ``p`` to zero at
+   ``x`` (and at the pooled neighbours), renormalise and try the next sibling. An accepted child becomes
+   ``u``; if every child is rejected (or ``u`` is a leaf: the bonus token) the next token is sampled
+   from what remains of ``p`` and the walk stops. With exact acceptance this is sampling without
+   replacement against ``p``, so each committed token is exactly distributed as the target's ``p``
+   (lossless; tested against the enumerated AR distribution).
+5. **Commit and compact**: the accepted nodes and the final token are committed (``1 + accepted`` tokens
+   per target pass). The accepted nodes' target KV entries are **copied** (every layer, both CFG halves)
+   from their tree slots to the contiguous slots ``n .. n + a - 1`` (their KV saw exactly the accepted
+   path, so the copy equals a sequential forward); then a pointer rollback to ``n + a`` keeps them and
+   drops the rest. Their target features feed the next catch-up.
+
+CFG: target and drafter both run on the ``[cond; uncond]`` rows (the drafter on each half's features);
+draft distributions go through the same CFG / temperature / top-k / top-p pipeline as ``p``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models.eagle import TRAIN_HINT, EagleDrafter, load_eagle
+from .acceptance import ExactAcceptance, LanternAcceptance
+from .sampling import SamplingConfig, exponential_noise, logits_to_probs, sample_categorical, uniform_noise
+from .session import DecodeSession
+from .trained import resolve_trained
+
+# static draft trees as lists of paths (tuples of sibling ranks): Medusa's mc_sim_7b_63, first 25 paths
+STATIC_TREES = {
+    "mc_sim_25": [(0,), (0, 0), (1,), (0, 1), (2,), (0, 0, 0), (1, 0), (0, 2), (3,), (0, 3), (4,), (0, 4),
+                  (2, 0), (0, 5), (0, 0, 1), (5,), (0, 6), (6,), (0, 7), (0, 1, 0), (1, 1), (7,), (0, 8),
+                  (0, 0, 2), (3, 0)],
+}
+TREES = ("dynamic", "chain", *STATIC_TREES)
+DEFAULTS = {"dynamic": dict(depth=5, topk=8, total_tokens=48), "chain": dict(depth=5)}
+
+
+def resolve_eagle(model, weights=None) -> EagleDrafter:
+    """The drafter for target ``model``: ``weights`` (a drafter or its folder; default ``<model folder>/eagle``),
+    checked against the target (:meth:`EagleDrafter.check_matches`) and moved to its device and dtype."""
+    return resolve_trained(model, weights, EagleDrafter, "EAGLE drafter", "eagle", "an EAGLE drafter", load_eagle,
+                           TRAIN_HINT)
+
+
+# ----------------------------------------------------------------------------- trees
+def check_paths(paths: Sequence[Sequence[int]]) -> None:
+    """Raise ``ValueError`` unless ``paths`` is a tree: unique non-empty paths, every path's parent present,
+    sibling ranks ``0 .. k-1`` without gaps."""
+    seen = set()
+    for path in paths:
+        path = tuple(path)
+        if not path or any(r < 0 for r in path):
+            raise ValueError(f"tree path {path} must be a non-empty tuple of ranks >= 0")
+        if path in seen:
+            raise ValueError(f"tree path {path} is listed twice")
+        seen.add(path)
+    for path in seen:
+        if len(path) > 1 and path[:-1] not in seen:
+            raise ValueError(f"tree path {path} has no parent {path[:-1]} in the tree")
+        if path[-1] > 0 and path[:-1] + (path[-1] - 1,) not in seen:
+            raise ValueError(f"tree path {path}: sibling rank {path[-1] - 1} is missing")
+
+
+def static_tree(tree: str, depth: Optional[int] = None, vocab_size: Optional[int] = None) -> tuple:
+    """``(parents, ranks, depths)`` lists of a static tree in breadth-first order (parents before children,
+    siblings by rank); node ``i``'s parent is a node index or ``-1`` (the last committed token). Paths that
+    rank beyond ``vocab_size`` tokens are pruned."""
+    if tree == "chain":
+        paths = [(0,) * d for d in range(1, (depth or DEFAULTS["chain"]["depth"]) + 1)]
+    elif tree in STATIC_TREES:
+        paths = [tuple(p) for p in STATIC_TREES[tree]]
+    else:
+        raise ValueError(f"unknown draft tree {tree!r}; choose from {', '.join(TREES)}")
+    check_paths(paths)
+    if vocab_size is not None:
+        paths = [p for p in paths if max(p) < vocab_size]
+    paths = sorted(paths, key=lambda p: (len(p), p))
+    index = {p: i for i, p in enumerate(paths)}
+    return ([index[p[:-1]] if len(p) > 1 else -1 for p in paths], [p[-1] for p in paths], [len(p) for p in paths])
+
+
+def tree_ancestors(parents: torch.Tensor, depth: int) -> torch.Tensor:
+    """``[B, M+1, M+1]`` bool, ``[b, i, j]`` = node ``j`` is node ``i`` or one of its ancestors; index 0 is the
+    root (the last committed token, an ancestor of every node), node ``i >= 1`` has parent ``parents[b, i-1]``
+    (``-1`` = root)."""
+    B, M = parents.shape
+    dev = parents.device
+    par = torch.cat([torch.full((B, 1), -1, device=dev, dtype=torch.long), parents + 1], 1)  # root = 0
+    anc = torch.eye(M + 1, dtype=torch.bool, device=dev).expand(B, -1, -1).clone()
+    rows = torch.arange(M + 1, device=dev).expand(B, -1)
+    cur = par
+    for _ in range(depth):
+        has = cur >= 0
+        anc[torch.arange(B, device=dev)[:, None], rows, cur.clamp(min=0)] |= has
+        cur = torch.where(has, par.gather(1, cur.clamp(min=0)), cur)
+    return anc
+
+
+def tree_children(parents: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, M+1, width]`` long: the children (node indices ``1..M``; root = 0) of every node in list order
+    (= draft-rank order), ``-1`` where there are fewer."""
+    B, M = parents.shape
+    dev = parents.device
+    same = parents[:, :, None] == parents[:, None, :]  # [B, M, M]
+    order = (same & torch.ones(M, M, dtype=torch.bool, device=dev).tril(-1)).sum(-1)  # earlier siblings
+    out = torch.full((B, (M + 1) * (width + 1)), -1, dtype=torch.long, device=dev)
+    nodes = torch.arange(1, M + 1, device=dev).expand(B, -1)
+    out.scatter_(1, (parents + 1) * (width + 1) + order.clamp(max=width), nodes)
+    return out.view(B, M + 1, width + 1)[:, :, :width]
+
+
+# ----------------------------------------------------------------------------- acceptance walk
+def pooled_neighbours(acceptance, p: torch.Tensor, x: torch.Tensor) -> tuple:
+    """``(S_m [B], pooled ids [B, k], pooled [B, k] bool)``: LANTERN's pooled mass for draft ``x`` under ``p``
+    and which of ``x``'s neighbours it pooled (none for exact acceptance)."""
+    if not isinstance(acceptance, LanternAcceptance):
+        return torch.zeros_like(p[:, 0]), None, None
+    nb = acceptance._table(x.device)[x]  # [B, k]
+    cum = p.gather(-1, nb).cumsum(-1)
+    px = p.gather(-1, x[:, None])[:, 0]
+    budget = (acceptance.lam - 1) * px if acceptance.lam is not None else torch.full_like(px, acceptance.delta)
+    pooled = cum <= budget[:, None]  # a prefix: cum is non-decreasing
+    return (cum * pooled).amax(-1), nb, pooled
+
+
+def reject(p: torch.Tensor, x: torch.Tensor, rejected: torch.Tensor, nb=None, pooled=None) -> torch.Tensor:
+    """After rejecting draft ``x`` (where ``rejected``): zero ``p`` at ``x`` (and its pooled neighbours) and
+    renormalise (LANTERN's dynamic-tree residual); rows with nothing left keep ``p``."""
+    keep = torch.ones_like(p, dtype=torch.bool)
+    keep.scatter_(1, x[:, None], False)
+    if nb is not None:
+        keep.scatter_(1, nb, ~pooled)  # pooled neighbours drop out, the others stay
+        keep.scatter_(1, x[:, None], False)
+    new = p * keep
+    total = new.sum(-1, keepdim=True)
+    new = torch.where(total > 1e-30, new / total.clamp_min(1e-30), p)
+    return torch.where(rejected[:, None], new, p)
+
+
+def walk_tree(acceptance, probs: torch.Tensor, tokens: torch.Tensor, children: torch.Tensor, valid: torch.Tensor,
+              coins: torch.Tensor, noise: torch.Tensor, active: torch.Tensor) -> tuple:
+    """Accept a path down the verified tree (module docstring, step 4), vectorised over the batch.
+
+    Args:
+        probs: ``[B, M+1, V]`` target distributions at the root (0) and every node.
+        tokens: ``[B, M+1]`` node tokens (entry 0 unused); children ``[B, M+1, K]`` (:func:`tree_children`).
+        valid: ``[B, M+1]`` nodes inside the grid; coins ``[B, D+1, K]`` U(0, 1); noise ``[B, V]`` Exp(1).
+
+    Returns:
+        ``(path [B, D] accepted node indices, accepted [B] path length, final [B] token after the path)``.
+    """
+    B, _, K = children.shape
+    D = coins.shape[1] - 1
+    dev = probs.device
+    rows = torch.arange(B, device=dev)
+    cur = torch.zeros(B, dtype=torch.long, device=dev)
+    alive = active.clone()
+    accepted = torch.zeros(B, dtype=torch.long, device=dev)
+    path = torch.zeros(B, max(D, 1), dtype=torch.long, device=dev)
+    final = torch.zeros(B, dtype=torch.long, device=dev)
+    for level in range(D + 1):
+        p = probs[rows, cur]
+        moved = torch.zeros(B, dtype=torch.bool, device=dev)
+        nxt = cur
+        for r in range(K):
+            child = children[rows, cur, r]
+            has = (child >= 0) & alive & ~moved
+            has &= valid[rows, child.clamp(min=0)]
+            x = tokens[rows, child.clamp(min=0)]
+            extra, nb, pooled = pooled_neighbours(acceptance, p, x)
+            ok = has & (coins[:, level, r] < p.gather(-1, x[:, None])[:, 0] + extra)
+            moved |= ok
+            nxt = torch.where(ok, child, nxt)
+            p = reject(p, x, has & ~ok, nb, pooled)
+        stop = alive & ~moved
+        final = torch.where(stop, sample_categorical(p, noise=noise), final)
+        if level < D:
+            path[:, level] = torch.where(moved, nxt, path[:, level])
+        accepted += moved.long()
+        alive &= moved
+        cur = nxt
+    return path, accepted, final
+
+
+# ----------------------------------------------------------------------------- decoding
+def _topk(q: torch.Tensor, k: int) -> tuple:
+    """Top-``k`` (values, ids) of ``q`` along the vocabulary, sorted, ties by lower id."""
+    return q.topk(min(k, q.shape[-1]), dim=-1, sorted=True)
+
+
+@torch.no_grad()
+def decode_eagle(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: Optional[Sequence[int]] = None,
+                 cond_mask: Optional[torch.Tensor] = None, weights=None, tree: str = "dynamic",
+                 depth: Optional[int] = None, topk: Optional[int] = None, total_tokens: Optional[int] = None,
+                 acceptance=None, progress: bool = False, callback=None):
+    """Generate with EAGLE draft trees verified by the target in one forward each (module docstring).
+
+    Args:
+        model: the target LlamaGen GPT (a :class:`~vargen.models.compiled.CompiledModel` runs it eagerly here).
+        cond, sampling, seeds, cond_mask: as :func:`vargen.decoding.decode_ar`.
+        weights: an :class:`EagleDrafter` or its folder (default ``<model folder>/eagle``).
+        tree: ``"dynamic"`` (EAGLE-2), ``"chain"`` or a name in :data:`STATIC_TREES`.
+        depth: draft tokens along the longest path (dynamic default 5; chain default 5; fixed by the
+            topology for the other static trees).
+        topk: dynamic: children per expanded node and nodes expanded per depth (default 8).
+        total_tokens: dynamic: nodes kept for verification (default 48).
+        acceptance: :class:`ExactAcceptance` (default, lossless) or :class:`LanternAcceptance`.
+        progress, callback: tqdm bar; ``callback(step, tokens [B, N], committed [B])`` after each pass.
+
+    Returns:
+        ``(tokens [B, N], DecodeStats)``; ``stats.extra`` has ``step_compression`` (``N`` / mean target passes,
+        the prefill included), ``drafter_passes``, ``mean_accepted`` (tokens committed per verify pass) and
+        ``mean_accepted_drafts`` (draft tokens accepted per verify pass).
+    """
+    from ..models.compiled import CompiledModel
+
+    target = model.model if isinstance(model, CompiledModel) else model
+    drafter = resolve_eagle(target, weights)
+    acceptance = acceptance or ExactAcceptance()
+    if type(acceptance) not in (ExactAcceptance, LanternAcceptance):
+        raise ValueError(f"EAGLE tree decoding takes exact or LANTERN acceptance, not {type(acceptance).__name__}")
+    dynamic = tree == "dynamic"
+    if dynamic:
+        D = depth or DEFAULTS["dynamic"]["depth"]
+        k = topk or DEFAULTS["dynamic"]["topk"]
+        k = min(k, target.vocab_size)
+        pool = k + (D - 1) * k * k  # every node a dynamic tree can propose
+        M = min(total_tokens or DEFAULTS["dynamic"]["total_tokens"], pool)
+        K = k
+        if D < 1 or k < 1 or M < 1:
+            raise ValueError(f"dynamic tree needs depth, topk, total_tokens >= 1, got {D}, {k}, {M}")
+    else:
+        if tree != "chain" and depth is not None:
+            raise ValueError(f"tree {tree!r} fixes its depth; depth is for 'dynamic' and 'chain'")
+        if topk is not None or total_tokens is not None:
+            raise ValueError("topk and total_tokens are for tree='dynamic'")
+        s_par, s_rank, s_depth = static_tree(tree, depth, target.vocab_size)
+        M, D, K = len(s_par), max(s_depth), max(s_rank) + 1
+        pool = M
+    N, V = target.num_tokens, target.vocab_size
+    name = "eagle" + ("+lantern" if isinstance(acceptance, LanternAcceptance) else "")
+    session = DecodeSession(target, cond, sampling, seeds, cond_mask, method=name,
+                            max_len=target.prefix_len + N + M + 1)
+    B, dev, gens, P = session.batch, session.device, session.generators, session.prefix_len
+    R = session.prefix.shape[0]  # rows: B, or 2B with CFG
+    dbl = session._double
+    dim = target.config.dim
+    dcache = drafter.new_cache(R, P + N + pool + D + 2)
+
+    def draft_probs(logits):
+        return logits_to_probs(logits, session.sampling, check_finite=False)
+
+    # ---- prefill: target over the condition, then the drafter over (condition embedding i, feature i-1)
+    first, hidden = session.prefill(return_hidden=True)
+    canvas = torch.zeros(B, N + D + 2, dtype=torch.long, device=dev)
+    canvas[:, 0] = sample_categorical(first, gens)
+    feats = torch.zeros(R, N + D + 2, dim, dtype=hidden.dtype, device=dev)  # feats[:, j + 1] = f_j; [:, 0] = f_-1
+    feats[:, 0] = hidden[:, -1]
+    pslots = torch.arange(P, device=dev).expand(R, P)
+    pmask = None
+    if session.cond_mask is not None:
+        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        pmask = torch.zeros(R, P, dcache.max_len, dtype=torch.bool, device=dev)
+        pmask[:, :, :P] = (causal[None] & session.cond_mask[:, None, :]) | torch.eye(P, dtype=torch.bool, device=dev)
+    prev = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], 1)
+    drafter(target, prev, embeds=session.prefix, positions=torch.full_like(pslots, -1), slots=pslots, mask=pmask,
+            cache=dcache)
+    dcache.visible[:, :P] = session.cache.visible[:, :P]  # caption pads stay hidden
+    dcache.length.fill_(P)
+    drafter_passes = 1
+
+    n = torch.ones(B, dtype=torch.long, device=dev)  # committed tokens
+    m = torch.zeros(B, dtype=torch.long, device=dev)  # tokens whose (x_j, f_j-1) pair is in the drafter cache
+    from_draft = torch.zeros(B, N + D + 2, dtype=torch.bool, device=dev)
+    passes = torch.ones(B, dtype=torch.long, device=dev)
+    committed_log, accepted_log = [], []
+    catch = torch.arange(D + 1, device=dev)
+    if not dynamic:
+        s_par_t = torch.tensor(s_par, device=dev).expand(B, -1)
+        s_depth_t = torch.tensor(s_depth, device=dev)
+        s_rank_t = torch.tensor(s_rank, device=dev)
+        s_anc = tree_ancestors(s_par_t[:1], D)[:, 1:, 1:]  # [1, M, M] among the nodes
+    bar = tqdm(total=N, disable=not progress, desc=name, leave=False)
+    while True:
+        active = n < N
+        if not bool(active.any()):  # one host sync per target pass
+            break
+        # ---- 1. drafter catch-up: pairs j = m .. n-1 with true features, padded to D + 1 entries
+        cnt = (n - m).clamp(min=1)  # finished samples re-feed one harmless pair
+        j = (m[:, None] + catch).clamp(max=N - 1)
+        real = catch[None] < cnt[:, None]
+        slots = torch.where(real, P + j, P + n[:, None] + catch - cnt[:, None])
+        logits, f = drafter(target, feats.gather(1, dbl(j)[..., None].expand(-1, -1, dim)),
+                            tokens=dbl(canvas.gather(1, j)), positions=dbl(j), slots=dbl(slots), cache=dcache)
+        drafter_passes += 1
+        last = dbl(cnt - 1)[:, None]
+        root_feat = f.gather(1, last[..., None].expand(-1, -1, dim))[:, 0]  # f^_{n-1}: [R, dim]
+        q_root = draft_probs(logits.gather(1, last[..., None].expand(-1, -1, V))[:, 0])  # [B, V]
+        m = n.clone()
+        dcache.rollback(dbl(P + m))
+        base = dcache.visible[:, None, :].clone()  # committed drafter context, [R, 1, L]
+
+        # ---- 2. the draft tree
+        def expand(nodes, node_tokens, parent_feat, node_depth, anc_slots):
+            """Drafter pass over ``nodes`` (slot offsets [B, E]) -> (q [B, E, V], features [R, E, dim])."""
+            pos = (n[:, None] - 1 + node_depth).clamp(max=N - 1)
+            mask = base.expand(-1, nodes.shape[1], -1).clone()
+            # non-ancestors point at the last slot, which is never written (so always False)
+            idx = torch.where(anc_slots >= 0, P + n[:, None, None] + anc_slots, dcache.max_len - 1)
+            mask.scatter_(2, dbl(idx), dbl(anc_slots >= 0))
+            lg, ft = drafter(target, parent_feat, tokens=dbl(node_tokens), positions=dbl(pos),
+                             slots=dbl(P + n[:, None] + nodes), mask=mask, cache=dcache)
+            return draft_probs(lg), ft
+
+        if dynamic:
+            val, tok = _topk(q_root, k)  # depth 1: k nodes, pool indices 0..k-1
+            p_tok, p_par, p_score = [tok], [torch.full_like(tok, -1)], [val]
+            anc = torch.eye(k, dtype=torch.bool, device=dev).expand(B, -1, -1)  # [B, k, pool so far]
+            frontier = torch.arange(k, device=dev).expand(B, -1)
+            frontier_feat_parent = root_feat[:, None].expand(-1, k, -1)
+            frontier_tok, frontier_score, offset = tok, val, k
+            for d in range(1, D):
+                anc_slots = torch.where(anc, torch.arange(anc.shape[-1], device=dev), -1)
+                q, ft = expand(frontier, frontier_tok, frontier_feat_parent,
+                               torch.full_like(frontier, d), anc_slots)
+                drafter_passes += 1
+                val, tok = _topk(q, k)  # [B, k, k]
+                score = (frontier_score[..., None] * val).flatten(1)  # [B, k*k]
+                ids = offset + torch.arange(k * k, device=dev).expand(B, -1)
+                p_tok.append(tok.flatten(1))
+                p_par.append(frontier.repeat_interleave(k, 1))
+                p_score.append(score)
+                pick = score.sort(dim=-1, descending=True, stable=True).indices[:, :k]  # next frontier
+                new_anc = torch.zeros(B, k, offset + k * k, dtype=torch.bool, device=dev)
+                new_anc[:, :, :offset] = anc.gather(1, (pick // k)[..., None].expand(-1, -1, offset))
+                new_anc.scatter_(2, ids.gather(1, pick)[..., None], True)
+                anc = new_anc
+                frontier_feat_parent = ft.gather(1, dbl(pick // k)[..., None].expand(-1, -1, dim))
+                frontier, frontier_tok = ids.gather(1, pick), tok.flatten(1).gather(1, pick)
+                frontier_score = score.gather(1, pick)
+                offset += k * k
+            all_tok, all_par, all_score = torch.cat(p_tok, 1), torch.cat(p_par, 1), torch.cat(p_score, 1)
+            all_depth = torch.cat([torch.full((k,), 1, device=dev)] +
+                                  [torch.full((k * k,), d + 1, device=dev) for d in range(1, D)])
+            sel = all_score.sort(dim=-1, descending=True, stable=True).indices[:, :M]  # parents before children
+            inv = torch.full((B, all_tok.shape[1]), -1, dtype=torch.long, device=dev)
+            inv.scatter_(1, sel, torch.arange(M, device=dev).expand(B, -1))
+            par_pool = all_par.gather(1, sel)
+            parents = torch.where(par_pool >= 0, inv.gather(1, par_pool.clamp(min=0)), -1)
+            node_tok = all_tok.gather(1, sel)
+            node_depth = all_depth[sel]
+        else:
+            node_tok = torch.zeros(B, M, dtype=torch.long, device=dev)
+            node_feat = torch.zeros(R, M, dim, dtype=root_feat.dtype, device=dev)
+            top = _topk(q_root, K)[1]
+            lvl = (s_depth_t == 1).nonzero()[:, 0]
+            node_tok[:, lvl] = top[:, s_rank_t[lvl]]
+            for d in range(1, D):
+                lvl = (s_depth_t == d).nonzero()[:, 0]
+                kids = (s_depth_t == d + 1).nonzero()[:, 0]
+                if len(kids) == 0:
+                    continue
+                par = s_par_t[0, lvl]
+                pfeat = torch.where((par >= 0)[None, :, None], node_feat[:, par.clamp(min=0)],
+                                    root_feat[:, None])
+                anc_slots = torch.where(s_anc[:, lvl], torch.arange(M, device=dev), -1).expand(B, -1, -1)
+                q, ft = expand(lvl.expand(B, -1), node_tok[:, lvl], pfeat, torch.full_like(lvl, d).expand(B, -1),
+                               anc_slots)
+                drafter_passes += 1
+                node_feat[:, lvl] = ft
+                top = _topk(q, K)[1]  # [B, |lvl|, K]
+                where = (lvl[:, None] == s_par_t[0, kids][None, :]).int().argmax(0)  # each kid's parent in lvl
+                node_tok[:, kids] = top[:, where, s_rank_t[kids]]
+            parents, node_depth = s_par_t, s_depth_t.expand(B, -1)
+        dcache.rollback(dbl(P + m))  # the tree's drafter KV is dropped; accepted tokens are re-fed next time
+
+        # ---- 3. verify the whole tree in one target pass (tree mask: committed context + ancestors + self)
+        ancestors = tree_ancestors(parents, D)  # [B, M+1, M+1]
+        inputs = torch.cat([canvas.gather(1, (n - 1)[:, None]), node_tok], 1)
+        depth_all = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), node_depth], 1)
+        pos = (n[:, None] - 1 + depth_all).clamp(max=N - 1)
+        vslots = n[:, None] - 1 + torch.arange(M + 1, device=dev)
+        mask = session.cache.visible[:B, None, :].expand(-1, M + 1, -1).clone()
+        mask.scatter_(2, (P + vslots)[:, None, :].expand(-1, M + 1, -1), ancestors)
+        probs, hid = session.forward(inputs, pos, vslots, mask, return_hidden=True)  # [B, M+1, V], [R, M+1, dim]
+
+        # ---- 4. acceptance walk
+        valid = (n[:, None] - 1 + depth_all) <= N - 1
+        path, acc, final = walk_tree(acceptance, probs, inputs, tree_children(parents, K), valid,
+                                     uniform_noise((D + 1, K), gens, dev), exponential_noise((V,), gens, dev),
+                                     active)
+        # ---- 5. commit: accepted nodes at n .. n+a-1, the final token at n+a (inside the grid)
+        steps = torch.arange(D, device=dev)
+        keep = (steps[None] < acc[:, None]) & active[:, None]
+        cells = n[:, None] + steps
+        canvas.scatter_(1, cells, torch.where(keep, inputs.gather(1, path[:, :D]), canvas.gather(1, cells)))
+        from_draft.scatter_(1, cells, from_draft.gather(1, cells) | keep)
+        put = (active & (n + acc < N))[:, None]
+        canvas.scatter_(1, (n + acc)[:, None], torch.where(put, final[:, None], canvas.gather(1, (n + acc)[:, None])))
+        # features of c (tree index 0) and of the accepted nodes, for the next catch-up
+        chosen = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), path[:, :D]], 1)  # [B, D+1]
+        fcells = n[:, None] + torch.arange(D + 1, device=dev)  # feats index of cell n-1+i is n+i
+        fkeep = dbl((torch.arange(D + 1, device=dev)[None] <= acc[:, None]) & active[:, None])[..., None]
+        new_f = hid.gather(1, dbl(chosen)[..., None].expand(-1, -1, dim))
+        old_f = feats.gather(1, dbl(fcells)[..., None].expand(-1, -1, dim))
+        feats.scatter_(1, dbl(fcells)[..., None].expand(-1, -1, dim), torch.where(fkeep, new_f, old_f))
+        # move the accepted nodes' target KV to contiguous slots (a copy), then roll back past them
+        src = torch.where(keep, P + n[:, None] - 1 + path[:, :D], P + cells)
+        dst = P + cells
+        rows = torch.arange(R, device=dev)[:, None]
+        for layer in range(len(session.cache.k)):
+            for buf in (session.cache.k[layer], session.cache.v[layer]):
+                buf[rows, :, dbl(dst)] = buf[rows, :, dbl(src)]
+        n_new = torch.where(active, (n + acc + 1).clamp(max=N), n)
+        committed_log.append(torch.where(active, n_new - n, 0))
+        accepted_log.append(torch.where(active, acc, -1))
+        passes += active.long()
+        session.rollback(n_new - 1)  # keeps c and the accepted nodes; the newest token has no KV yet
+        n = n_new
+        if callback is not None:
+            callback(len(committed_log) - 1, canvas[:, :N], n)
+        if progress:
+            bar.n = int(n.min())
+            bar.refresh()
+    bar.close()
+    stats = session.finish()
+    log = torch.stack(committed_log) if committed_log else torch.zeros(0, B, dtype=torch.long)
+    alog = torch.stack(accepted_log) if accepted_log else torch.zeros(0, B, dtype=torch.long)
+    stats.record_accepted([1] * B + log[log > 0].tolist())  # the prefill commits token 0
+    stats.per_sample_forward_passes = passes.tolist()
+    verify = log[log > 0]
+    stats.extra.update(
+        tree=tree, depth=D, tree_tokens=M, topk=K if dynamic else None, acceptance=acceptance.name,
+        drafter_passes=drafter_passes, step_compression=N / (sum(stats.per_sample_forward_passes) / B),
+        mean_accepted=float(verify.float().mean()) if len(verify) else 0.0,
+        mean_accepted_drafts=float(alog[alog >= 0].float().mean()) if len(verify) else 0.0,
+        accepted_cells=from_draft[:, :N].float().mean(0).tolist())
+    return canvas[:, :N], stats
