@@ -247,7 +247,7 @@ def test_cli_generate_bench_and_flag_errors(one_thread, tmp_path, capsys):
     assert "vargen train mulo --config configs/mulo_scenes_cpu.json" in capsys.readouterr().err
 
 
-def test_mulo_recipe_via_cli_saves_a_loadable_pair(one_thread, tmp_path):
+def test_mulo_recipe_via_cli_saves_a_loadable_pair(one_thread, tmp_path, capsys):
     from vargen.data.scenes import SceneDataset
     from vargen.models.text import WordTextEncoder, build_vocabulary
     from vargen.tokenizers import VQTokenizer
@@ -270,9 +270,11 @@ def test_mulo_recipe_via_cli_saves_a_loadable_pair(one_thread, tmp_path):
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(cfg))
     assert main(["train", "mulo", "--config", str(cfg_path), "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
     mulo = load_mulo(str(tmp_path / "run" / "mulo"))
     assert mulo.drafter.grid == (4, 4) and mulo.grid == (8, 8) and mulo.upsampler.vocab_size == 32
     mulo.check_matches(LlamaGen.from_pretrained(tmp_path / "gpt"))
     for part in ("drafter", "upsampler"):
         rows = [json.loads(line) for line in (tmp_path / "run" / part / "log.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2]
+        assert f"{tmp_path / 'run' / part}/log.jsonl" in printed  # the CLI names each part's log

@@ -754,8 +754,10 @@ def cmd_train(args) -> int:
     else:
         from .train.ar import train_ar as recipe
     result = recipe(config, out)
+    runs = result.get("run_dirs") or [out]  # a recipe that trains several parts logs each in its own folder
+    logs = ", ".join(f"{d}/log.jsonl" for d in runs)
     print(f"trained {args.what} for {result['steps']} steps on {result['device']} in {result['wall_s']:.0f} s; "
-          f"saved to {out} (log: {out}/log.jsonl, curve: {out}/loss.png)")
+          f"saved to {out} (log: {logs}; loss curves beside them as loss.png)")
     return 0
 
 

@@ -164,5 +164,6 @@ def train_mulo(config: dict, out_dir: str) -> dict:
     mulo.save_pretrained(os.path.join(out_dir, "mulo"))
     summary = {f"{part}_{k}": v for part, r in results.items() for k, v in r.items()
                if isinstance(v, (int, float, str))}
-    return {**summary, "steps": sum(r["steps"] for r in results.values()),
+    return {**summary, "run_dirs": [os.path.join(out_dir, part) for part in results],
+            "steps": sum(r["steps"] for r in results.values()),
             "wall_s": sum(r["wall_s"] for r in results.values()), "device": results["drafter"]["device"]}
