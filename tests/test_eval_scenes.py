@@ -6,8 +6,8 @@ import pytest
 
 from vargen.data import SceneDataset, render_scene
 from vargen.data.scenes import BACKGROUNDS, COLORS, SHAPES, TASKS, Scene, SceneObject
-from vargen.eval.scenes import (Blob, check_scene, find_blobs, geneval_metadata, relation_holds, score_scenes,
-                                summarize_checks)
+from vargen.eval.scenes import (Blob, check_scene, evaluate_blobs, find_blobs, geneval_metadata, relation_holds,
+                                score_scenes, summarize_checks)
 
 
 def _scenes(seed, n):
@@ -219,6 +219,20 @@ def test_relation_rules():
     assert not relation_holds(blob(0.2, 0.5), near, "left of", rule="geneval")
     with pytest.raises(ValueError, match="unknown relation"):
         relation_holds(a, b, "behind")
+
+
+def test_geneval_confidence_thresholds_drop_weak_detections():
+    def blob(shape, score):
+        return Blob(shape, "red", 0.03, 0.5, 0.5, (0.4, 0.4, 0.6, 0.6), score)
+
+    one = {"tag": "single_object", "include": [{"class": "circle", "count": 1}]}
+    assert evaluate_blobs([blob("circle", 0.35)], one)["correct"]
+    assert not evaluate_blobs([blob("circle", 0.25)], one)["correct"]  # below GenEval's 0.3
+    two = {"tag": "counting", "include": [{"class": "circle", "count": 2}], "exclude": [{"class": "circle", "count": 3}]}
+    assert not evaluate_blobs([blob("circle", 0.95), blob("circle", 0.8)], two)["correct"]  # counting wants 0.9
+    assert evaluate_blobs([blob("circle", 0.95), blob("circle", 0.92), blob("circle", 0.8)], two)["correct"]
+    crowd = [blob("square", 0.5)] * 16 + [blob("circle", 0.4)]  # GenEval keeps the 16 most confident
+    assert not evaluate_blobs(crowd, one)["correct"]
 
 
 class _RenderingPipe:

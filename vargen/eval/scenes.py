@@ -25,8 +25,9 @@ Detection (:func:`find_blobs`), per image:
 
 Scoring (:func:`check_scene`, :func:`score_scenes`) follows GenEval's ``evaluate``
 (``evaluation/evaluate_images.py`` in djghosh13/geneval) on the scene's GenEval metadata
-(:func:`geneval_metadata`): detected objects are grouped by shape class and ordered by
-confidence; an image is correct iff every ``include`` holds and no ``exclude`` is violated:
+(:func:`geneval_metadata`): detected objects below GenEval's confidence threshold (0.3; 0.9 for
+the counting tag) are dropped, at most 16 are kept, and they are grouped by shape class and ordered
+by confidence; an image is correct iff every ``include`` holds and no ``exclude`` is violated:
 
 * include ``{"class", "count"}``: at least ``count`` objects of the class; the first ``count``
   of them (most confident first) are the include's matched objects;
@@ -58,6 +59,10 @@ from ..data.scenes import BACKGROUNDS, COLORS, SHAPES, TASKS, Scene, SceneObject
 
 COLOR_NAMES = tuple(COLORS)
 POSITION_MARGIN = 0.1  # GenEval's POSITION_THRESHOLD
+# GenEval's detector settings: detections below THRESHOLD confidence (COUNTING_THRESHOLD for the
+# counting tag) are dropped and at most MAX_OBJECTS are kept. Here the confidence is the shape fit's
+# soft IoU, so irregular clutter (noise blobs that a detector would not call objects) does not count.
+THRESHOLD, COUNTING_THRESHOLD, MAX_OBJECTS = 0.3, 0.9, 16
 
 
 def _shape_geometry(shape: str) -> Tuple[float, float, float]:
@@ -310,8 +315,10 @@ def evaluate_blobs(blobs: Sequence[Blob], metadata: dict, position_rule: str = "
     class alone, stand in the relation) are diagnostics, each judged on its own, present
     only when the metadata makes such a requirement.
     """
+    min_score = COUNTING_THRESHOLD if metadata.get("tag") == "counting" else THRESHOLD
+    blobs = [b for b in sorted(blobs, key=lambda b: -b.score) if b.score >= min_score][:MAX_OBJECTS]
     objects: Dict[str, List[Blob]] = {}
-    for b in sorted(blobs, key=lambda b: -b.score):
+    for b in blobs:
         objects.setdefault(b.shape, []).append(b)
     includes = metadata.get("include", [])
     correct, reasons, groups = True, [], []
