@@ -104,6 +104,14 @@ class LanternAcceptance(ExactAcceptance):
         """``S_m`` per draft: the neighbours' mass pooled into ``p(x)`` (``[...]``)."""
         return ops.lantern_pooled_mass(p, drafts, self._table(drafts.device), delta=self.delta, lam=self.lam)
 
+    def pooled_neighbours(self, p: torch.Tensor, drafts: torch.Tensor) -> tuple:
+        """``(ids [..., k], pooled [..., k] bool)``: each draft's neighbours and which of them its ``S_m`` pooled
+        (for residuals that drop the pooled tokens, e.g. EAGLE trees)."""
+        from ..ops.reference import lantern_pooled_set
+
+        nb, _, pooled = lantern_pooled_set(p, drafts, self._table(drafts.device), delta=self.delta, lam=self.lam)
+        return nb, pooled
+
     def extra_mass(self, p: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         return self.pooled_mass(p, drafts)
 

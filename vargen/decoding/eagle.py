@@ -50,6 +50,7 @@ from ..models.eagle import TRAIN_HINT, EagleDrafter, load_eagle
 from .acceptance import ExactAcceptance, LanternAcceptance
 from .sampling import SamplingConfig, exponential_noise, logits_to_probs, sample_categorical, uniform_noise
 from .session import DecodeSession
+from .speculative import commit_accepted
 from .trained import resolve_trained
 
 # static draft trees as lists of paths (tuples of sibling ranks): Medusa's mc_sim_7b_63, first 25 paths
@@ -142,12 +143,7 @@ def pooled_neighbours(acceptance, p: torch.Tensor, x: torch.Tensor) -> tuple:
     and which of ``x``'s neighbours it pooled (none for exact acceptance)."""
     if not isinstance(acceptance, LanternAcceptance):
         return torch.zeros_like(p[:, 0]), None, None
-    nb = acceptance._table(x.device)[x]  # [B, k]
-    cum = p.gather(-1, nb).cumsum(-1)
-    px = p.gather(-1, x[:, None])[:, 0]
-    budget = (acceptance.lam - 1) * px if acceptance.lam is not None else torch.full_like(px, acceptance.delta)
-    pooled = cum <= budget[:, None]  # a prefix: cum is non-decreasing
-    return (cum * pooled).amax(-1), nb, pooled
+    return acceptance.extra_mass(p, x), *acceptance.pooled_neighbours(p, x)
 
 
 def reject(p: torch.Tensor, x: torch.Tensor, rejected: torch.Tensor, nb=None, pooled=None) -> torch.Tensor:
@@ -284,11 +280,7 @@ def decode_eagle(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds
     feats = torch.zeros(R, N + D + 2, dim, dtype=hidden.dtype, device=dev)  # feats[:, j + 1] = f_j; [:, 0] = f_-1
     feats[:, 0] = hidden[:, -1]
     pslots = torch.arange(P, device=dev).expand(R, P)
-    pmask = None
-    if session.cond_mask is not None:
-        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-        pmask = torch.zeros(R, P, dcache.max_len, dtype=torch.bool, device=dev)
-        pmask[:, :, :P] = (causal[None] & session.cond_mask[:, None, :]) | torch.eye(P, dtype=torch.bool, device=dev)
+    pmask = session.prefix_mask(dcache.max_len)
     prev = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], 1)
     drafter(target, prev, embeds=session.prefix, positions=torch.full_like(pslots, -1), slots=pslots, mask=pmask,
             cache=dcache)
@@ -417,13 +409,8 @@ def decode_eagle(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds
                                      uniform_noise((D + 1, K), gens, dev), exponential_noise((V,), gens, dev),
                                      active)
         # ---- 5. commit: accepted nodes at n .. n+a-1, the final token at n+a (inside the grid)
-        steps = torch.arange(D, device=dev)
-        keep = (steps[None] < acc[:, None]) & active[:, None]
-        cells = n[:, None] + steps
-        canvas.scatter_(1, cells, torch.where(keep, inputs.gather(1, path[:, :D]), canvas.gather(1, cells)))
-        from_draft.scatter_(1, cells, from_draft.gather(1, cells) | keep)
-        put = (active & (n + acc < N))[:, None]
-        canvas.scatter_(1, (n + acc)[:, None], torch.where(put, final[:, None], canvas.gather(1, (n + acc)[:, None])))
+        keep, n_new = commit_accepted(canvas, from_draft, n, inputs.gather(1, path[:, :D]), acc, final, active, N)
+        cells = n[:, None] + torch.arange(D, device=dev)
         # features of c (tree index 0) and of the accepted nodes, for the next catch-up
         chosen = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), path[:, :D]], 1)  # [B, D+1]
         fcells = n[:, None] + torch.arange(D + 1, device=dev)  # feats index of cell n-1+i is n+i
@@ -434,11 +421,7 @@ def decode_eagle(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds
         # move the accepted nodes' target KV to contiguous slots (a copy), then roll back past them
         src = torch.where(keep, P + n[:, None] - 1 + path[:, :D], P + cells)
         dst = P + cells
-        rows = torch.arange(R, device=dev)[:, None]
-        for layer in range(len(session.cache.k)):
-            for buf in (session.cache.k[layer], session.cache.v[layer]):
-                buf[rows, :, dbl(dst)] = buf[rows, :, dbl(src)]
-        n_new = torch.where(active, (n + acc + 1).clamp(max=N), n)
+        session.cache.copy_slots(dbl(src), dbl(dst))
         committed_log.append(torch.where(active, n_new - n, 0))
         accepted_log.append(torch.where(active, acc, -1))
         passes += active.long()

@@ -236,15 +236,14 @@ def _finish_ar(session: DecodeSession, tokens: torch.Tensor, changed: torch.Tens
     passes = todo.long()
     cur = first.clone()
     p = _rows(probs, (first - 1 - start).clamp(0, length - 1)[:, None])[:, 0]
-    while True:
+    steps = N - int(torch.where(todo, first, N).min())  # one host sync: the longest tail sets the loop
+    for i in range(steps):
         live = todo & (cur < N)
-        if not bool(live.any()):
-            break
         x = sample_categorical(p, gens)
         at = cur.clamp(max=N - 1)[:, None]
         tokens = tokens.scatter(1, at, torch.where(live[:, None], x[:, None], tokens.gather(1, at)))
         nxt = cur + 1
-        if not bool((todo & (nxt < N)).any()):
+        if i == steps - 1:  # no sample has a cell after this one
             break
         step = torch.where(live, cur, N - 1)
         # p for cell 0 comes from the prefill; first >= 1 always here since pending cells follow a changed cell

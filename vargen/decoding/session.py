@@ -72,12 +72,7 @@ class DecodeSession:
         P, rows = self.prefix_len, self.prefix.shape[0]
         slots = torch.arange(P, device=self.device).expand(rows, P)
         positions = torch.full_like(slots, -1)
-        mask = None
-        if self.cond_mask is not None:
-            causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
-            mask = torch.zeros(rows, P, self.cache.max_len, dtype=torch.bool, device=self.device)
-            mask[:, :, :P] = (causal[None] & self.cond_mask[:, None, :]) | torch.eye(P, dtype=torch.bool,
-                                                                                     device=self.device)
+        mask = self.prefix_mask(self.cache.max_len)
         logits = self.model(embeds=self.prefix, positions=positions, slots=slots, mask=mask, cache=self.cache,
                             **({"return_hidden": True} if return_hidden else {}))
         logits, hidden = logits if return_hidden else (logits, None)
@@ -86,6 +81,18 @@ class DecodeSession:
         self.cache.length.fill_(P)
         probs = self._probs(logits[:, -1])
         return (probs, hidden) if return_hidden else probs
+
+    def prefix_mask(self, max_len: int) -> Optional[torch.Tensor]:
+        """``[rows, P, max_len]`` mask of the condition prefix over a cache of ``max_len`` slots (causal; caption
+        pads see only themselves), or ``None`` without caption padding (plain causal)."""
+        if self.cond_mask is None:
+            return None
+        P = self.prefix_len
+        causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
+        mask = torch.zeros(self.prefix.shape[0], P, max_len, dtype=torch.bool, device=self.device)
+        mask[:, :, :P] = (causal[None] & self.cond_mask[:, None, :]) | torch.eye(P, dtype=torch.bool,
+                                                                                 device=self.device)
+        return mask
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

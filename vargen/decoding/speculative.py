@@ -29,6 +29,22 @@ from .session import DecodeSession
 COUPLINGS = ("none", "maximal", "gumbel")
 
 
+def commit_accepted(canvas: torch.Tensor, from_draft: torch.Tensor, n: torch.Tensor, drafts: torch.Tensor,
+                    accepted: torch.Tensor, token: torch.Tensor, active: torch.Tensor, N: int) -> tuple:
+    """Commit ``accepted[b]`` of ``drafts`` ``[B, L]`` at cells ``n .. n+a-1`` and ``token`` (the resample or
+    bonus) at ``n+a`` (inside the grid), for ``active`` samples; marks the drafts in ``from_draft``.
+    Returns ``(keep [B, L], n_new [B])``."""
+    steps = torch.arange(drafts.shape[1], device=n.device)
+    cells = n[:, None] + steps
+    keep = (steps[None] < accepted[:, None]) & active[:, None]
+    canvas.scatter_(1, cells, torch.where(keep, drafts, canvas.gather(1, cells)))
+    from_draft.scatter_(1, cells, from_draft.gather(1, cells) | keep)
+    at = (n + accepted)[:, None]
+    put = (active & (n + accepted < N))[:, None]
+    canvas.scatter_(1, at, torch.where(put, token[:, None], canvas.gather(1, at)))
+    return keep, torch.where(active, (n + accepted + 1).clamp(max=N), n)
+
+
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[b, index[b, j]]`` for ``x`` ``[B, T, V]`` and ``index`` ``[B, L]`` -> ``[B, L, V]``."""
     return x.gather(1, index[..., None].expand(*index.shape, x.shape[-1]))
@@ -94,13 +110,7 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         r, x = verify_window(acceptance, probs, q, drafts, coins, valid, noise)
         p_r = _rows(probs, r[:, None])[:, 0]
         # commit the accepted drafts at n .. n+r-1 and the resampled (or bonus) token at n+r
-        cells = n[:, None] + steps[:L]
-        keep = (steps[None, :L] < r[:, None]) & active[:, None]
-        canvas.scatter_(1, cells, torch.where(keep, drafts, canvas.gather(1, cells)))
-        from_draft.scatter_(1, cells, from_draft.gather(1, cells) | keep)
-        put = (active & (n + r < N))[:, None]
-        canvas.scatter_(1, (n + r)[:, None], torch.where(put, x[:, None], canvas.gather(1, (n + r)[:, None])))
-        n_new = torch.where(active, (n + r + 1).clamp(max=N), n)
+        _, n_new = commit_accepted(canvas, from_draft, n, drafts, r, x, active, N)
         committed_log.append(n_new - n)
         passes += active.long()
         session.rollback(n_new - 1)  # the newest token has no KV yet

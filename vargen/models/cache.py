@@ -52,6 +52,14 @@ class StaticKVCache:
         self.k[layer][rows, :, slots] = k.to(self.k[layer].dtype)
         self.v[layer][rows, :, slots] = v.to(self.v[layer].dtype)
 
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy every layer's keys and values from slots ``src`` to ``dst`` (``[B, T]`` each), e.g. an accepted
+        draft-tree path into contiguous slots."""
+        rows = torch.arange(src.shape[0], device=src.device)[:, None]
+        for buffers in (self.k, self.v):
+            for buf in buffers:
+                buf[rows, :, dst] = buf[rows, :, src]
+
     def rollback(self, length: torch.Tensor) -> None:
         """Move each sample's committed length back (or forward) to ``length``; no copies."""
         self.length.copy_(length)

@@ -108,10 +108,18 @@ def verify_window(probs: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, co
 def lantern_pooled_mass(p: torch.Tensor, drafts: torch.Tensor, neighbours: torch.Tensor,
                         delta: Optional[float] = None, lam: Optional[float] = None) -> torch.Tensor:
     """LANTERN's ``S_m`` per draft: the largest prefix sum of neighbour masses within the budget."""
+    _, cum, pooled = lantern_pooled_set(p, drafts, neighbours, delta, lam)
+    return (cum * pooled).amax(-1)
+
+
+def lantern_pooled_set(p: torch.Tensor, drafts: torch.Tensor, neighbours: torch.Tensor,
+                       delta: Optional[float] = None, lam: Optional[float] = None) -> tuple:
+    """``(neighbour ids [..., k], their cumulative mass [..., k], pooled [..., k] bool)`` per draft: the
+    pooled neighbours are the prefix whose cumulative mass stays within LANTERN's budget."""
     nb = neighbours.to(drafts.device)[drafts]  # [..., k]
     cum = p.gather(-1, nb).cumsum(-1)
     budget = (lam - 1) * gather_prob(p, drafts) if lam is not None else torch.full_like(cum[..., 0], delta)
-    return (cum * (cum <= budget[..., None])).amax(-1)
+    return nb, cum, cum <= budget[..., None]
 
 
 # --------------------------------------------------------------------------------------------- LIIF
