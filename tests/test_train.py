@@ -1,3 +1,4 @@
+import functools
 import json
 
 import pytest
@@ -139,3 +140,40 @@ def test_tokenizer_second_phase_starts_from_saved_weights(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
     fresh = VQTokenizer(**VQ_MODEL)
     assert not torch.allclose(fresh.encoder.conv_in.weight, tuned.encoder.conv_in.weight)
+
+
+def test_decoder_only_finetune_keeps_every_token_id(tmp_path):
+    """``"train": "decoder"`` moves the decoder but not one token id: models trained on the codes stay valid."""
+    torch.manual_seed(0)
+    # dead-code restarts every step: in train mode they would move the codebook at once
+    base = VQTokenizer(**{**VQ_MODEL, "dead_code_restart_every": 1}).eval()
+    base.save_pretrained(str(tmp_path / "base"))
+    config = {"init": str(tmp_path / "base"), "train": "decoder", "data": SCENES, "steps": 4, "batch_size": 4,
+              "lr": 3e-3}
+    train_tokenizer(config, str(tmp_path / "dec"))
+    tuned = VQTokenizer.from_pretrained(str(tmp_path / "dec" / "vq"))
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    assert torch.equal(base.encode(images), tuned.encode(images))
+    for name, p in base.named_parameters():
+        q = dict(tuned.named_parameters())[name]
+        if name.startswith(("encoder.", "quant_conv.", "quantize.")):
+            assert torch.equal(p, q), name
+    assert not torch.equal(base.decoder.conv_out.weight, tuned.decoder.conv_out.weight)
+    assert not torch.equal(base.post_quant_conv.weight, tuned.post_quant_conv.weight)
+
+
+def test_decoder_only_step_reduces_loss():
+    torch.manual_seed(0)
+    vq = VQTokenizer(**VQ_MODEL).train()
+    batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1}
+    before, after = _steps_reduce_loss({"vq": vq}, batch, functools.partial(vq_step, decoder_only=True))
+    assert after < before
+
+
+def test_decoder_only_needs_a_trained_tokenizer(tmp_path):
+    with pytest.raises(ValueError, match="set 'init'"):
+        train_tokenizer({"model": VQ_MODEL, "train": "decoder", "data": SCENES, "steps": 1, "batch_size": 4,
+                         "lr": 1e-3}, str(tmp_path))
+    with pytest.raises(ValueError, match="'all' or 'decoder'"):
+        train_tokenizer({"model": VQ_MODEL, "train": "encoder", "data": SCENES, "steps": 1, "batch_size": 4,
+                         "lr": 1e-3}, str(tmp_path))
