@@ -58,6 +58,7 @@ def test_ground_truth_renders_score_one_on_every_task():
         result = score_scenes([render_scene(s, res) for s in part], part, return_checks=True)
         assert [c["reason"] for c in result["checks"] if not c["correct"]] == []
         assert result["overall"] == 1.0 and result["all"] == 1.0 and result["n"] == len(part)
+        assert result["overall_exact"] == result["exact"] == 1.0 and result["extra"] == 0.0
         assert result["count"] == result["color"] == result["position"] == 1.0
         for tag, row in result["by_task"].items():
             assert row["accuracy"] == row["all"] == 1.0, tag
@@ -152,7 +153,9 @@ def test_counting_is_exact_and_extra_objects_only_matter_where_geneval_says():
                    "single_object", [{"class": "hexagon", "count": 1}])
     busy = copy.deepcopy(single)
     busy.objects.append(SceneObject("triangle", "green", 0.7, 0.7, 0.15))
-    assert check_scene(render_scene(busy, 96), single)["correct"]
+    check = check_scene(render_scene(busy, 96), single)
+    assert check["correct"] and check["extra"] == 1 and not check["exact"]  # the strict reading fails it
+    assert "1 object(s) beyond the 1 named" in check["reason"]
     # colours: the matched object of the class must have the colour; that colour elsewhere does not count
     colors = Scene("slate", [SceneObject("diamond", "yellow", 0.5, 0.5, 0.2)], "a photo of a yellow diamond",
                    "colors", [{"class": "diamond", "count": 1, "color": "yellow"}])
@@ -172,7 +175,8 @@ def test_position_and_blob_report():
                    {"class": "circle", "count": 1, "color": "red", "position": ["left of", 0]}])
     image = render_scene(scene, 64)
     check = check_scene(image, scene)
-    assert check == {"tag": "position", "correct": True, "count": True, "color": True, "position": True, "reason": ""}
+    assert check == {"tag": "position", "correct": True, "exact": True, "extra": 0, "count": True, "color": True,
+                     "position": True, "reason": ""}
     mirrored = check_scene(np.ascontiguousarray(image[:, ::-1]), scene)
     assert mirrored["correct"] is False and mirrored["position"] is False and mirrored["count"] is True
     blobs = find_blobs(image)
@@ -293,3 +297,18 @@ def test_tokenizer_ceiling_scores_reconstructions():
 def test_score_scenes_checks_lengths():
     with pytest.raises(ValueError, match="2 images for 1 scenes"):
         score_scenes([np.zeros((8, 8, 3), np.uint8)] * 2, _scenes(0, 1))
+
+
+def test_exact_score_rejects_clutter_that_geneval_accepts():
+    """Noise holding the right shape passes GenEval's single-object rule, not the exact one."""
+    rng = np.random.default_rng(0)
+    scenes = [s for s in _scenes(7, 60) if s.tag == "single_object"][:4]
+    images = []
+    for s in scenes:
+        clutter = copy.deepcopy(s)
+        for shape in SHAPES:  # the named object plus a scatter of others, every shape and colour
+            clutter.objects.append(SceneObject(shape, str(rng.choice(list(COLORS))), *rng.uniform(0.1, 0.9, 2), 0.06))
+        images.append(render_scene(clutter, 128))
+    result = score_scenes(images, scenes)
+    assert result["by_task"]["single_object"]["accuracy"] >= 0.75
+    assert result["overall_exact"] == 0.0 and result["extra"] >= 3

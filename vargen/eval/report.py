@@ -10,7 +10,8 @@ method:
 - quality: the Frechet distance of the method's images to AR's images in the features of
   an extractor (FD-vargen by default: vargen's own CIFAR-10 classifier, **not comparable
   with published FID**), next to its noise floor, AR against AR on ``n`` other seeds; and
-  for default scene prompts the exact scene score (GenEval's six tasks, unweighted mean).
+  for default scene prompts the exact scene score (GenEval's six tasks, unweighted mean) and its
+  strict form, "scene exact" (no object beyond those the prompt names).
 
 Every figure carries a 95% bootstrap interval over images (for Frechet distances: +- 1.96
 bootstrap standard errors, see :func:`paired_frechet`).
@@ -192,11 +193,13 @@ def _scene_scores(folder: str, scenes, rng: np.random.Generator, rounds: int) ->
     images = [np.asarray(Image.open(image_path(folder, i)).convert("RGB")) for i in range(len(scenes))]
     result = score_scenes(images, scenes, return_checks=True)
     checks = result.pop("checks")
-    boot = []
+    boot, boot_exact = [], []
     for _ in range(rounds):  # resample the per-image verdicts; detection runs once
         idx = rng.integers(0, len(scenes), size=len(scenes))
-        boot.append(summarize_checks([checks[i] for i in idx])["overall"])
-    return {**result, "overall_ci95": _interval(np.array(boot))}
+        part = summarize_checks([checks[i] for i in idx])
+        boot.append(part["overall"])
+        boot_exact.append(part["overall_exact"])
+    return {**result, "overall_ci95": _interval(np.array(boot)), "overall_exact_ci95": _interval(np.array(boot_exact))}
 
 
 def _device_name(device) -> str:
@@ -216,7 +219,7 @@ def format_report(report: dict) -> str:
     head = ["method", "passes / image", "step compr.", "latency ms / image", "speedup", "FD-vargen vs AR"]
     ref = any("fd_vs_reference" in r for r in report["results"])
     head += ["FD-vargen vs reference"] if ref else []
-    head += ["scene score"] if scene else []
+    head += ["scene score", "scene exact"] if scene else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["results"]:
         fd = r["fd_vs_ar"]
@@ -228,6 +231,7 @@ def format_report(report: dict) -> str:
             cells.append(f"{r['fd_vs_reference']:.3g}")
         if scene:
             cells.append(_ci(r["scenes"]["overall"], r["scenes"]["overall_ci95"]))
+            cells.append(_ci(r["scenes"]["overall_exact"], r["scenes"]["overall_exact_ci95"]))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\n{report['n']} images per method, seeds {report['seed']}..{report['seed'] + report['n'] - 1}; "
                  f"`{FLOOR}` is AR on seeds {report['seed'] + report['n']}.., its FD to AR is the noise floor. "

@@ -308,14 +308,21 @@ def evaluate_blobs(blobs: Sequence[Blob], metadata: dict, position_rule: str = "
                    margin: float = POSITION_MARGIN) -> dict:
     """GenEval's ``evaluate`` on detected blobs and one GenEval metadata dict (see the module doc).
 
-    Returns ``{"correct", "count", "color", "position", "reason"}``: ``correct`` is GenEval's
-    verdict; ``count`` (every include's class found often enough and no exclude violated),
+    Returns ``{"correct", "exact", "extra", "count", "color", "position", "reason"}``: ``correct`` is
+    GenEval's verdict; ``extra`` the number of detections (confidence >= 0.3, at most 16) beyond the
+    objects the metadata names, and ``exact`` = ``correct`` with no extra object (a scene holds
+    exactly the named objects, so this is the strict reading of its metadata; it stops clutter
+    that contains the right shapes from passing); ``count`` (every include's class found often enough and no exclude violated),
     ``color`` (for every coloured include, at least ``count`` objects of that colour, whatever
     their shape) and ``position`` (the include's objects and its target's objects, taken by
     class alone, stand in the relation) are diagnostics, each judged on its own, present
     only when the metadata makes such a requirement.
     """
     min_score = COUNTING_THRESHOLD if metadata.get("tag") == "counting" else THRESHOLD
+    # objects beyond those the prompt names (scenes hold exactly those): GenEval ignores them outside
+    # counting, so noise that happens to hold the right shapes passes; "exact" below does not
+    named = sum(req["count"] for req in metadata.get("include", []))
+    extra = max(0, min(MAX_OBJECTS, sum(b.score >= THRESHOLD for b in blobs)) - named)
     blobs = [b for b in sorted(blobs, key=lambda b: -b.score) if b.score >= min_score][:MAX_OBJECTS]
     objects: Dict[str, List[Blob]] = {}
     for b in blobs:
@@ -359,7 +366,9 @@ def evaluate_blobs(blobs: Sequence[Blob], metadata: dict, position_rule: str = "
         if n >= req["count"]:
             correct = flags["count"] = False
             reasons.append(f"expected {req['class']}<{req['count']}, found {n}")
-    return {"correct": correct, **flags, "reason": "\n".join(reasons)}
+    if extra:
+        reasons.append(f"{extra} object(s) beyond the {named} named")
+    return {"correct": correct, "exact": correct and not extra, "extra": extra, **flags, "reason": "\n".join(reasons)}
 
 
 def check_scene(image: np.ndarray, scene: Union[Scene, dict], position_rule: str = "axis", **detect) -> dict:
@@ -379,7 +388,9 @@ def score_scenes(images: Sequence[np.ndarray], scenes: Sequence[Union[Scene, dic
     Returns::
 
         {"overall": mean of the per-task accuracies (GenEval's overall score),
-         "all": share of correct images, "n": number of images,
+         "overall_exact": the same for "exact" (correct and no object beyond the named ones),
+         "all": share of correct images, "exact": share of exact images,
+         "extra": mean number of unnamed objects per image, "n": number of images,
          "by_task": {tag: {"accuracy", "all" (= accuracy), "n", "count", "color", "position"}},
          "count", "color", "position": per-requirement accuracies (with "count_n", ... the
              number of images that make the requirement; absent when none does),
@@ -409,6 +420,7 @@ def summarize_checks(checks: Sequence[dict]) -> Dict[str, object]:
         by_task[tag] = {"accuracy": part["all"], **{k: v for k, v in part.items() if not k.endswith("_n")}}
     result["by_task"] = by_task
     result["overall"] = float(np.mean([t["accuracy"] for t in by_task.values()])) if by_task else float("nan")
+    result["overall_exact"] = float(np.mean([t["exact"] for t in by_task.values()])) if by_task else float("nan")
     return result
 
 
@@ -420,6 +432,8 @@ def _aggregate(checks: List[dict]) -> dict:
             result[key] = float(np.mean(vals))
             result[f"{key}_n"] = len(vals)
     result["all"] = float(np.mean([c["correct"] for c in checks])) if checks else float("nan")
+    result["exact"] = float(np.mean([c["exact"] for c in checks])) if checks else float("nan")
+    result["extra"] = float(np.mean([c["extra"] for c in checks])) if checks else float("nan")
     result["n"] = len(checks)
     return result
 
