@@ -150,16 +150,36 @@ def test_decoder_only_finetune_keeps_every_token_id(tmp_path):
     base.save_pretrained(str(tmp_path / "base"))
     config = {"init": str(tmp_path / "base"), "train": "decoder", "data": SCENES, "steps": 4, "batch_size": 4,
               "lr": 3e-3}
-    train_tokenizer(config, str(tmp_path / "dec"))
-    tuned = VQTokenizer.from_pretrained(str(tmp_path / "dec" / "vq"))
     images = torch.rand(6, 3, 16, 16) * 2 - 1
-    assert torch.equal(base.encode(images), tuned.encode(images))
-    for name, p in base.named_parameters():
-        q = dict(tuned.named_parameters())[name]
-        if name.startswith(("encoder.", "quant_conv.", "quantize.")):
-            assert torch.equal(p, q), name
-    assert not torch.equal(base.decoder.conv_out.weight, tuned.decoder.conv_out.weight)
-    assert not torch.equal(base.post_quant_conv.weight, tuned.post_quant_conv.weight)
+    for run, extra in (("dec", {}), ("dec_table", {"decode_codebook": True})):
+        train_tokenizer({**config, **extra}, str(tmp_path / run))
+        tuned = VQTokenizer.from_pretrained(str(tmp_path / run / "vq"))
+        assert torch.equal(base.encode(images), tuned.encode(images))
+        for name, p in base.named_parameters():
+            q = dict(tuned.named_parameters())[name]
+            if name.startswith(("encoder.", "quant_conv.", "quantize.")):
+                assert torch.equal(p, q), name
+        assert not torch.equal(base.decoder.conv_out.weight, tuned.decoder.conv_out.weight)
+        assert not torch.equal(base.post_quant_conv.weight, tuned.post_quant_conv.weight)
+    # the decode codebook is saved, loaded and trained; the quantiser's codebook is not touched
+    assert tuned.config.decode_codebook and not torch.allclose(tuned.decode_table, base.codebook_embeddings)
+    torch.testing.assert_close(tuned.codebook_embeddings, base.codebook_embeddings)
+
+
+def test_decode_codebook_starts_as_the_codebook():
+    torch.manual_seed(0)
+    vq = VQTokenizer(**VQ_MODEL).eval()
+    tokens = torch.randint(0, 64, (2, 4, 4))
+    before = vq.decode(tokens)
+    assert vq.add_decode_codebook() is vq and vq.config.decode_codebook
+    torch.testing.assert_close(vq.decode(tokens), before)  # same images until it is trained
+    with torch.no_grad():
+        vq.decode_embedding.weight[tokens[0, 0, 0]] += 1.0
+    assert not torch.allclose(vq.decode(tokens), before)
+    assert torch.equal(vq.codebook_embeddings, vq.quantize.codebook())  # lookups never read the decode table
+    with pytest.raises(ValueError, match="set 'train': 'decoder'"):
+        train_tokenizer({"model": VQ_MODEL, "decode_codebook": True, "data": SCENES, "steps": 1, "batch_size": 4,
+                         "lr": 1e-3}, "/nonexistent-never-written")
 
 
 def test_decoder_only_step_reduces_loss():
@@ -177,3 +197,24 @@ def test_decoder_only_needs_a_trained_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="'all' or 'decoder'"):
         train_tokenizer({"model": VQ_MODEL, "train": "encoder", "data": SCENES, "steps": 1, "batch_size": 4,
                          "lr": 1e-3}, str(tmp_path))
+
+
+
+def test_foreground_weights_single_out_objects_and_keep_the_mean():
+    from vargen.train.tokenizer import foreground_weights
+
+    images = -0.2 * torch.ones(2, 3, 8, 8)
+    images[0, 2, 2:4, 2:4] = 0.9  # a 2 x 2 blue-ish object on grey; image 1 is all background
+    w = foreground_weights(images, 9.0)
+    torch.testing.assert_close(w.mean(dim=(1, 2, 3)), torch.ones(2))
+    assert w[0, 0, 2, 2] / w[0, 0, 0, 0] == pytest.approx(10.0) and torch.all(w[1] == 1)
+
+
+def test_foreground_weighted_step_reduces_the_object_error():
+    torch.manual_seed(0)
+    vq = VQTokenizer(**VQ_MODEL).train()
+    images = -0.2 * torch.ones(4, 3, 16, 16)
+    images[:, 2, 4:8, 4:8] = 0.9
+    step = functools.partial(vq_step, decoder_only=True, foreground_weight=9.0)
+    before, after = _steps_reduce_loss({"vq": vq}, {"image": images}, step)
+    assert after < before

@@ -365,7 +365,7 @@ class VQFeatures(nn.Module):
 
     def copy_from(self, vq) -> "VQFeatures":
         """Take the codebook, ``post_quant_conv`` and decoder trunk weights of ``vq``."""
-        self.codebook.copy_(vq.codebook_embeddings.detach())
+        self.codebook.copy_(vq.decode_table.detach())
         self.post_quant_conv.load_state_dict(vq.post_quant_conv.state_dict())
         self.decoder.load_state_dict(vq.decoder.state_dict(), strict=False)  # drops norm_out/conv_out/upsamplers
         return self

@@ -233,7 +233,7 @@ class VQTokenizer(ModelMixin, ConfigMixin):
                  codebook_show_usage: bool = True, commit_loss_beta: float = 0.25,
                  ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4), decoder_ch_mult: Optional[Sequence[int]] = None,
                  num_res_blocks: int = 2, z_channels: int = 256, dropout_p: float = 0.0, norm_groups: int = 32,
-                 dead_code_restart_every: int = 0):
+                 dead_code_restart_every: int = 0, decode_codebook: bool = False):
         super().__init__()
         dec_mult = tuple(decoder_ch_mult or ch_mult)
         if len(dec_mult) != len(ch_mult):
@@ -246,6 +246,8 @@ class VQTokenizer(ModelMixin, ConfigMixin):
                                         codebook_l2_norm, codebook_show_usage, dead_code_restart_every)
         self.quant_conv = nn.Conv2d(z_channels, codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(codebook_embed_dim, z_channels, 1)
+        if decode_codebook:
+            self.decode_embedding = nn.Embedding(codebook_size, codebook_embed_dim)
 
     @classmethod
     def from_llamagen(cls, path_or_state_dict, downsample: int = 16, prefer_ema: bool = False,
@@ -276,6 +278,28 @@ class VQTokenizer(ModelMixin, ConfigMixin):
         """``[codebook_size, embed_dim]`` code vectors as used for lookups (L2-normalised if cosine VQ)."""
         return self.quantize.codebook()
 
+    @property
+    def decode_table(self) -> torch.Tensor:
+        """``[codebook_size, embed_dim]`` vectors the decoder reads per token: the codebook, or the
+        separate decode codebook when there is one (:meth:`add_decode_codebook`)."""
+        return self.decode_embedding.weight if hasattr(self, "decode_embedding") else self.codebook_embeddings
+
+    def add_decode_codebook(self) -> "VQTokenizer":
+        """Give the decoder its own trainable vector per token id, initialised from the codebook.
+
+        Quantisation (and so every token id) keeps using the codebook; only decoding reads the new
+        table. A briefly trained cosine codebook can keep hues apart by id while their vectors
+        are nearly parallel (cos 0.97-0.99 between blue, purple and grey-background codes in the
+        CPU-trained scenes tokenizer), which a smooth decoder cannot amplify; a free decode
+        vector per id can move apart. Returns ``self``.
+        """
+        if not hasattr(self, "decode_embedding"):
+            table = self.codebook_embeddings.detach().clone()
+            self.decode_embedding = nn.Embedding(*table.shape).to(table.device)
+            self.decode_embedding.weight.data.copy_(table)
+            self.register_to_config(decode_codebook=True)
+        return self
+
     # ----------------------------------------------------------------------------- API
     def quantize_images(self, images: torch.Tensor):
         """Encode and quantise; returns ``(z_q, indices [B, h, w], losses)`` with straight-through grads."""
@@ -302,7 +326,7 @@ class VQTokenizer(ModelMixin, ConfigMixin):
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got range "
                              f"[{int(tokens.min())}, {int(tokens.max())}] - do the model and tokenizer vocabularies match?")
-        return self.codebook_embeddings[tokens].permute(0, 3, 1, 2)
+        return self.decode_table[tokens].permute(0, 3, 1, 2)
 
     def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z_q))

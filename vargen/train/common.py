@@ -51,7 +51,10 @@ def run_training(config: dict, modules: Dict[str, torch.nn.Module], params, batc
     os.makedirs(out_dir, exist_ok=True)
     accelerator = Accelerator(mixed_precision=config.get("mixed_precision", "no"))
     set_seed(config.get("seed", 0))
-    optimizer = torch.optim.AdamW(params, lr=config["lr"], betas=tuple(config.get("betas", (0.9, 0.95))),
+    # param groups may carry an "lr_scale" (a multiple of the scheduled learning rate)
+    groups = [dict(g) for g in params] if params and isinstance(params[0], dict) else [{"params": list(params)}]
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config["lr"], betas=tuple(config.get("betas", (0.9, 0.95))),
                                   weight_decay=config.get("weight_decay", 0.0))
     names = list(modules)
     prepared = accelerator.prepare(*[modules[n] for n in names], optimizer)
@@ -72,7 +75,7 @@ def run_training(config: dict, modules: Dict[str, torch.nn.Module], params, batc
     start, metrics = time.perf_counter() - prior_s, {}  # elapsed_s counts training time across resumes
     while step < total:
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, total, config["lr"], warmup)
+            group["lr"] = cosine_lr(step, total, config["lr"], warmup) * group.get("lr_scale", 1.0)
         loss, metrics = step_fn(modules, next(batches))
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
