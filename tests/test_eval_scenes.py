@@ -312,3 +312,28 @@ def test_exact_score_rejects_clutter_that_geneval_accepts():
     result = score_scenes(images, scenes)
     assert result["by_task"]["single_object"]["accuracy"] >= 0.75
     assert result["overall_exact"] == 0.0 and result["extra"] >= 3
+
+
+def test_colour_fidelity_counts_the_colours_a_tokenizer_keeps():
+    import torch
+
+    from vargen.eval.scenes import colour_fidelity
+
+    class Lossless:
+        device = torch.device("cpu")
+
+        def encode(self, x):
+            return x
+
+        def decode(self, z):
+            return z
+
+    class Greyscale(Lossless):
+        def decode(self, z):
+            return z.mean(1, keepdim=True).expand_as(z)
+
+    exact = colour_fidelity(Lossless(), resolution=64, shapes=("circle", "square"))
+    assert exact["colours_kept"] == 10 and exact["objects_kept"] == 1.0
+    grey = colour_fidelity(Greyscale(), resolution=64, shapes=("circle", "square"))
+    assert grey["colours_kept"] <= 3 and grey["by_colour"]["blue"] == 0.0
+    assert sum(grey["found"]["blue"].values()) == 6  # 3 backgrounds x 2 shapes

@@ -433,7 +433,7 @@ def cmd_eval_scenes(args) -> int:
     import torch
     from torchvision.utils import save_image
 
-    from .eval.scenes import scene_following, tokenizer_ceiling
+    from .eval.scenes import colour_fidelity, scene_following, tokenizer_ceiling
     from .pipeline import VarGenPipeline
 
     pipe = VarGenPipeline.load(args.model, device=args.device)
@@ -445,7 +445,8 @@ def cmd_eval_scenes(args) -> int:
     images = torch.from_numpy(result.pop("images")).permute(0, 3, 1, 2).float() / 255
     save_image(images, os.path.join(args.out, "grid.png"), nrow=10, padding=2)
     result.update(model=args.model, n_prompts=args.n, scene_seed=args.seed, sampling=_sampling(args),
-                  tokenizer_ceiling=tokenizer_ceiling(pipe.vq, n=args.n, seed=args.seed))
+                  tokenizer_ceiling=tokenizer_ceiling(pipe.vq, n=args.n, seed=args.seed),
+                  tokenizer_colours=colour_fidelity(pipe.vq))
     with open(os.path.join(args.out, "scores.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"{'task':<14} {'n':>4} {'accuracy':>9} {'exact':>6} {'count':>7} {'colour':>7} {'position':>9}")
@@ -458,6 +459,10 @@ def cmd_eval_scenes(args) -> int:
         print(f"{name:<14} {r['n']:>4} {r['overall']:>9.2f} {r['overall_exact']:>6.2f}  (mean of the task accuracies; "
               f"images fully correct {r['all']:.2f}, {r['extra']:.1f} unnamed objects per image)")
     print("accuracy is GenEval's verdict; exact also wants no object beyond those the prompt names")
+    colours = result["tokenizer_colours"]
+    print(f"tokenizer colours: {colours['colours_kept']} of {len(colours['by_colour'])} kept, "
+          f"{colours['objects_kept']:.0%} of single objects decoded in their colour (lost: "
+          + (", ".join(c for c, v in colours["by_colour"].items() if v < 0.5) or "none") + ")")
     print(f"wrote {args.out}/scores.json and {args.out}/grid.png")
     return 0
 

@@ -481,6 +481,37 @@ def tokenizer_ceiling(vq, n: int = 100, seed: int = 999, resolution: int = 128, 
     return score_scenes(images, scenes)
 
 
+@torch.no_grad()
+def colour_fidelity(vq, resolution: int = 128, shapes: Sequence[str] = SHAPES, radius: float = 0.2,
+                    batch_size: int = 18) -> dict:
+    """Whether single objects come back from encode -> decode through ``vq`` in their own colour.
+
+    Every colour of :data:`COLOR_NAMES` on every scene background, one centred object per shape of
+    ``shapes`` (half-size ``radius``); an object counts as kept when the largest blob that
+    :func:`find_blobs` finds in the reconstruction has its colour. Returns ``{"by_colour": {colour:
+    share kept}, "found": {colour: {colour found (or "none"): images}}, "colours_kept": colours kept in
+    at least half their images, "objects_kept": share of all objects kept}``.
+    """
+    from ..data.scenes import render_scene
+
+    scenes = [Scene(bg, [SceneObject(shape, color, 0.5, 0.5, radius)], "", "colors")
+              for color in COLOR_NAMES for bg in BACKGROUNDS for shape in shapes]
+    found: Dict[str, Dict[str, int]] = {c: {} for c in COLOR_NAMES}
+    for start in range(0, len(scenes), batch_size):
+        part = scenes[start:start + batch_size]
+        x = torch.from_numpy(np.stack([render_scene(s, resolution) for s in part])).permute(0, 3, 1, 2)
+        x = (x.float() / 127.5 - 1).to(vq.device)
+        rec = ((vq.decode(vq.encode(x)).float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
+        for image, scene in zip(rec.cpu().numpy(), part):
+            blobs = find_blobs(image)
+            got = max(blobs, key=lambda b: b.area).color if blobs else "none"
+            tally = found[scene.objects[0].color]
+            tally[got] = tally.get(got, 0) + 1
+    by_colour = {c: found[c].get(c, 0) / sum(found[c].values()) for c in COLOR_NAMES}
+    return {"by_colour": by_colour, "found": found, "colours_kept": sum(v >= 0.5 for v in by_colour.values()),
+            "objects_kept": float(np.mean(list(by_colour.values())))}
+
+
 def _score_by_task(images, scenes) -> dict:
     """Kept for callers of the old name: :func:`score_scenes` now reports ``by_task`` itself."""
     return score_scenes(images, scenes)
