@@ -50,7 +50,8 @@ def vq_step(modules, batch, crop: int = 0, decoder_only: bool = False, foregroun
         images = random_crop(images, crop, vq.downsample)
     if decoder_only:
         # eval mode keeps the quantiser's dead-code restarts from moving a frozen codebook
-        vq.encoder.eval(), vq.quant_conv.eval(), vq.quantize.eval()
+        for frozen in (vq.encoder, vq.quant_conv, vq.quantize):
+            frozen.eval()
         with torch.no_grad():
             idx = vq.quantize_images(images)[1]
         rec, losses = vq.decode(idx), {"vq": 0.0, "commit": 0.0}  # through the decode codebook if any
