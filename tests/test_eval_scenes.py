@@ -270,23 +270,25 @@ def test_scene_following_scores_generated_images_per_task():
     assert wrong["overall"] < 0.5 and wrong["all"] < 0.5
 
 
+class Lossless:
+    """A stand-in tokenizer whose tokens are the image itself."""
+
+    device = "cpu"
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z):
+        return z
+
+
+class Greyscale(Lossless):
+    def decode(self, z):
+        return z.mean(1, keepdim=True).expand_as(z)
+
+
 def test_tokenizer_ceiling_scores_reconstructions():
-    import torch
-
     from vargen.eval.scenes import tokenizer_ceiling
-
-    class Lossless:
-        device = torch.device("cpu")
-
-        def encode(self, x):
-            return x
-
-        def decode(self, z):
-            return z
-
-    class Greyscale(Lossless):
-        def decode(self, z):
-            return z.mean(1, keepdim=True).expand_as(z)
 
     lossless = tokenizer_ceiling(Lossless(), n=20, seed=3, resolution=64)
     assert lossless["overall"] == 1.0 and lossless["all"] == 1.0
@@ -315,22 +317,7 @@ def test_exact_score_rejects_clutter_that_geneval_accepts():
 
 
 def test_colour_fidelity_counts_the_colours_a_tokenizer_keeps():
-    import torch
-
     from vargen.eval.scenes import colour_fidelity
-
-    class Lossless:
-        device = torch.device("cpu")
-
-        def encode(self, x):
-            return x
-
-        def decode(self, z):
-            return z
-
-    class Greyscale(Lossless):
-        def decode(self, z):
-            return z.mean(1, keepdim=True).expand_as(z)
 
     exact = colour_fidelity(Lossless(), resolution=64, shapes=("circle", "square"))
     assert exact["colours_kept"] == 10 and exact["objects_kept"] == 1.0

@@ -461,6 +461,12 @@ def scene_following(pipe, n: int = 100, seed: int = 999, resolution: Optional[in
     return {**score_scenes(images, scenes), "images": np.stack(images), "captions": [s.caption for s in scenes]}
 
 
+def _reconstruct(vq, images: torch.Tensor) -> np.ndarray:
+    """Images ``[B, 3, H, W]`` in [-1, 1] through ``vq`` (encode -> decode) as ``[B, H, W, 3]`` uint8."""
+    rec = vq.decode(vq.encode(images.to(vq.device))).float().clamp(-1, 1)
+    return ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 @torch.no_grad()
 def tokenizer_ceiling(vq, n: int = 100, seed: int = 999, resolution: int = 128, batch_size: int = 16) -> dict:
     """The same scores for the ground-truth renders of the same ``n`` scenes after encode -> decode
@@ -475,9 +481,8 @@ def tokenizer_ceiling(vq, n: int = 100, seed: int = 999, resolution: int = 128, 
     scenes = [data.scene(i) for i in range(n)]
     images = []
     for start in range(0, n, batch_size):
-        x = torch.stack([data[i]["image"] for i in range(start, min(n, start + batch_size))]).to(vq.device)
-        rec = ((vq.decode(vq.encode(x)).float().clamp(-1, 1) + 1) * 127.5).round().byte()
-        images += list(rec.permute(0, 2, 3, 1).cpu().numpy())
+        x = torch.stack([data[i]["image"] for i in range(start, min(n, start + batch_size))])
+        images += list(_reconstruct(vq, x))
     return score_scenes(images, scenes)
 
 
@@ -500,9 +505,7 @@ def colour_fidelity(vq, resolution: int = 128, shapes: Sequence[str] = SHAPES, r
     for start in range(0, len(scenes), batch_size):
         part = scenes[start:start + batch_size]
         x = torch.from_numpy(np.stack([render_scene(s, resolution) for s in part])).permute(0, 3, 1, 2)
-        x = (x.float() / 127.5 - 1).to(vq.device)
-        rec = ((vq.decode(vq.encode(x)).float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
-        for image, scene in zip(rec.cpu().numpy(), part):
+        for image, scene in zip(_reconstruct(vq, x.float() / 127.5 - 1), part):
             blobs = find_blobs(image)
             got = max(blobs, key=lambda b: b.area).color if blobs else "none"
             tally = found[scene.objects[0].color]
