@@ -49,7 +49,7 @@ def ar_step(modules, batch):
         logits = gpt.forward_train(tokens, batch["labels"].to(gpt.device))
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
     acc = (logits.argmax(-1) == tokens).float().mean()
-    return loss, {"token_acc": acc.detach()}
+    return loss, {"token_acc": acc.detach(), "tokens": tokens.numel()}
 
 
 class _TokenBatches(torch.utils.data.Dataset):

@@ -48,8 +48,13 @@ def run_training(config: dict, modules: Dict[str, torch.nn.Module], params, batc
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from ..precision import default_mixed_precision
+
     os.makedirs(out_dir, exist_ok=True)
-    accelerator = Accelerator(mixed_precision=config.get("mixed_precision", "no"))
+    # bf16 autocast by default where the hardware has it (3-5x faster steps on this project's CPU);
+    # a recipe that sets "mixed_precision" ("no", "bf16", "fp16") keeps its choice
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    accelerator = Accelerator(mixed_precision=config.get("mixed_precision") or default_mixed_precision(device))
     set_seed(config.get("seed", 0))
     # param groups may carry an "lr_scale" (a multiple of the scheduled learning rate)
     groups = [dict(g) for g in params] if params and isinstance(params[0], dict) else [{"params": list(params)}]
@@ -73,10 +78,12 @@ def run_training(config: dict, modules: Dict[str, torch.nn.Module], params, batc
     for m in modules.values():
         m.train()
     start, metrics = time.perf_counter() - prior_s, {}  # elapsed_s counts training time across resumes
+    meter = Throughput(step, total)
     while step < total:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, total, config["lr"], warmup) * group.get("lr_scale", 1.0)
         loss, metrics = step_fn(modules, next(batches))
+        meter.add(metrics.pop("tokens", 0))
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if config.get("grad_clip"):
@@ -85,17 +92,19 @@ def run_training(config: dict, modules: Dict[str, torch.nn.Module], params, batc
         step += 1
         if step % log_every == 0 or step == total:
             metrics = {"step": step, "loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()},
-                       "lr": optimizer.param_groups[0]["lr"], "elapsed_s": time.perf_counter() - start}
+                       "lr": optimizer.param_groups[0]["lr"], "elapsed_s": time.perf_counter() - start,
+                       **meter.rates(step)}
             if accelerator.is_main_process:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
             accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                       for k, v in metrics.items()))
+                                       for k, v in metrics.items()) + f" eta={meter.eta(step)}")
         if step % save_every == 0 or step == total:
             _save_state(accelerator, state_dir, step, time.perf_counter() - start)
     for m in modules.values():
         m.eval()
     summary = {**metrics, "steps": step, "wall_s": time.perf_counter() - start, "device": str(accelerator.device),
+               "mixed_precision": accelerator.mixed_precision,
                "device_name": _device_name(accelerator.device), "num_processes": accelerator.num_processes,
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     if accelerator.is_main_process:
@@ -103,6 +112,34 @@ def run_training(config: dict, modules: Dict[str, torch.nn.Module], params, batc
         with open(os.path.join(out_dir, "run.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return {**summary, "modules": {n: accelerator.unwrap_model(m) for n, m in modules.items()}}
+
+
+class Throughput:
+    """Steps/s, tokens/s and an ETA over this process's steps (a resume starts a fresh clock).
+
+    A recipe's ``step_fn`` may put ``"tokens"`` (an int: tokens, or pixels' tokens, in the batch) in
+    its metrics; it is counted here, not logged.
+    """
+
+    def __init__(self, first_step: int, total: int):
+        self.first, self.total, self.tokens, self.t0 = first_step, total, 0, time.perf_counter()
+
+    def add(self, tokens) -> None:
+        self.tokens += int(tokens)
+
+    def rates(self, step: int) -> dict:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        out = {"steps_per_s": (step - self.first) / dt}
+        if self.tokens:
+            out["tokens_per_s"] = self.tokens / dt
+        return out
+
+    def eta(self, step: int) -> str:
+        done = step - self.first
+        if done <= 0:
+            return "?"
+        left = (time.perf_counter() - self.t0) / done * (self.total - step)
+        return f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m" if left >= 3600 else f"{int(left // 60)}m{int(left % 60):02d}s"
 
 
 def save_trained(result: dict, name: str, out_dir: str):

@@ -174,13 +174,13 @@ def liif_step(modules, batch, vq):
     model = modules["liif"]
     device = next(model.parameters()).device
     vq.to(device)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):  # the ids inference will give
         tokens = vq.encode(batch["inp"].to(device))
     pred = model(tokens, batch["coord"].to(device), batch["cell"].to(device))
     gt = batch["gt"].to(device)
     loss = F.l1_loss(pred, gt)
     psnr = 10 * torch.log10(4.0 / F.mse_loss(pred.detach(), gt).clamp_min(1e-10))  # range 2 in [-1, 1]
-    return loss, {"psnr": psnr, "scale": batch["scale"]}
+    return loss, {"psnr": psnr, "scale": batch["scale"], "tokens": tokens.numel()}
 
 
 def train_liif(config: dict, out_dir: str) -> dict:

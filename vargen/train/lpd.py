@@ -46,7 +46,7 @@ def lpd_step(modules, batch, text_encoder: Optional[WordTextEncoder] = None,
     target = tokens.gather(1, orders)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
     acc = (logits.argmax(-1) == target).float().mean()
-    return loss, {"token_acc": acc.detach(), "groups": torch.tensor(float(steps))}
+    return loss, {"token_acc": acc.detach(), "groups": torch.tensor(float(steps)), "tokens": tokens.numel()}
 
 
 def _check_pairing(gpt: LlamaGen, vq, cache: dict, text_encoder: Optional[WordTextEncoder], init: str) -> None:

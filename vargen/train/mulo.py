@@ -108,7 +108,7 @@ def drafter_step(modules, batch, text_encoder: Optional[WordTextEncoder] = None)
         feats, mask = text_encoder.to(gpt.device)(batch["captions"])
     logits = gpt.forward_train(tokens, feats, cond_mask=mask)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
-    return loss, {"token_acc": (logits.argmax(-1) == tokens).float().mean().detach()}
+    return loss, {"token_acc": (logits.argmax(-1) == tokens).float().mean().detach(), "tokens": tokens.numel()}
 
 
 def upsampler_step(modules, batch):
@@ -118,7 +118,7 @@ def upsampler_step(modules, batch):
     low, high = batch["low"].to(device), batch["high"].to(device)
     logits = up(low)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), high.reshape(-1))
-    return loss, {"token_acc": (logits.argmax(-1) == high).float().mean().detach()}
+    return loss, {"token_acc": (logits.argmax(-1) == high).float().mean().detach(), "tokens": high.numel()}
 
 
 def _part_config(config: dict, part: str) -> dict:

@@ -35,7 +35,7 @@ def nar_step(modules, batch, text_encoder: Optional[WordTextEncoder] = None):
     else:
         cond, cond_mask = batch["labels"].to(device), None
     loss, logits = nar.training_loss(tokens, cond, cond_mask=cond_mask)
-    return loss, {"token_acc": (logits.argmax(-1) == tokens).float().mean().detach()}
+    return loss, {"token_acc": (logits.argmax(-1) == tokens).float().mean().detach(), "tokens": tokens.numel()}
 
 
 def train_nar(config: dict, out_dir: str) -> dict:

@@ -52,7 +52,8 @@ def vq_step(modules, batch, crop: int = 0, decoder_only: bool = False, foregroun
         # eval mode keeps the quantiser's dead-code restarts from moving a frozen codebook
         for frozen in (vq.encoder, vq.quant_conv, vq.quantize):
             frozen.eval()
-        with torch.no_grad():
+        # ids in fp32 even under bf16 autocast: the decoder must learn the ids inference produces
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
             idx = vq.quantize_images(images)[1]
         rec, losses = vq.decode(idx), {"vq": 0.0, "commit": 0.0}  # through the decode codebook if any
     else:
@@ -65,7 +66,7 @@ def vq_step(modules, batch, crop: int = 0, decoder_only: bool = False, foregroun
         loss = l1 + l2 + losses["vq"] + losses["commit"]
     psnr = 10 * torch.log10(4.0 / l2.detach().clamp_min(1e-10))  # peak-to-peak range 2 in [-1, 1]
     usage = idx.unique().numel() / vq.config.codebook_size
-    return loss, {"l1": l1.detach(), "psnr": psnr, "batch_code_usage": usage}
+    return loss, {"l1": l1.detach(), "psnr": psnr, "batch_code_usage": usage, "tokens": idx.numel()}
 
 
 def train_tokenizer(config: dict, out_dir: str) -> dict:
