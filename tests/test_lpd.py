@@ -185,7 +185,8 @@ def test_raster_order_group_size_one_decodes_every_token(one_thread):
                                order="raster")
     assert tokens.shape == (2, 16) and tokens.min() >= 0 and tokens.max() < 48
     assert stats.forward_passes == 17 and stats.extra["group_sizes"] == [1] * 16
-    assert stats.per_sample_forward_passes == [17, 17] and stats.accepted_hist == {1: 32}
+    # one entry per sample per pass: the condition prefill commits no token, each group pass one
+    assert stats.per_sample_forward_passes == [17, 17] and stats.accepted_hist == {0: 2, 1: 32}
 
 
 def test_method_registry_loads_lpd_weights_beside_the_ar_model(one_thread, tmp_path):

@@ -124,3 +124,13 @@ def test_checking_with_the_full_row_makes_a_two_row_grid_exact():
 def test_adaptive_window_arguments():
     with pytest.raises(ValueError, match="1 <= min_window <= window"):
         decode_zipar_adaptive(make_gpt("c2i"), torch.arange(2), window=2, min_window=3)
+
+
+def test_adaptive_window_wider_than_the_row_finishes_as_the_full_row(one_thread):
+    """A lead beyond the row width used to wait forever for a check that never came (4-wide rows, window 8)."""
+    from conftest import make_gpt
+
+    gpt = make_gpt("c2i", vocab=48, block=16, grid_rows=4)
+    wide, ws = decode_zipar_adaptive(gpt, torch.arange(2), SamplingConfig(), seeds=[0, 1], window=8)
+    full, fs = decode_zipar_adaptive(gpt, torch.arange(2), SamplingConfig(), seeds=[0, 1], window=4, min_window=4)
+    assert torch.equal(wide, full) and ws.per_sample_forward_passes == fs.per_sample_forward_passes

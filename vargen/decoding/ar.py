@@ -34,11 +34,10 @@ def decode_ar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: O
     probs = session.prefill()
     for k in tqdm(range(N), disable=not progress, desc="tokens", leave=False):
         tokens[:, k] = sample_categorical(probs, session.generators)
+        session.advance(torch.full((B,), k + 1, device=session.device))  # the pass that gave probs
         if callback is not None:
             callback(k, tokens, torch.full((B,), k + 1, device=session.device))
         if k + 1 < N:
             step = torch.full((B, 1), k, device=session.device)
             probs = session.forward(tokens[:, k: k + 1], positions=step, slots=step)[:, 0]
-    stats = session.finish()
-    stats.record_accepted([1] * (B * N))
-    return tokens, stats
+    return tokens, session.finish()

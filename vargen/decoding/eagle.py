@@ -289,10 +289,10 @@ def decode_eagle(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds
     drafter_passes = 1
 
     n = torch.ones(B, dtype=torch.long, device=dev)  # committed tokens
+    session.advance(n)
     m = torch.zeros(B, dtype=torch.long, device=dev)  # tokens whose (x_j, f_j-1) pair is in the drafter cache
     from_draft = torch.zeros(B, N + D + 2, dtype=torch.bool, device=dev)
-    passes = torch.ones(B, dtype=torch.long, device=dev)
-    committed_log, accepted_log = [], []
+    accepted_log = []
     catch = torch.arange(D + 1, device=dev)
     if not dynamic:
         s_par_t = torch.tensor(s_par, device=dev).expand(B, -1)
@@ -422,27 +422,23 @@ def decode_eagle(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds
         src = torch.where(keep, P + n[:, None] - 1 + path[:, :D], P + cells)
         dst = P + cells
         session.cache.copy_slots(dbl(src), dbl(dst))
-        committed_log.append(torch.where(active, n_new - n, 0))
         accepted_log.append(torch.where(active, acc, -1))
-        passes += active.long()
+        session.advance(n_new)
         session.rollback(n_new - 1)  # keeps c and the accepted nodes; the newest token has no KV yet
         n = n_new
         if callback is not None:
-            callback(len(committed_log) - 1, canvas[:, :N], n)
+            callback(len(accepted_log) - 1, canvas[:, :N], n)
         if progress:
             bar.n = int(n.min())
             bar.refresh()
     bar.close()
     stats = session.finish()
-    log = torch.stack(committed_log) if committed_log else torch.zeros(0, B, dtype=torch.long)
     alog = torch.stack(accepted_log) if accepted_log else torch.zeros(0, B, dtype=torch.long)
-    stats.record_accepted([1] * B + log[log > 0].tolist())  # the prefill commits token 0
-    stats.per_sample_forward_passes = passes.tolist()
-    verify = log[log > 0]
+    verify = alog[alog >= 0]  # accepted drafts per verify pass; the pass also commits one token of its own
     stats.extra.update(
         tree=tree, depth=D, tree_tokens=M, topk=K if dynamic else None, acceptance=acceptance.name,
-        drafter_passes=drafter_passes, step_compression=N / (sum(stats.per_sample_forward_passes) / B),
-        mean_accepted=float(verify.float().mean()) if len(verify) else 0.0,
-        mean_accepted_drafts=float(alog[alog >= 0].float().mean()) if len(verify) else 0.0,
+        drafter_passes=drafter_passes,
+        mean_accepted=float(verify.float().mean() + 1) if len(verify) else 0.0,
+        mean_accepted_drafts=float(verify.float().mean()) if len(verify) else 0.0,
         accepted_cells=from_draft[:, :N].float().mean(0).tolist())
     return canvas[:, :N], stats

@@ -66,6 +66,7 @@ def decode_lpd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     seeds = list(range(B)) if seeds is None else list(seeds)
     groups = iter_groups(order, lpd.grid, sizes, [order_generator(s) for s in seeds], repulsion)
     session.prefill()  # the condition; the first token comes from group 0's query
+    session.advance(torch.zeros(B, dtype=torch.long, device=dev))  # so the prefill commits nothing
     cond_visible = session.cache.visible[:B, :P].clone()  # real caption tokens (pads stay hidden)
     slot_ids = torch.arange(N, device=dev)
     orders = torch.zeros(B, N, dtype=torch.long, device=dev)  # cell of each generation index
@@ -83,12 +84,10 @@ def decode_lpd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         probs = session.forward(tokens, orders[:, prev:b], slot_ids[prev:b].expand(B, -1), mask,
                                 cfg_scale=ramp[None, :, None])[:, a - prev:]
         generated[:, a:b] = sample_categorical(probs, session.generators)
+        session.advance(torch.full((B,), b, device=dev))
         if callback is not None:
             partial = torch.zeros_like(generated).scatter_(1, orders[:, :b], generated[:, :b])
             callback(i, partial, torch.full((B,), b, device=dev))
     stats = session.finish()
-    stats.record_accepted([g for g in sizes for _ in range(B)])
-    stats.per_sample_forward_passes = [1 + len(sizes)] * B
-    stats.extra.update(steps=len(sizes), group_sizes=sizes, order=order, repulsion=repulsion,
-                       step_compression=N / (1 + len(sizes)))
+    stats.extra.update(steps=len(sizes), group_sizes=sizes, order=order, repulsion=repulsion)
     return torch.zeros_like(generated).scatter_(1, orders, generated), stats

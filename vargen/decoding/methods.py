@@ -10,7 +10,7 @@ from .lpd import decode_lpd
 from .mulo import decode_mulo
 from .nar import decode_nar
 from .sampling import SamplingConfig
-from .speculative import decode_jacobi, decode_sjd
+from .speculative import COUPLING_SUFFIX, decode_jacobi, decode_sjd, sjd_method_name
 from .zipar import decode_zipar
 from .zipar_adaptive import decode_zipar_adaptive
 
@@ -34,8 +34,7 @@ METHODS = {
     "mulo+lantern": (decode_mulo, {"acceptance": "lantern"}),
 }
 RELAXATION_OPTIONS = ("lantern_delta", "lantern_lambda", "lantern_k")
-COUPLING_SUFFIX = {"none": "", "maximal": "+coupling", "gumbel": "+gumbel"}
-RELAX_SUFFIX = {"none": "", "lantern": "+lantern", "gsd": "gsd"}
+RELAXATIONS = ("none", "lantern", "gsd")
 
 
 def compose_method(method: str, coupling: str = "none", relax: str = "none") -> str:
@@ -43,17 +42,15 @@ def compose_method(method: str, coupling: str = "none", relax: str = "none") -> 
     (``"sjd+coupling+lantern"``); a combination vargen does not define raises ``ValueError``."""
     if coupling not in COUPLING_SUFFIX:
         raise ValueError(f"unknown coupling {coupling!r}; choose from {sorted(COUPLING_SUFFIX)}")
-    if relax not in RELAX_SUFFIX:
-        raise ValueError(f"unknown relaxation {relax!r}; choose from {sorted(RELAX_SUFFIX)}")
+    if relax not in RELAXATIONS:
+        raise ValueError(f"unknown relaxation {relax!r}; choose from {sorted(RELAXATIONS)}")
     if coupling == "none" and relax == "none":
         return method
     if method != "sjd":
         raise ValueError(f"--coupling and --relax apply to --method sjd, not {method!r}")
-    if relax == "gsd":
-        if coupling != "none":
-            raise ValueError("GSD's grouped acceptance is defined for plain SJD drafts; use --coupling none")
-        return "gsd"
-    name = "sjd" + COUPLING_SUFFIX[coupling] + RELAX_SUFFIX[relax]
+    if relax == "gsd" and coupling != "none":
+        raise ValueError("GSD's grouped acceptance is defined for plain SJD drafts; use --coupling none")
+    name = sjd_method_name(coupling, "exact" if relax == "none" else relax)
     if name not in METHODS:
         raise ValueError(f"{name!r} is not a defined combination; choose from {sorted(METHODS)}")
     return name
@@ -96,9 +93,7 @@ def get_method(name: str, codebook=None, **options):
             if not hasattr(model, "tok_embeddings"):
                 raise ValueError(f"method {name!r} needs the model's input token embeddings (tok_embeddings)")
             kwargs["acceptance"] = GroupedAcceptance(model.tok_embeddings.weight)
-        tokens, stats = fn(model, cond, sampling, seeds, **options, **kwargs)
-        stats.method = name  # the name it was asked by
-        return tokens, stats
+        return fn(model, cond, sampling, seeds, **options, **kwargs)  # stats.method is the registry name
 
     return run
 

@@ -161,9 +161,9 @@ def decode_mulo(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds:
     P_ext = torch.zeros(B, N + 1, V, device=dev)  # each cell's latest target distribution (+ a spill row)
     P = P_ext[:, :N]
     P[:, 0] = session.prefill()
+    session.advance(torch.zeros(B, dtype=torch.long, device=dev))  # judged in round 1, with the rest
     check = torch.ones(B, N, dtype=torch.bool, device=dev)  # cells to judge this round
     changed = torch.zeros(B, N, dtype=torch.bool, device=dev)
-    passes = torch.ones(B, dtype=torch.long, device=dev)
     checked_log, accepted_log, rounds = [], [], torch.zeros(B, dtype=torch.long, device=dev)
     bar = tqdm(total=max_rounds, disable=not progress, desc=name, leave=False)
     for t in range(1, max_rounds + 1):
@@ -179,7 +179,6 @@ def decode_mulo(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds:
             # rows past the last cell, and inactive samples' rows, go to the spill row (no duplicate targets)
             idx = torch.where((cells < N) & active[:, None], cells, N)
             P_ext.scatter_(1, idx[..., None].expand(-1, -1, V), probs)
-            passes += active.long()
         # judge the cells in `check`; a rejection is resampled from the rule's residual
         coins = uniform_noise((N,), gens, dev)
         ok = acceptance.accept(P, q, tokens, coins)
@@ -193,6 +192,8 @@ def decode_mulo(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds:
         rounds += active.long()
         changed = rejected
         check = later_neighbourhood(changed, grid, radius + (t - 1) * expand)
+        # final: the cells before the first one judged again (re-judging only ever reaches later cells)
+        session.advance(_first(check, N))
         if callback is not None:
             callback(t - 1, tokens, torch.full((B,), N, device=dev))
         bar.update(1)
@@ -200,20 +201,16 @@ def decode_mulo(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds:
     pending = check
     pending_cells = pending.sum(1)
     if finish == "ar" and bool(pending.any()):
-        tokens, extra_passes = _finish_ar(session, tokens, changed, pending, gens)
-        passes += extra_passes
+        tokens = _finish_ar(session, tokens, changed, pending, gens)
         from_draft &= ~(torch.arange(N, device=dev)[None] >= _first(pending, N)[:, None])
-    stats = session.finish()
+    stats = session.finish(torch.full((B,), N, device=dev))  # "accept" keeps the pending cells as they are
     target_wall = stats.wall_s
     stats.wall_s = time.perf_counter() - t_start
     checked = torch.stack(checked_log).float()  # [rounds, B]
     accepted = torch.stack(accepted_log).float()
-    stats.record_accepted(accepted[checked > 0].long().tolist())  # accepted drafts per verify pass, active rounds
-    stats.per_sample_forward_passes = passes.tolist()
     stats.extra.update(
         drafter_forward_passes=dstats.forward_passes, drafter_grid=list(mulo.drafter.grid),
         target_wall_s=target_wall, drafter_wall_s=dstats.wall_s,
-        step_compression=N / (sum(stats.per_sample_forward_passes) / B),
         rounds=rounds.tolist(), radius=radius, expand=expand, max_rounds=max_rounds, finish=finish,
         acceptance=acceptance.name, pending_at_limit=pending_cells.tolist(),
         checked_per_round=checked.mean(1).tolist(),
@@ -223,7 +220,8 @@ def decode_mulo(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds:
 
 
 def _finish_ar(session: DecodeSession, tokens: torch.Tensor, changed: torch.Tensor, pending: torch.Tensor, gens):
-    """Resample every cell from the first pending one on by plain AR; returns ``(tokens, passes [B])``."""
+    """Resample every cell from the first pending one on by plain AR (one pass per cell, each recorded in
+    ``session``); returns the tokens."""
     B, N = tokens.shape
     dev = tokens.device
     first = _first(pending, N)  # N where nothing is pending
@@ -233,7 +231,7 @@ def _finish_ar(session: DecodeSession, tokens: torch.Tensor, changed: torch.Tens
     start = torch.where(todo, start, N - 1)
     length = max(int((first - start).clamp(min=1).max()), 1)
     probs, cells = _forward_from(session, tokens, start, length)
-    passes = todo.long()
+    session.advance(torch.where(todo, first + 1, N))  # this pass gives the first pending cell's p
     cur = first.clone()
     p = _rows(probs, (first - 1 - start).clamp(0, length - 1)[:, None])[:, 0]
     steps = N - int(torch.where(todo, first, N).min())  # one host sync: the longest tail sets the loop
@@ -249,6 +247,6 @@ def _finish_ar(session: DecodeSession, tokens: torch.Tensor, changed: torch.Tens
         # p for cell 0 comes from the prefill; first >= 1 always here since pending cells follow a changed cell
         probs, _ = _forward_from(session, tokens, step, 1)
         p = probs[:, 0]
-        passes += (todo & (nxt < N)).long()
+        session.advance(torch.where(todo & (nxt < N), nxt + 1, session.committed))
         cur = nxt
-    return tokens, passes
+    return tokens

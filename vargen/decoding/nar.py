@@ -56,6 +56,7 @@ def decode_nar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     tokens[:, 0] = sample_categorical(session.prefill(), session.generators)
     cond_visible = session.cache.visible[:B, :P].clone()  # real caption tokens (pads stay hidden)
     done = 1
+    session.advance(torch.full((B,), done, device=dev))
     if callback is not None:
         callback(0, tokens, torch.full((B,), done, device=dev))
     for c in tqdm(range(1, len(groups)), disable=not progress, desc="nar", leave=False):
@@ -65,11 +66,9 @@ def decode_nar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
                                 model_inputs={"targets": children})
         tokens.scatter_(1, children, sample_categorical(probs, session.generators))
         done += len(groups[c])
+        session.advance(torch.full((B,), done, device=dev))
         if callback is not None:
             callback(c, tokens, torch.full((B,), done, device=dev))
     stats = session.finish()
-    stats.record_accepted([len(g) for g in groups for _ in range(B)])
-    stats.per_sample_forward_passes = [len(groups)] * B
-    stats.extra.update(steps=len(groups), grid=list(grid), head_layers=nar.config.head_layers,
-                       step_compression=N / len(groups))
+    stats.extra.update(steps=len(groups), grid=list(grid), head_layers=nar.config.head_layers)
     return tokens, stats

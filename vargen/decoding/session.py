@@ -1,9 +1,12 @@
-"""The shared substrate of every decoding method: condition prefill, CFG doubling, cache, probs.
+"""The shared substrate of every decoding method: condition prefill, CFG doubling, cache, probs, progress.
 
 A method asks a :class:`DecodeSession` for next-token distributions of any tokens at any
 positions and slots; the session runs the model once per call, folds the CFG halves,
-applies the sampling config in fp32 and counts forward passes. Methods never touch the
-model's internals or duplicate this bookkeeping.
+applies the sampling config in fp32 and counts forward passes. After each target pass the
+method reports how far each sample has got (:meth:`DecodeSession.advance`); :meth:`finish`
+turns that into the statistics every method reports the same way (per-sample passes, the
+accepted-length histogram, step compression). Methods never touch the model's internals
+or duplicate this bookkeeping.
 """
 from __future__ import annotations
 
@@ -56,6 +59,10 @@ class DecodeSession:
         self.stats = DecodeStats(method=method, batch_size=self.batch, tokens=model.num_tokens)
         self._t0 = None
         self._non_finite = torch.zeros((), dtype=torch.long, device=device)  # checked once, in finish()
+        # progress: final tokens per sample, the passes each sample took part in, and per pass what it committed
+        self.committed = torch.zeros(self.batch, dtype=torch.long, device=device)
+        self._passes = torch.zeros(self.batch, dtype=torch.long, device=device)
+        self._commit_log = []
 
     # ----------------------------------------------------------------------------- model calls
     def _double(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,12 +146,40 @@ class DecodeSession:
                                    check_finite=False)
         return logits_to_probs(logits, self.sampling, check_finite=False)
 
-    def finish(self) -> DecodeStats:
-        """Stop the clock (synchronising the device) and return the stats; raise if any logits were NaN/inf."""
+    # ----------------------------------------------------------------------------- progress
+    def advance(self, committed: torch.Tensor) -> None:
+        """Record one target pass (the prefill included): ``committed`` ``[B]`` is each sample's count of final
+        tokens after it. A sample takes part in a pass while it has tokens left; no host sync here."""
+        live = self.committed < self.stats.tokens
+        self._commit_log.append(torch.where(live, committed - self.committed, -1))
+        self._passes += live.long()
+        self.committed = committed.clone()
+
+    def finish(self, committed: Optional[torch.Tensor] = None) -> DecodeStats:
+        """Stop the clock (synchronising the device), raise if any logits were NaN/inf, and fill the stats.
+
+        ``committed`` (``[B]``): tokens made final without a pass at the end (e.g. MuLo keeping its pending
+        cells), credited to each sample's last pass. Every sample must end with all its tokens.
+
+        The statistics, defined here once for every method: ``per_sample_forward_passes`` (target passes each
+        sample took part in, prefill included); ``accepted_hist`` (tokens committed per pass per sample, so
+        ``sum(k * count) == B * N`` and ``sum(count) == sum(passes)``); ``step_compression`` (``N`` / mean passes).
+        """
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         bad = int(self._non_finite)
         if bad:
             raise non_finite_error(bad)
         self.stats.wall_s = time.perf_counter() - (self._t0 or time.perf_counter())
+        log = torch.stack(self._commit_log) if self._commit_log else torch.zeros(0, self.batch, dtype=torch.long)
+        if committed is not None and len(self._commit_log):
+            last = (log >= 0).long().cumsum(0).argmax(0)  # each sample's last pass
+            log[last, torch.arange(self.batch, device=log.device)] += committed.to(log.device) - self.committed
+            self.committed = committed.clone()
+        if bool((self.committed != self.stats.tokens).any()):
+            raise RuntimeError(f"{self.stats.method} finished with {self.committed.tolist()} of "
+                               f"{self.stats.tokens} tokens committed")
+        self.stats.per_sample_forward_passes = self._passes.tolist()
+        self.stats.record_accepted(log[log >= 0].tolist())
+        self.stats.extra["step_compression"] = self.stats.step_compression
         return self.stats

@@ -27,6 +27,15 @@ from .sampling import SamplingConfig, exponential_noise, sample_categorical, uni
 from .session import DecodeSession
 
 COUPLINGS = ("none", "maximal", "gumbel")
+COUPLING_SUFFIX = {"none": "", "maximal": "+coupling", "gumbel": "+gumbel"}
+
+
+def sjd_method_name(coupling: str = "none", acceptance: str = "exact") -> str:
+    """The registry name of an SJD variant, e.g. ``"sjd+coupling+lantern"``; GSD (grouped acceptance on plain
+    SJD drafts) is ``"gsd"``. The one definition the decode loop, the CLI flags and ``METHODS`` share."""
+    if acceptance == "gsd" and coupling == "none":
+        return "gsd"
+    return "sjd" + COUPLING_SUFFIX[coupling] + ("" if acceptance == "exact" else f"+{acceptance}")
 
 
 def commit_accepted(canvas: torch.Tensor, from_draft: torch.Tensor, n: torch.Tensor, drafts: torch.Tensor,
@@ -77,9 +86,7 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         raise ValueError(f"unknown coupling {coupling!r}; choose from {COUPLINGS}")
     acceptance = acceptance or ExactAcceptance()
     N, V, L, width = model.num_tokens, model.vocab_size, window, model.grid[1]
-    name = {"none": "sjd", "maximal": "sjd+coupling", "gumbel": "sjd+gumbel"}[coupling]  # as in METHODS
-    if acceptance.name != "exact":
-        name += f"+{acceptance.name}"
+    name = sjd_method_name(coupling, acceptance.name)
     session = DecodeSession(model, cond, sampling, seeds, cond_mask, method=name,
                             max_len=model.prefix_len + N + L)
     B, dev, gens = session.batch, session.device, session.generators
@@ -88,12 +95,13 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     first = session.prefill()
     canvas[:, 0] = sample_categorical(first, gens)
     n = torch.ones(B, dtype=torch.long, device=dev)  # committed tokens per sample
+    session.advance(n)
     steps = torch.arange(L + 1, device=dev)
     gumbel = exponential_noise((N + L + 1, V), gens, dev) if coupling == "gumbel" else None
     drafts, q = fill_fresh(canvas, n, torch.zeros(B, L, dtype=torch.long, device=dev),
                            torch.zeros(B, L, V, device=dev), torch.ones(B, L, dtype=torch.bool, device=dev),
                            first, init, gens, width)
-    committed_log, passes = [], torch.ones(B, dtype=torch.long, device=dev)
+    step_i = 0
     bar = tqdm(total=N, disable=not progress, desc=name, leave=False)
     while True:
         active = n < N
@@ -111,8 +119,7 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         p_r = _rows(probs, r[:, None])[:, 0]
         # commit the accepted drafts at n .. n+r-1 and the resampled (or bonus) token at n+r
         _, n_new = commit_accepted(canvas, from_draft, n, drafts, r, x, active, N)
-        committed_log.append(n_new - n)
-        passes += active.long()
+        session.advance(n_new)
         session.rollback(n_new - 1)  # the newest token has no KV yet
         # next window: this pass's distributions where they reach (Jacobi), fresh drafts after
         src = r[:, None] + 1 + steps[:L]
@@ -130,17 +137,14 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         n = n_new
         drafts, q = fill_fresh(canvas, n, new_d, new_q, src > L, p_r, init, gens, width)
         if callback is not None:
-            callback(len(committed_log) - 1, canvas[:, :N], n)
+            callback(step_i, canvas[:, :N], n)
+        step_i += 1
         if progress:
             bar.n = int(n.min())
             bar.refresh()
     bar.close()
     stats = session.finish()
-    log = torch.stack(committed_log) if committed_log else torch.zeros(0, B, dtype=torch.long)
-    stats.record_accepted([1] * B + log[log > 0].tolist())  # the prefill commits token 0
-    stats.per_sample_forward_passes = passes.tolist()
     stats.extra.update(window=L, init=init, coupling=coupling, acceptance=acceptance.name,
-                       step_compression=N / (sum(stats.per_sample_forward_passes) / B),
                        accepted_cells=from_draft[:, :N].float().mean(0).tolist())
     return canvas[:, :N], stats
 

@@ -29,6 +29,12 @@ class DecodeStats:
     def tokens_per_forward(self) -> float:
         return self.tokens / max(self.forward_passes, 1)
 
+    @property
+    def step_compression(self) -> float:
+        """Tokens per sample over the mean target passes per sample (prefill included): the one definition."""
+        passes = self.per_sample_forward_passes or [self.forward_passes] * self.batch_size
+        return self.tokens / max(sum(passes) / len(passes), 1e-9)
+
     def record_accepted(self, lengths) -> None:
         """Add accepted lengths (an iterable of ints, one per sample) to the histogram."""
         hist = Counter(self.accepted_hist)
@@ -38,6 +44,7 @@ class DecodeStats:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["tokens_per_forward"] = self.tokens_per_forward
+        d["step_compression"] = self.step_compression
         d["accepted_hist"] = {str(k): v for k, v in self.accepted_hist.items()}
         return d
 

@@ -95,14 +95,14 @@ def decode_zipar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds
                        torch.tensor(real, device=dev), torch.tensor([target[i] for i in real], device=dev)))
     per_pass = [len(real) for _, _, real, _ in passes]
     committed = torch.ones(B, dtype=torch.long, device=dev)
+    session.advance(committed)
     for i, (src, slot, real, target) in enumerate(tqdm(passes, disable=not progress, desc="zipar", leave=False)):
         probs = session.forward(tokens[:, src], positions=slot.clamp(max=N - 1), slots=slot)
         tokens[:, target] = sample_categorical(probs[:, real], gens)
         committed += per_pass[i]
+        session.advance(committed)
         if callback is not None:
             callback(i, tokens[:, :N], committed)
     stats = session.finish()
-    stats.record_accepted([1] * B + [k for k in per_pass for _ in range(B)])
-    stats.per_sample_forward_passes = [1 + len(schedule)] * B
-    stats.extra.update(window=window, step_compression=N / (1 + len(schedule)))
+    stats.extra.update(window=window)
     return tokens[:, :N], stats

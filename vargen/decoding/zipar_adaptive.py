@@ -55,6 +55,9 @@ def decode_zipar_adaptive(model, cond, sampling: SamplingConfig = SamplingConfig
     min_window = max(1, window // 2) if min_window is None else min_window
     if not 1 <= min_window <= window:
         raise ValueError(f"need 1 <= min_window <= window, got min_window={min_window}, window={window}")
+    # a lead past the row width is the whole row above (a row can never lead by more, and a check waiting
+    # for a longer lead would never come: the next row would never start)
+    window, min_window = min(window, W), min(min_window, W)
     session = DecodeSession(model, cond, sampling, seeds, cond_mask, method="zipar-adaptive",
                             max_len=model.prefix_len + N + 1)
     B, dev, gens = session.batch, session.device, session.generators
@@ -67,10 +70,9 @@ def decode_zipar_adaptive(model, cond, sampling: SamplingConfig = SamplingConfig
     fixed = torch.zeros(B, H, dtype=torch.bool, device=dev)  # the row's last slot holds its true token
     q_first = torch.zeros(B, H, V, device=dev)  # the distribution each row's first token was drawn from
     row_start = torch.arange(H, device=dev) * W
-    passes = torch.ones(B, dtype=torch.long, device=dev)
+    session.advance(torch.ones(B, dtype=torch.long, device=dev))
     checks = torch.zeros(B, dtype=torch.long, device=dev)
     rejections = torch.zeros(B, dtype=torch.long, device=dev)
-    committed_log = []
     bar = tqdm(total=N, disable=not progress, desc="zipar-adaptive", leave=False)
     step = 0
     while True:
@@ -123,9 +125,9 @@ def decode_zipar_adaptive(model, cond, sampling: SamplingConfig = SamplingConfig
         fixed = (fixed | fixup) & ~rejected_below  # a restarted row needs its true last token written again
         checks += check.sum(1)
         rejections += reject.sum(1)
-        passes += active.long()
-        committed_log.append((new_count.sum(1) - count.sum(1)).clamp(min=0) * active)
         count = new_count
+        # final: the cells of checked rows (a row restarts only before its check; rows below wait for it)
+        session.advance((count * checked).sum(1))
         if callback is not None:
             callback(step, tokens[:, :N], count.sum(1))
         step += 1
@@ -134,10 +136,6 @@ def decode_zipar_adaptive(model, cond, sampling: SamplingConfig = SamplingConfig
             bar.refresh()
     bar.close()
     stats = session.finish()
-    log = torch.stack(committed_log) if committed_log else torch.zeros(0, B, dtype=torch.long)
-    stats.record_accepted([1] * B + log[log > 0].tolist())
-    stats.per_sample_forward_passes = passes.tolist()
     stats.extra.update(window=window, min_window=min_window, first_token_checks=checks.tolist(),
-                       first_token_rejections=rejections.tolist(),
-                       step_compression=N / (sum(stats.per_sample_forward_passes) / B))
+                       first_token_rejections=rejections.tolist())
     return tokens[:, :N], stats
