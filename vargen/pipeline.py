@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -20,6 +21,28 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"
 EMBEDDED = ("scenes-t2i", "cifar10-c2i")  # trained by vargen's recipes, shipped in vargen/weights/
 
 
+@contextmanager
+def quiet_loading():
+    """Silence diffusers' and transformers' loading chatter (the "Loading pipeline components" bar, the
+    "should be kept in float32: []" notes on every cast) that says nothing about a vargen model;
+    real errors still raise."""
+    from diffusers.utils import logging as df_logging
+    from transformers.utils import logging as hf_logging
+
+    levels = df_logging.get_verbosity(), hf_logging.get_verbosity()
+    bar = df_logging.is_progress_bar_enabled()
+    df_logging.set_verbosity_error()
+    hf_logging.set_verbosity_error()
+    df_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        df_logging.set_verbosity(levels[0])
+        hf_logging.set_verbosity(levels[1])
+        if bar:
+            df_logging.enable_progress_bar()
+
+
 def embedded_models() -> list:
     """Names of the embedded models present in this installation."""
     return [n for n in EMBEDDED if os.path.isfile(os.path.join(WEIGHTS_DIR, n, "model_index.json"))]
@@ -29,6 +52,19 @@ def default_model() -> str:
     """The model ``vargen generate`` uses without ``--model``: the first embedded one, else tiny-random."""
     available = embedded_models()
     return available[0] if available else TINY_RANDOM
+
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def _conversion_hint(path: str) -> str:
+    """How to turn released checkpoint files (a file, or a folder of them) into a pipeline folder, or ''."""
+    files = os.listdir(path) if os.path.isdir(path) else [path]
+    if any(f.endswith(CHECKPOINT_SUFFIXES) for f in files):
+        what = "holds checkpoint files" if os.path.isdir(path) else "is a checkpoint file"
+        return (f"it {what}: convert them once with `vargen convert llamagen --gpt GPT.pt "
+                "--vq VQ.pt -o FOLDER` (docs/checkpoints.md) and pass --model FOLDER; ")
+    return ""
 
 
 @dataclass
@@ -90,13 +126,17 @@ class VarGenPipeline(DiffusionPipeline):
         elif name_or_path in EMBEDDED or os.path.isdir(name_or_path):
             folder = os.path.join(WEIGHTS_DIR, name_or_path) if name_or_path in EMBEDDED else name_or_path
             if not os.path.isfile(os.path.join(folder, "model_index.json")):
-                raise FileNotFoundError(f"no pipeline at {folder!r} (model_index.json missing); embedded models "
-                                        f"here: {embedded_models() or 'none'}")
-            pipe = cls.from_pretrained(folder).to(torch.float32)
+                raise FileNotFoundError(f"no pipeline at {folder!r} (model_index.json missing); "
+                                        f"{_conversion_hint(folder)}embedded models here: {embedded_models() or 'none'}")
+            with quiet_loading():
+                pipe = cls.from_pretrained(folder).to(torch.float32)
         else:
-            raise FileNotFoundError(f"no model folder at {name_or_path!r}; pass a folder written by "
+            raise FileNotFoundError(f"no model folder at {name_or_path!r}; {_conversion_hint(name_or_path)}pass a folder written by "
                                     f"VarGenPipeline.save_pretrained, one of {list(EMBEDDED)}, or {TINY_RANDOM!r}")
-        return pipe.to(device) if device else pipe
+        if device:
+            with quiet_loading():
+                pipe = pipe.to(device)
+        return pipe
 
     @property
     def class_names(self) -> Optional[List[str]]:
@@ -107,7 +147,9 @@ class VarGenPipeline(DiffusionPipeline):
         """Inputs -> ``(cond, cond_mask)``: class ids/names for c2i, prompts through the text encoder for t2i."""
         if self.gpt.config.model_type == "t2i":
             if self.text_encoder is None:
-                raise ValueError("this is a text-to-image model without a text encoder; load a pipeline that has one")
+                raise ValueError("this is a text-to-image model without a text encoder; LlamaGen t2i models take "
+                                 "FLAN-T5-XL caption features: convert with `vargen convert llamagen ... --t5 DIR` "
+                                 "(docs/checkpoints.md) or pass text_encoder=T5EncoderModel and its tokenizer")
             prompts = [str(p) for p in inputs]
             if not isinstance(self.text_encoder, WordTextEncoder):
                 if self.tokenizer is None:

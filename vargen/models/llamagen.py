@@ -66,13 +66,14 @@ def size_of_weights(state) -> Optional[str]:
         return None
     dim = state["tok_embeddings.weight"].shape[1]
     n_layer = len({k.split(".")[1] for k in state if k.startswith("layers.")})
-    heads = {name: s for name, s in GPT_SIZES.items() if s["dim"] == dim and s["n_layer"] == n_layer}
-    return next(iter(heads), None)
+    return next((name for name, s in GPT_SIZES.items() if s["dim"] == dim and s["n_layer"] == n_layer), None)
 
 
 def llamagen_file_config(state, args: dict, size: Optional[str] = None, model_type: Optional[str] = None,
                          block_size: Optional[int] = None, image_size: Optional[int] = None,
-                         downsample: Optional[int] = None, class_dropout_prob: float = 0.1) -> dict:
+                         downsample: Optional[int] = None, vocab_size: Optional[int] = None,
+                         num_classes: Optional[int] = None, cls_token_num: Optional[int] = None,
+                         class_dropout_prob: float = 0.1) -> dict:
     """The :class:`LlamaGen` config of a LlamaGen checkpoint: what was given, else its training
     ``args`` (``gpt_model``, ``gpt_type``, ``image_size``, ``downsample_size``, ``vocab_size``,
     ``num_classes``, ``cls_token_num``), else its weights. Disagreements raise naming both values."""
@@ -97,15 +98,18 @@ def llamagen_file_config(state, args: dict, size: Optional[str] = None, model_ty
                             f"image size {image_size} / downsample {downsample or 16}")
     found["block_size"] = block_size or 256
     if "tok_embeddings.weight" in state:
-        found["vocab_size"] = _agree("vocabulary size", args.get("vocab_size"),
-                                     state["tok_embeddings.weight"].shape[0], _WEIGHTS, "its args say")
+        in_file = _agree("vocabulary size", args.get("vocab_size"), state["tok_embeddings.weight"].shape[0],
+                         _WEIGHTS, "its args say")
+        found["vocab_size"] = _agree("vocabulary size", vocab_size, in_file, _WEIGHTS)
     if found["model_type"] == "c2i" and "cls_embedding.embedding_table.weight" in state:
         rows = state["cls_embedding.embedding_table.weight"].shape[0]
-        found["num_classes"] = _agree("class count", args.get("num_classes"), rows - int(class_dropout_prob > 0),
-                                      "the checkpoint's class table", "its args say")
+        in_file = _agree("class count", args.get("num_classes"), rows - int(class_dropout_prob > 0),
+                         "the checkpoint's class table", "its args say")
+        found["num_classes"] = _agree("class count", num_classes, in_file, "the checkpoint's class table")
     if found["model_type"] == "t2i" and "cls_embedding.uncond_embedding" in state:
         tokens, found["caption_dim"] = state["cls_embedding.uncond_embedding"].shape
-        found["cls_token_num"] = _agree("caption length", args.get("cls_token_num"), tokens, _WEIGHTS, "its args say")
+        in_file = _agree("caption length", args.get("cls_token_num"), tokens, _WEIGHTS, "its args say")
+        found["cls_token_num"] = _agree("caption length", cls_token_num, in_file, _WEIGHTS)
     return found
 
 
@@ -335,9 +339,10 @@ class LlamaGen(ModelMixin, ConfigMixin):
         if isinstance(obj, (str, os.PathLike)):
             obj = read_checkpoint(obj, trust_checkpoint)
         state = read_state_dict(obj, prefer_ema=prefer_ema)
+        checked = {k: kwargs.pop(k, None) for k in ("vocab_size", "num_classes", "cls_token_num")}
         found = llamagen_file_config(state, checkpoint_args(obj), size=size, model_type=model_type,
                                      block_size=block_size, image_size=image_size, downsample=downsample,
-                                     class_dropout_prob=kwargs.get("class_dropout_prob", 0.1))
+                                     class_dropout_prob=kwargs.get("class_dropout_prob", 0.1), **checked)
         size, model_type = found.pop("size"), found["model_type"]
         model = cls.from_size(size, **{**found, **kwargs})
         load_checked(model, state, what=f"LlamaGen {size} ({model_type})",
