@@ -68,3 +68,25 @@ def tiny_vq(codebook=64, downsample=16, seed=0) -> VQTokenizer:
 def write_vq(path, vq: VQTokenizer, extra=None) -> str:
     torch.save({"model": vq.state_dict(), **(extra or {})}, path)
     return str(path)
+
+
+def tiny_t5(folder, words, d_model=32) -> str:
+    """A random FLAN-T5-shaped encoder + a word-level T5-style tokenizer (``<pad>`` 0, ``</s>`` 1 appended,
+    ``<unk>`` 2), saved as ``save_pretrained`` writes them: built offline (no sentencepiece model needed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                            model_max_length=512).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    T5EncoderModel(config).eval().save_pretrained(folder)
+    return str(folder)

@@ -103,7 +103,7 @@ def _save(pipe, out: str, dtype: str) -> None:
         import shutil
 
         shutil.rmtree(out)
-    from .pipeline import quiet_loading
+    from .loading import quiet_loading
 
     with quiet_loading():
         pipe.to(DTYPES[dtype]).save_pretrained(out)

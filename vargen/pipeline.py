@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -12,6 +11,7 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from .decoding import DecodeStats, SamplingConfig, get_method
+from .loading import quiet_loading
 from .models import LlamaGen, PrefixModel
 from .models.text import WordTextEncoder
 from .tokenizers import Flex1DTokenizer, VQTokenizer
@@ -19,28 +19,6 @@ from .tokenizers import Flex1DTokenizer, VQTokenizer
 TINY_RANDOM = "tiny-random"
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 EMBEDDED = ("scenes-t2i", "cifar10-c2i")  # trained by vargen's recipes, shipped in vargen/weights/
-
-
-@contextmanager
-def quiet_loading():
-    """Silence diffusers' and transformers' loading chatter (the "Loading pipeline components" bar, the
-    "should be kept in float32: []" notes on every cast) that says nothing about a vargen model;
-    real errors still raise."""
-    from diffusers.utils import logging as df_logging
-    from transformers.utils import logging as hf_logging
-
-    levels = df_logging.get_verbosity(), hf_logging.get_verbosity()
-    bar = df_logging.is_progress_bar_enabled()
-    df_logging.set_verbosity_error()
-    hf_logging.set_verbosity_error()
-    df_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        df_logging.set_verbosity(levels[0])
-        hf_logging.set_verbosity(levels[1])
-        if bar:
-            df_logging.enable_progress_bar()
 
 
 def embedded_models() -> list:

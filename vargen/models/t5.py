@@ -148,18 +148,16 @@ def load_t5(folder: str):
         raise FileNotFoundError(f"no T5 folder at {folder!r}: give a local copy of {T5_HUB_ID} "
                                 "(config.json, model weights, spiece.model or tokenizer.json)")
     from transformers import AutoTokenizer, T5EncoderModel
-    from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a full T5 file's unused decoder weights are expected, not news
+    from ..loading import quiet_loading
+
     try:
-        encoder = T5EncoderModel.from_pretrained(folder, local_files_only=True).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        with quiet_loading():  # a full T5 file's unused decoder weights are expected, not news
+            encoder = T5EncoderModel.from_pretrained(folder, local_files_only=True).eval()
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ValueError(f"could not load T5 from {folder!r} ({err}); it must hold a T5 encoder and its tokenizer, "
                          f"e.g. a download of {T5_HUB_ID}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     return encoder, tokenizer
 
 
