@@ -133,3 +133,15 @@ def test_convert_t2i_with_t5_then_generate(tmp_path, capsys, one_thread):
     encoder, tokenizer = load_t5(t5)
     want = llamagen_t5_features(encoder, tokenizer, ["a photo of a cat"], 120)[0]
     torch.testing.assert_close(pipe.parse_conditions(["A Photo of a CAT"])[0], want)
+
+
+def test_export_pointed_at_checkpoint_files_says_how_to_convert(tmp_path, capsys):
+    import json
+
+    gpt, vq = c2i_files(tmp_path)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"name": "x", "vq_run": vq, "ar_run": gpt, "out": str(tmp_path / "out"),
+                                "prompts": [0], "eval_data": {}}))
+    assert main(["export", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "vargen convert llamagen" in err and "Traceback" not in err
