@@ -40,6 +40,9 @@ def test_convert_c2i_then_generate_sjd_gives_a_256px_image(tmp_path, capsys, one
     assert "float32" not in captured.err and "Loading pipeline components" not in captured.err, captured.err
     pipe = VarGenPipeline.from_pretrained(str(folder))
     assert pipe.gpt.config.num_classes == 1000 and pipe.gpt.num_tokens == 256
+    assert main(["sample", "--model", str(folder), "-n", "1", "--out", str(tmp_path / "samples"), "--cfg", "1",
+                 "--quiet"]) == 0
+    assert Image.open(tmp_path / "samples" / "000000.png").size == (256, 256)
 
 
 def test_image_size_comes_from_the_files_args_and_flags_must_agree(tmp_path, capsys):
