@@ -120,9 +120,13 @@ def test_wrong_checkpoint_names_the_keys(c2i):
     assert "layers.0.attention.wqkv.weight" in msg and "layers.0.attention.wq.weight" in msg
 
 
-def test_wrong_size_reports_shape_mismatch(c2i):
-    with pytest.raises(CheckpointError, match=r"shape mismatches \(18\): cls_embedding.embedding_table.weight: checkpoint \(6, 64\) vs model \(6, 256\)"):
+def test_wrong_size_names_the_files_size(c2i):
+    with pytest.raises(CheckpointError, match="size: you gave 'GPT-mini' but the checkpoint's weights gives 'GPT-tiny'"):
         LlamaGen.from_llamagen(_llamagen_layout_state(c2i), size="GPT-mini", block_size=16)
+    state = _llamagen_layout_state(c2i)
+    state["layers.2.attention_norm.weight"] = torch.ones(64)  # a depth no named size has
+    with pytest.raises(CheckpointError, match="shape mismatches|unexpected keys"):
+        LlamaGen.from_llamagen(state, size="GPT-tiny", block_size=16)
 
 
 def test_unknown_size_and_bad_block_size():

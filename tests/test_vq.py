@@ -70,9 +70,9 @@ def test_from_llamagen_checkpoint_with_usage_buffer(tmp_path):
     assert torch.equal(loaded.encode(x), ref.eval().encode(x))
     # a file without the usage buffer (older exports) loads too
     state = {k: v for k, v in ref.state_dict().items() if k != "quantize.codebook_used"}
-    VQTokenizer.from_llamagen(state, downsample=16, ch=32, z_channels=32)
-    with pytest.raises(CheckpointError, match="missing keys.*conv_blocks.4"):
-        VQTokenizer.from_llamagen(state, downsample=8, ch=32, z_channels=32)
+    assert VQTokenizer.from_llamagen(state).downsample == 16  # read off the encoder's depth
+    with pytest.raises(CheckpointError, match="downsample: you gave 8 but the checkpoint is a VQ-16"):
+        VQTokenizer.from_llamagen(state, downsample=8)
     with pytest.raises(ValueError, match="downsample must be 16 or 8"):
         VQTokenizer.from_llamagen(state, downsample=4)
 

@@ -366,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("spec", help="export spec (JSON): name, vq_run, ar_run, out, prompts, eval_data")
     export.add_argument("--out", default=None, help="override the spec's output folder")
     export.set_defaults(func=cmd_export)
+
+    from .convert import add_convert_parser
+
+    add_convert_parser(sub)
     return parser
 
 

@@ -11,6 +11,7 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from .decoding import DecodeStats, SamplingConfig, get_method
+from .loading import quiet_loading
 from .models import LlamaGen, PrefixModel
 from .models.text import WordTextEncoder
 from .tokenizers import Flex1DTokenizer, VQTokenizer
@@ -29,6 +30,19 @@ def default_model() -> str:
     """The model ``vargen generate`` uses without ``--model``: the first embedded one, else tiny-random."""
     available = embedded_models()
     return available[0] if available else TINY_RANDOM
+
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def _conversion_hint(path: str) -> str:
+    """How to turn released checkpoint files (a file, or a folder of them) into a pipeline folder, or ''."""
+    files = os.listdir(path) if os.path.isdir(path) else [path]
+    if any(f.endswith(CHECKPOINT_SUFFIXES) for f in files):
+        what = "holds checkpoint files" if os.path.isdir(path) else "is a checkpoint file"
+        return (f"it {what}: convert them once with `vargen convert llamagen --gpt GPT.pt "
+                "--vq VQ.pt -o FOLDER` (docs/checkpoints.md) and pass --model FOLDER; ")
+    return ""
 
 
 @dataclass
@@ -90,13 +104,17 @@ class VarGenPipeline(DiffusionPipeline):
         elif name_or_path in EMBEDDED or os.path.isdir(name_or_path):
             folder = os.path.join(WEIGHTS_DIR, name_or_path) if name_or_path in EMBEDDED else name_or_path
             if not os.path.isfile(os.path.join(folder, "model_index.json")):
-                raise FileNotFoundError(f"no pipeline at {folder!r} (model_index.json missing); embedded models "
-                                        f"here: {embedded_models() or 'none'}")
-            pipe = cls.from_pretrained(folder).to(torch.float32)
+                raise FileNotFoundError(f"no pipeline at {folder!r} (model_index.json missing); "
+                                        f"{_conversion_hint(folder)}embedded models here: {embedded_models() or 'none'}")
+            with quiet_loading():
+                pipe = cls.from_pretrained(folder).to(torch.float32)
         else:
-            raise FileNotFoundError(f"no model folder at {name_or_path!r}; pass a folder written by "
+            raise FileNotFoundError(f"no model folder at {name_or_path!r}; {_conversion_hint(name_or_path)}pass a folder written by "
                                     f"VarGenPipeline.save_pretrained, one of {list(EMBEDDED)}, or {TINY_RANDOM!r}")
-        return pipe.to(device) if device else pipe
+        if device:
+            with quiet_loading():
+                pipe = pipe.to(device)
+        return pipe
 
     @property
     def class_names(self) -> Optional[List[str]]:
@@ -107,7 +125,9 @@ class VarGenPipeline(DiffusionPipeline):
         """Inputs -> ``(cond, cond_mask)``: class ids/names for c2i, prompts through the text encoder for t2i."""
         if self.gpt.config.model_type == "t2i":
             if self.text_encoder is None:
-                raise ValueError("this is a text-to-image model without a text encoder; load a pipeline that has one")
+                raise ValueError("this is a text-to-image model without a text encoder; LlamaGen t2i models take "
+                                 "FLAN-T5-XL caption features: convert with `vargen convert llamagen ... --t5 DIR` "
+                                 "(docs/checkpoints.md) or pass text_encoder=T5EncoderModel and its tokenizer")
             prompts = [str(p) for p in inputs]
             if not isinstance(self.text_encoder, WordTextEncoder):
                 if self.tokenizer is None:

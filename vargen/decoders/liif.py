@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..models.checkpoint import CheckpointError, load_checked, read_state_dict
+from ..models.checkpoint import CheckpointError, load_checked, read_checkpoint, read_state_dict
 from ..ops.reference import make_coord  # defined with the gather reference that uses it
 
 Size = Union[int, Sequence[int]]
@@ -280,7 +280,7 @@ class LIIF(nn.Module):
                 obj = os.path.join(obj, cls.CHECKPOINT)
             if not os.path.exists(obj):
                 raise FileNotFoundError(f"checkpoint not found: {obj}")
-            obj = torch.load(obj, map_location="cpu", weights_only=True)  # official files are plain dicts
+            obj = read_checkpoint(obj)  # official files are plain dicts
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"expected a LIIF checkpoint dict, got {type(obj).__name__}")
         spec = obj.get("model", obj)

@@ -1,6 +1,6 @@
 """AR generators speaking vargen's model protocol (see ``protocol.py``)."""
 from .cache import StaticKVCache, causal_slot_mask
-from .checkpoint import CheckpointError, read_state_dict
+from .checkpoint import CheckpointError, UntrustedCheckpointError, read_state_dict
 from .llamagen import GPT_SIZES, LlamaGen
 from .lpd import LPD
 from .prefix import PrefixModel
@@ -11,7 +11,7 @@ _HF_EXPORTS = {"HFImageModel": "hf_base", "JanusImageModel": "hf", "Emu3ImageMod
                "ChameleonImageModel": "hf", "load_hf_image_model": "hf", "SlotKVCache": "hf_cache"}
 
 __all__ = ["ARImageModel", "CheckpointError", "GPT_SIZES", "LPD", "LlamaGen", "PrefixModel", "StaticKVCache",
-           "causal_slot_mask", "read_state_dict", *_HF_EXPORTS]
+           "causal_slot_mask", "read_state_dict", "UntrustedCheckpointError", *_HF_EXPORTS]
 
 
 def __getattr__(name):

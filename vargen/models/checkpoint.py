@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
+import pickle
+import re
 from typing import Iterable, Mapping
 
 import torch
@@ -16,28 +19,72 @@ import torch
 _WRAPPER_KEYS = ("model", "module", "state_dict")
 
 
+# Plain classes research checkpoints pickle beside the tensors (LlamaGen: the training ``args``);
+# rebuilding them runs no code from the file, so the safe loader accepts them.
+SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+                           pathlib.PureWindowsPath]
+TRUST_HINT = ("load it only if you trust its source: pass trust_checkpoint=True "
+              "(CLI: --trust-checkpoint), which unpickles it with torch.load(weights_only=False)")
+
+
 class CheckpointError(ValueError):
     """A checkpoint does not fit the module it is loaded into."""
 
 
-def read_state_dict(path_or_state_dict, prefer_ema: bool = False) -> dict:
+class UntrustedCheckpointError(CheckpointError):
+    """A pickled checkpoint needs classes beyond tensors and plain types; unpickling it could run code."""
+
+
+def read_checkpoint(path: str, trust_checkpoint: bool = False):
+    """The object stored in a checkpoint file, read without running code from it.
+
+    ``.safetensors`` files hold tensors only. Pickled files (``.pt``/``.pth``/``.bin``) go
+    through ``torch.load(weights_only=True)`` with :data:`SAFE_CHECKPOINT_GLOBALS` allowed;
+    one that needs any other class raises :class:`UntrustedCheckpointError` naming it, unless
+    ``trust_checkpoint=True`` (then it is fully unpickled: only for files you trust).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    if trust_checkpoint:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        offending = found.group(1) if found else "an object the safe loader refuses"
+        raise UntrustedCheckpointError(
+            f"{path} pickles {offending}, which is not a tensor or a plain type: unpickling it could run code "
+            f"from the file, so it was not loaded; {TRUST_HINT}") from None
+    except Exception as err:  # noqa: BLE001 - corrupt or foreign files: say which file
+        raise CheckpointError(f"could not read {path}: {err}") from err
+
+
+def checkpoint_args(obj) -> dict:
+    """The training arguments a checkpoint carries (LlamaGen saves its ``argparse.Namespace`` under
+    ``"args"``) as a dict; empty when there are none (released raw state dicts, safetensors)."""
+    args = obj.get("args") if isinstance(obj, Mapping) else None
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, Mapping) else {}
+
+
+def read_state_dict(path_or_state_dict, prefer_ema: bool = False, trust_checkpoint: bool = False) -> dict:
     """Return a flat ``{name: tensor}`` dict from a file path or an (optionally wrapped) dict.
 
     Accepts safetensors files, ``.pt``/``.pth``/``.bin`` files (including ones that
     pickle an ``argparse.Namespace`` under ``"args"``, as LlamaGen's do), and dicts
     wrapped under ``"model"``, ``"module"``, ``"state_dict"`` (or ``"ema"`` when
     ``prefer_ema``). ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are stripped.
+    Files are read by :func:`read_checkpoint` (safe unless ``trust_checkpoint``).
     """
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        path = os.fspath(path_or_state_dict)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj = load_file(path)
-        else:
-            obj = _torch_load(path)
+        obj = read_checkpoint(path_or_state_dict, trust_checkpoint)
     else:
         obj = path_or_state_dict
     if not isinstance(obj, Mapping):
@@ -56,21 +103,6 @@ def read_state_dict(path_or_state_dict, prefer_ema: bool = False) -> dict:
     for prefix in ("module.", "_orig_mod."):
         state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
     return state
-
-
-def _torch_load(path: str):
-    # LlamaGen checkpoints pickle argparse.Namespace under "args": allow exactly that class
-    # so the safe loader still refuses arbitrary code.
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as safe_error:  # noqa: BLE001 - report both failures together
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as full_error:  # noqa: BLE001
-            raise CheckpointError(
-                f"could not read {path}: {safe_error!s}; unsafe load also failed: {full_error!s}"
-            ) from full_error
 
 
 def load_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, what: str,

@@ -7,6 +7,7 @@ explicit positions, cache slots and a mask (see ``vargen.models.protocol``).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -16,7 +17,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from .cache import StaticKVCache, causal_slot_mask
-from .checkpoint import load_checked, read_state_dict
+from .checkpoint import CheckpointError, checkpoint_args, load_checked, read_checkpoint, read_state_dict
 from .rope import apply_rope, rope_2d_table
 
 # Named sizes as in LlamaGen (layers, heads, dim); tiny sizes are for tests and CPU recipes.
@@ -46,6 +47,70 @@ def _token_grid(block_size: int, grid_rows: Optional[int]) -> tuple:
     if grid_rows < 1 or block_size % grid_rows:
         raise ValueError(f"grid_rows must be a positive divisor of block_size {block_size}, got {grid_rows}")
     return (grid_rows, block_size // grid_rows)
+
+
+_WEIGHTS, _ARGS = "the checkpoint's weights", "the checkpoint's args"
+
+
+def _agree(what: str, given, in_file, where: str, given_by: str = "you gave"):
+    """``given`` when it matches the file's value (or the file is silent), else a :class:`CheckpointError`."""
+    if given is not None and in_file is not None and given != in_file:
+        raise CheckpointError(f"{what}: {given_by} {given!r} but {where} gives {in_file!r}"
+                              + ("; drop the option or pass the file's value" if given_by == "you gave" else ""))
+    return given if given is not None else in_file
+
+
+def size_of_weights(state) -> Optional[str]:
+    """The named size (``GPT-B``, ``GPT-L``, ...) whose width and depth the weights have, if any."""
+    if "tok_embeddings.weight" not in state:
+        return None
+    dim = state["tok_embeddings.weight"].shape[1]
+    n_layer = len({k.split(".")[1] for k in state if k.startswith("layers.")})
+    return next((name for name, s in GPT_SIZES.items() if s["dim"] == dim and s["n_layer"] == n_layer), None)
+
+
+def llamagen_file_config(state, args: dict, size: Optional[str] = None, model_type: Optional[str] = None,
+                         block_size: Optional[int] = None, image_size: Optional[int] = None,
+                         downsample: Optional[int] = None, vocab_size: Optional[int] = None,
+                         num_classes: Optional[int] = None, cls_token_num: Optional[int] = None,
+                         class_dropout_prob: float = 0.1) -> dict:
+    """The :class:`LlamaGen` config of a LlamaGen checkpoint: what was given, else its training
+    ``args`` (``gpt_model``, ``gpt_type``, ``image_size``, ``downsample_size``, ``vocab_size``,
+    ``num_classes``, ``cls_token_num``), else its weights. Disagreements raise naming both values."""
+    weights_size = size_of_weights(state)
+    if weights_size:  # the weights are the truth; args that disagree mean a hand-edited file
+        _agree("size", args.get("gpt_model"), weights_size, _WEIGHTS, "its args say")
+    size = _agree("size", size, weights_size or args.get("gpt_model"), _WEIGHTS if weights_size else _ARGS)
+    if size is None:
+        raise CheckpointError("the checkpoint's width and depth match no named GPT size and it carries no args; "
+                              f"pass size= one of {', '.join(GPT_SIZES)}")
+    weights_type = None
+    if "tok_embeddings.weight" in state:
+        weights_type = "t2i" if any(k.startswith("cls_embedding.cap_proj") for k in state) else "c2i"
+    model_type = _agree("model type", model_type, weights_type or args.get("gpt_type"),
+                        _WEIGHTS if weights_type else _ARGS)
+    found = {"size": size, "model_type": model_type or "c2i"}
+    image_size = _agree("image size", image_size, args.get("image_size"), _ARGS)
+    downsample = _agree("downsample", downsample, args.get("downsample_size"), _ARGS)
+    if image_size is not None:
+        grid = image_size // (downsample or 16)
+        block_size = _agree("block size (tokens)", block_size, grid * grid,
+                            f"image size {image_size} / downsample {downsample or 16}")
+    found["block_size"] = block_size or 256
+    if "tok_embeddings.weight" in state:
+        in_file = _agree("vocabulary size", args.get("vocab_size"), state["tok_embeddings.weight"].shape[0],
+                         _WEIGHTS, "its args say")
+        found["vocab_size"] = _agree("vocabulary size", vocab_size, in_file, _WEIGHTS)
+    if found["model_type"] == "c2i" and "cls_embedding.embedding_table.weight" in state:
+        rows = state["cls_embedding.embedding_table.weight"].shape[0]
+        in_file = _agree("class count", args.get("num_classes"), rows - int(class_dropout_prob > 0),
+                         "the checkpoint's class table", "its args say")
+        found["num_classes"] = _agree("class count", num_classes, in_file, "the checkpoint's class table")
+    if found["model_type"] == "t2i" and "cls_embedding.uncond_embedding" in state:
+        tokens, found["caption_dim"] = state["cls_embedding.uncond_embedding"].shape
+        in_file = _agree("caption length", args.get("cls_token_num"), tokens, _WEIGHTS, "its args say")
+        found["cls_token_num"] = _agree("caption length", cls_token_num, in_file, _WEIGHTS)
+    return found
 
 
 def attention_inputs(rope_table: torch.Tensor, h: torch.Tensor, positions: Optional[torch.Tensor],
@@ -258,27 +323,28 @@ class LlamaGen(ModelMixin, ConfigMixin):
         return cls(**{**GPT_SIZES[size], **kwargs})
 
     @classmethod
-    def from_llamagen(cls, path_or_state_dict, size: str = "GPT-B", model_type: Optional[str] = None,
-                      block_size: Optional[int] = None, prefer_ema: bool = False, **kwargs) -> "LlamaGen":
+    def from_llamagen(cls, path_or_state_dict, size: Optional[str] = None, model_type: Optional[str] = None,
+                      block_size: Optional[int] = None, image_size: Optional[int] = None,
+                      downsample: Optional[int] = None, prefer_ema: bool = False, trust_checkpoint: bool = False,
+                      **kwargs) -> "LlamaGen":
         """Load an official LlamaGen checkpoint (``c2i_B_256.pt``, FSDP dicts, ``t2i_XL_*.pt``, ...).
 
-        ``model_type``, ``vocab_size``, the class count and ``cls_token_num`` are read
-        from the weights when not given; ``block_size`` defaults to 256 (c2i 256 px) and
-        must be 576 for the 384 px checkpoints. Wrong sizes raise an error naming the keys.
+        What is not given comes from the file (:func:`llamagen_file_config`): the training
+        ``args`` LlamaGen saves (size, image size, downsample, vocabulary, classes, caption
+        length), else the weights; a value given that contradicts the file raises naming both.
+        Without either, the grid is 16 x 16 (256 px at downsample 16). Pickled files are read
+        safely unless ``trust_checkpoint`` (see :func:`vargen.models.checkpoint.read_checkpoint`).
         """
-        state = read_state_dict(path_or_state_dict, prefer_ema=prefer_ema)
-        if model_type is None:
-            model_type = "t2i" if any(k.startswith("cls_embedding.cap_proj") for k in state) else "c2i"
-        inferred = {}
-        if "tok_embeddings.weight" in state:
-            inferred["vocab_size"] = state["tok_embeddings.weight"].shape[0]
-        if model_type == "c2i" and "cls_embedding.embedding_table.weight" in state:
-            rows = state["cls_embedding.embedding_table.weight"].shape[0]
-            prob = kwargs.get("class_dropout_prob", 0.1)
-            inferred["num_classes"] = rows - int(prob > 0)
-        if model_type == "t2i" and "cls_embedding.uncond_embedding" in state:
-            inferred["cls_token_num"], inferred["caption_dim"] = state["cls_embedding.uncond_embedding"].shape
-        model = cls.from_size(size, model_type=model_type, block_size=block_size or 256, **{**inferred, **kwargs})
+        obj = path_or_state_dict
+        if isinstance(obj, (str, os.PathLike)):
+            obj = read_checkpoint(obj, trust_checkpoint)
+        state = read_state_dict(obj, prefer_ema=prefer_ema)
+        checked = {k: kwargs.pop(k, None) for k in ("vocab_size", "num_classes", "cls_token_num")}
+        found = llamagen_file_config(state, checkpoint_args(obj), size=size, model_type=model_type,
+                                     block_size=block_size, image_size=image_size, downsample=downsample,
+                                     class_dropout_prob=kwargs.get("class_dropout_prob", 0.1), **checked)
+        size, model_type = found.pop("size"), found["model_type"]
+        model = cls.from_size(size, **{**found, **kwargs})
         load_checked(model, state, what=f"LlamaGen {size} ({model_type})",
                      ignore=("freqs_cis", "rope", "kv_cache.k_cache", "kv_cache.v_cache", "causal_mask"))
         return model.eval()

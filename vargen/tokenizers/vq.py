@@ -6,6 +6,7 @@ Module and parameter names follow FoundationVision/LlamaGen
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -14,9 +15,19 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from ..models.checkpoint import load_checked, read_state_dict
+from ..models.checkpoint import CheckpointError, checkpoint_args, load_checked, read_checkpoint, read_state_dict
 
 VQ_CH_MULT = {16: (1, 1, 2, 2, 4), 8: (1, 2, 2, 4)}
+
+
+def vq_downsample_of(state, args: dict) -> Optional[int]:
+    """A LlamaGen VQ checkpoint's downsample factor: its ``args.vq_model`` (``"VQ-16"``), else the
+    encoder's depth (one level per factor of 2, plus one), else ``None``."""
+    name = str(args.get("vq_model", ""))
+    if name.startswith("VQ-") and name[3:].isdigit():
+        return int(name[3:])
+    levels = {k.split(".")[2] for k in state if k.startswith("encoder.conv_blocks.")}
+    return 2 ** (len(levels) - 1) if levels else None
 
 
 def _norm(ch: int, groups: int) -> nn.GroupNorm:
@@ -250,15 +261,35 @@ class VQTokenizer(ModelMixin, ConfigMixin):
             self.decode_embedding = nn.Embedding(codebook_size, codebook_embed_dim)
 
     @classmethod
-    def from_llamagen(cls, path_or_state_dict, downsample: int = 16, prefer_ema: bool = False,
-                      **kwargs) -> "VQTokenizer":
-        """Load an official ``vq_ds16_c2i.pt`` / ``vq_ds8_c2i.pt`` / ``vq_ds16_t2i.pt`` checkpoint."""
-        if downsample not in VQ_CH_MULT:
+    def from_llamagen(cls, path_or_state_dict, downsample: Optional[int] = None, prefer_ema: bool = False,
+                      trust_checkpoint: bool = False, **kwargs) -> "VQTokenizer":
+        """Load an official ``vq_ds16_c2i.pt`` / ``vq_ds8_c2i.pt`` / ``vq_ds16_t2i.pt`` checkpoint.
+
+        The downsample factor comes from the file (its ``args.vq_model``, else its encoder's
+        depth) unless given; a given one that contradicts the file raises naming both. The
+        codebook, base width and latent channels are read from the weights. Pickled files are
+        read safely unless ``trust_checkpoint`` (see :func:`vargen.models.checkpoint.read_checkpoint`).
+        """
+        if downsample not in (None, *VQ_CH_MULT):
             raise ValueError(f"downsample must be 16 or 8, got {downsample}")
-        state = read_state_dict(path_or_state_dict, prefer_ema=prefer_ema)
+        obj = path_or_state_dict
+        if isinstance(obj, (str, os.PathLike)):
+            obj = read_checkpoint(obj, trust_checkpoint)
+        state = read_state_dict(obj, prefer_ema=prefer_ema)
+        in_file = vq_downsample_of(state, checkpoint_args(obj))
+        if downsample is not None and in_file is not None and downsample != in_file:
+            raise CheckpointError(f"downsample: you gave {downsample} but the checkpoint is a VQ-{in_file} tokenizer; "
+                                  "drop the option or pass the file's value")
+        downsample = downsample or in_file or 16
+        if downsample not in VQ_CH_MULT:
+            raise CheckpointError(f"the checkpoint is a VQ-{downsample} tokenizer; LlamaGen's are VQ-16 or VQ-8")
         if "quantize.embedding.weight" in state:
             kwargs.setdefault("codebook_size", state["quantize.embedding.weight"].shape[0])
             kwargs.setdefault("codebook_embed_dim", state["quantize.embedding.weight"].shape[1])
+        if "encoder.conv_in.weight" in state:
+            kwargs.setdefault("ch", state["encoder.conv_in.weight"].shape[0])
+        if "quant_conv.weight" in state:
+            kwargs.setdefault("z_channels", state["quant_conv.weight"].shape[1])
         kwargs.setdefault("codebook_show_usage", "quantize.codebook_used" in state)
         model = cls(ch_mult=VQ_CH_MULT[downsample], **kwargs)
         load_checked(model, state, what=f"LlamaGen VQ-{downsample}")

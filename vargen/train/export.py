@@ -11,6 +11,7 @@ import torch
 
 from ..data.registry import build_dataset, collate
 from ..models import LlamaGen
+from ..models.checkpoint import check_saved_class
 from ..models.text import WordTextEncoder
 from ..pipeline import VarGenPipeline
 from ..tokenizers import VQTokenizer
@@ -52,6 +53,10 @@ def export_model(name: str, vq_run: str, ar_run: str, out_dir: str, prompts: Seq
     """
     from torchvision.utils import save_image
 
+    hint = ("export packages vargen training runs (`vargen train ...`); for released checkpoint files use "
+            "`vargen convert llamagen --gpt GPT.pt --vq VQ.pt -o FOLDER` (docs/checkpoints.md)")
+    check_saved_class(os.path.join(vq_run, "vq"), "VQTokenizer", "a tokenizer run", hint)
+    check_saved_class(os.path.join(ar_run, "gpt"), "LlamaGen", "an AR run", hint)
     vq = VQTokenizer.from_pretrained(os.path.join(vq_run, "vq")).eval()
     gpt = LlamaGen.from_pretrained(os.path.join(ar_run, "gpt")).eval()
     text_dir = os.path.join(ar_run, "text_encoder")
