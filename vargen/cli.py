@@ -6,6 +6,10 @@ import math
 import os
 import sys
 import time
+import traceback
+
+from .atomic import image_format
+from .errors import UsageError, VargenError, finite, load_local, shorten, writable_file, writable_folder
 
 
 def _positive_int(text: str) -> int:
@@ -17,8 +21,8 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be > 0 and finite, got {text}")
     return value
 
 
@@ -41,9 +45,10 @@ def _method_names() -> list:
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = all)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature (default 1; 0 = greedy)")
+    parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default 0 = all)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus mass to keep (default 1 = all)")
 
 
 def _add_lantern_args(parser: argparse.ArgumentParser) -> None:
@@ -156,8 +161,12 @@ def _method_options(args) -> dict:
             "lantern_lambda": args.lantern_lambda, "lantern_k": args.lantern_k}
 
 
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
 def _sampling(args) -> dict:
-    return {"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    given = {k: getattr(args, k) for k in SAMPLING_DEFAULTS}
+    return {"cfg_scale": args.cfg, **{k: SAMPLING_DEFAULTS[k] if v is None else v for k, v in given.items()}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Generate images and save them (several images are tiled into a grid).")
     gen.add_argument("conditions", nargs="+", metavar="PROMPT_OR_CLASS",
                      help="class id or name (c2i models) or a quoted prompt (t2i models); several give several images")
-    gen.add_argument("-o", "--output", default="outputs/sample.png", help="output image path (PNG)")
+    gen.add_argument("-o", "--output", default="outputs/sample.png",
+                     help="output image path; .png, .jpg / .jpeg or .webp picks the format")
     gen.add_argument("--model", default=None,
                      help="embedded model (scenes-t2i, cifar10-c2i), pipeline folder (VarGenPipeline.save_pretrained) "
                           "or 'tiny-random'; default: scenes-t2i when shipped")
@@ -188,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     _add_compile_arg(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
-    gen.set_defaults(func=cmd_generate)
+    gen.set_defaults(func=cmd_generate, output_files=("output", "stats"))
 
     sample = sub.add_parser("sample", help="draw N numbered PNGs for FID / benchmarks (sharded, resumable)",
                             description="Draw images 000000.png .. N-1 into a folder. Image i has a fixed condition "
@@ -210,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--npz", action="store_true", help="also pack samples_N.npz (arr_0, ADM / LlamaGen format)")
     sample.add_argument("--device", default=None, help="torch device (default: the accelerate process's device)")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
-    sample.set_defaults(func=cmd_sample)
+    sample.set_defaults(func=cmd_sample, output_dirs=("out",))
 
     train = sub.add_parser("train", help="train a tokenizer, an AR generator or the FD-vargen classifier from a JSON "
                                          "recipe config",
@@ -220,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="recipe config (JSON), e.g. configs/scenes_vq.json")
     train.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
     train.add_argument("--steps", type=_positive_int, default=None, help="override the config's step count")
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, output_dirs=("out",))
 
     evaluate = sub.add_parser("eval", help="evaluate generated images")
     eval_sub = evaluate.add_subparsers(dest="what", required=True)
@@ -233,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(scenes)
     scenes.add_argument("--out", default="outputs/eval_scenes", help="folder for scores.json and grid.png")
     scenes.add_argument("--device", default="cpu", help="torch device")
-    scenes.set_defaults(func=cmd_eval_scenes)
+    scenes.set_defaults(func=cmd_eval_scenes, output_dirs=("out",))
 
     sr = eval_sub.add_parser("sr", help="arbitrary-scale decoding: LIIF against bicubic, Y-PSNR per scale",
                              description="Held-out scenes rendered exactly at every target size: the LIIF token "
@@ -253,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--seed", type=int, default=10_000, help="scene seed")
     sr.add_argument("--json", default=None, help="write the table as JSON here")
     sr.add_argument("--device", default="cpu", help="torch device")
-    sr.set_defaults(func=cmd_eval_sr)
+    sr.set_defaults(func=cmd_eval_sr, output_files=("json",))
 
     flex = eval_sub.add_parser("flex1d", help="1D flexible tokenizer: reconstruction PSNR against token count",
                                description="Held-out scenes encoded with every prefix length of the 1D tokenizer, "
@@ -268,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="prefix lengths (default: powers of two up to K)")
     flex.add_argument("--out", default="outputs/flex1d", help="folder for psnr_vs_tokens.json/.png and recon.png")
     flex.add_argument("--device", default="cpu", help="torch device")
-    flex.set_defaults(func=cmd_eval_flex1d)
+    flex.set_defaults(func=cmd_eval_flex1d, output_dirs=("out",))
 
     geneval = eval_sub.add_parser("geneval", help="draw GenEval's prompts in the official layout (and score them)",
                                   description="Write OUT/<index:05d>/metadata.jsonl and samples/<n:04d>.png for each "
@@ -297,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     geneval.add_argument("--results", default=None, help="evaluator output (default OUT/results.jsonl)")
     geneval.add_argument("--device", default="cpu", help="torch device")
     geneval.add_argument("--quiet", action="store_true", help="no progress bar")
-    geneval.set_defaults(func=cmd_eval_geneval)
+    geneval.set_defaults(func=cmd_eval_geneval, output_dirs=("out",))
 
     fid = eval_sub.add_parser("fid", help="FID (clean-fid), precision/recall and IS of an image folder",
                               description="FID of GEN_DIR against REF (an image folder or a .npz from `vargen eval "
@@ -309,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("ref", help="reference image folder or statistics .npz")
     _add_extractor_args(fid)
     fid.add_argument("--json", default=None, help="write the result as JSON here")
-    fid.set_defaults(func=cmd_eval_fid)
+    fid.set_defaults(func=cmd_eval_fid, output_files=("json",))
 
     stats = eval_sub.add_parser("fid-stats", help="reference statistics (.npz) of a folder or a vargen dataset",
                                 description="Compute mu, sigma and features of SOURCE with the chosen extractor and "
@@ -318,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       '\'{"name": "cifar10", "path": "../shared/data/cifar10", "split": "test"}\'')
     stats.add_argument("--out", required=True, help="statistics file to write (.npz)")
     _add_extractor_args(stats)
-    stats.set_defaults(func=cmd_eval_fid_stats)
+    stats.set_defaults(func=cmd_eval_fid_stats, output_files=("out",))
 
     bench = sub.add_parser("bench", help="benchmarks: decoding speed next to quality, method against AR")
     bench_sub = bench.add_subparsers(dest="what", required=True)
@@ -341,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--reps", type=_positive_int, default=2, help="timed decodes per cell (median)")
     latency.add_argument("--compression-json", default=None,
                          help="step compression from a previous `bench speed --json` instead of measuring it")
-    speed.set_defaults(func=cmd_bench_speed)
+    speed.set_defaults(func=cmd_bench_speed, output_files=("json", "plot"))
 
     report = bench_sub.add_parser("report", help="sample every method on the same seeds; speed next to quality",
                                   description="Draw the same N images with every method (resumable PNG folders "
@@ -360,12 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="outputs/report", help="folder for the sample sets and the report")
     report.add_argument("--device", default="cpu", help="torch device")
     report.add_argument("--quiet", action="store_true", help="no progress bars")
-    report.set_defaults(func=cmd_bench_report)
+    report.set_defaults(func=cmd_bench_report, output_dirs=("out",))
 
     export = sub.add_parser("export", help="package trained runs as an embedded model (fp16, samples, model card)")
     export.add_argument("spec", help="export spec (JSON): name, vq_run, ar_run, out, prompts, eval_data")
     export.add_argument("--out", default=None, help="override the spec's output folder")
-    export.set_defaults(func=cmd_export)
+    export.set_defaults(func=cmd_export, output_dirs=("out",))
     return parser
 
 
@@ -529,7 +539,7 @@ def cmd_eval_sr(args) -> int:
         if args.benchmark:
             raise ValueError("--benchmark scores an image-input LIIF; a token decoder (--vq) only sees its tokens")
         methods = upsamplers(LIIFTokenDecoder.from_pretrained(args.liif).to(args.device),
-                             VQTokenizer.from_pretrained(args.vq).eval().to(args.device))
+                             load_local(VQTokenizer, args.vq, "the tokenizer (--vq)").eval().to(args.device))
     elif os.path.isdir(args.liif) and not os.path.exists(os.path.join(args.liif, LIIF.CHECKPOINT)):
         raise ValueError(f"{args.liif} holds no {LIIF.CHECKPOINT}: for a LIIF token decoder pass its tokenizer "
                          "with --vq")
@@ -769,8 +779,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from torchvision.utils import make_grid, save_image
+    from torchvision.utils import make_grid
 
+    from .atomic import save_image_atomic
     from .pipeline import TINY_RANDOM, VarGenPipeline, default_model
 
     if args.model is None:
@@ -806,12 +817,8 @@ def cmd_generate(args) -> int:
     if liif is not None:
         images = liif.decode(images.view(-1, *pipe.gpt.grid), size=args.size, scale=args.scale)
         images = ((images + 1) / 2).clamp(0, 1)
-    folder = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(args.output)}")
     grid = make_grid(images, nrow=max(1, math.ceil(math.sqrt(len(images))))) if len(images) > 1 else images[0]
-    save_image(grid, tmp, format="png")
-    os.replace(tmp, args.output)  # never leave a half-written image
+    save_image_atomic(grid.mul(255).add(0.5).clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy(), args.output)
     stats = out.stats
     if args.stats:
         stats.extra.update(model=args.model, total_wall_s=time.perf_counter() - start)
@@ -821,16 +828,87 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _check_device(name) -> None:
+    """A device torch knows and this machine has, before anything loads onto it."""
+    if name is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {name}: no CUDA GPU is visible on this machine; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 .. cuda:{count - 1}")
+    elif device.type != "cpu" and not getattr(torch, device.type).is_available():
+        raise UsageError(f"--device {name}: no {device.type} device here; use --device cpu")
+
+
+def _check_args(args) -> None:
+    """Every option a command can check without a model, checked before one loads: values, combinations,
+    device, method options, and that every output can be written."""
+    from .decoding import SamplingConfig
+
+    _check_device(getattr(args, "device", None))
+    if hasattr(args, "cfg"):
+        SamplingConfig(**_sampling(args)).check_values()
+    for flag in ("lantern_delta", "lantern_lambda"):
+        if getattr(args, flag, None) is not None:
+            finite(f"--{flag.replace('_', '-')}", getattr(args, flag))
+    method = getattr(args, "method", None)
+    if method == "jacobi":
+        given = [f"--{k.replace('_', '-')}" for k in SAMPLING_DEFAULTS if getattr(args, k) is not None]
+        if given:
+            raise UsageError(f"--method jacobi is greedy and would ignore {', '.join(given)}: drop them, or use "
+                             "--method sjd for sampling")
+    if method is not None and hasattr(args, "min_window"):
+        from .decoding.methods import check_method
+
+        check_method(method, _method_options(args))
+    for attr in getattr(args, "output_dirs", ()):
+        if getattr(args, attr, None):
+            writable_folder(getattr(args, attr))
+    for attr in getattr(args, "output_files", ()):
+        if getattr(args, attr, None):
+            writable_file(getattr(args, attr), f"--{attr}")
+    if getattr(args, "func", None) is cmd_generate:
+        image_format(args.output)
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``--debug`` before or after the command name, on every command (a traceback for errors)."""
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show the traceback of an error")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _add_debug_flag(child, top=False)
+
+
+# failures a user can fix: VargenError, and the ValueError / FileNotFoundError / OSError (a full disk, a file
+# that vanished) that library code raises with a message meant for users
+USER_ERRORS = (VargenError, ValueError, FileNotFoundError, FloatingPointError, OSError)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _add_debug_flag(parser)
+    args = parser.parse_args(argv)
     try:
         if hasattr(args, "relax"):  # --method sjd --coupling maximal --relax lantern -> sjd+coupling+lantern
             from .decoding.methods import compose_method
 
             args.method = compose_method(args.method, args.coupling, args.relax)
+        _check_args(args)
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        print(f"vargen: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"vargen: error: {shorten(err, 2000)}", file=sys.stderr)
         return 2
 
 

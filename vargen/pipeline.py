@@ -12,6 +12,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from .decoding import DecodeStats, SamplingConfig, get_method
 from .models import LlamaGen, PrefixModel
+from .errors import reading_model
 from .models.text import WordTextEncoder
 from .tokenizers import Flex1DTokenizer, VQTokenizer
 
@@ -92,7 +93,10 @@ class VarGenPipeline(DiffusionPipeline):
             if not os.path.isfile(os.path.join(folder, "model_index.json")):
                 raise FileNotFoundError(f"no pipeline at {folder!r} (model_index.json missing); embedded models "
                                         f"here: {embedded_models() or 'none'}")
-            pipe = cls.from_pretrained(folder).to(torch.float32)
+            with reading_model(folder):
+                pipe = cls.from_pretrained(folder)
+                _refuse_missing_weights(pipe, folder)
+                pipe = pipe.to(torch.float32)
         else:
             raise FileNotFoundError(f"no model folder at {name_or_path!r}; pass a folder written by "
                                     f"VarGenPipeline.save_pretrained, one of {list(EMBEDDED)}, or {TINY_RANDOM!r}")
@@ -217,6 +221,18 @@ class VarGenPipeline(DiffusionPipeline):
 
             return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
         raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+
+
+def _refuse_missing_weights(pipe: VarGenPipeline, folder: str) -> None:
+    """diffusers loads a config.json that asks for more weights than the file holds with the extra ones left
+    on the meta device (a warning, then "Cannot copy out of meta tensor" much later): refuse it here."""
+    from .errors import ModelLoadError
+
+    for name, component in pipe.components.items():
+        missing = [k for k, v in component.state_dict().items() if v.is_meta] if hasattr(component, "state_dict") else []
+        if missing:
+            raise ModelLoadError(f"{os.path.join(folder, name)}: its config.json does not match its weights "
+                                 f"({len(missing)} weights missing, e.g. {missing[0]}); export or copy the model again")
 
 
 def tiny_random_pipeline(seed: int = 0) -> VarGenPipeline:

@@ -470,9 +470,12 @@ class LIIFTokenDecoder(nn.Module):
         if missing:
             raise FileNotFoundError(f"not a LIIF token decoder folder (missing {', '.join(missing)}); "
                                     "train one with vargen.train.liif.train_liif")
-        with open(paths[0]) as f:
-            config = json.load(f)
-        config.pop("_class_name", None)
-        model = cls(config.pop("vq"), **config)
-        load_checked(model, load_file(paths[1]), what=f"LIIF token decoder in {folder}")
+        from ..errors import reading_model
+
+        with reading_model(folder):
+            with open(paths[0]) as f:
+                config = json.load(f)
+            config.pop("_class_name", None)
+            model = cls(config.pop("vq"), **config)
+            load_checked(model, load_file(paths[1]), what=f"LIIF token decoder in {folder}")
         return model.eval()

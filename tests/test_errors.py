@@ -1,0 +1,134 @@
+"""Every user-facing failure of the CLI: exit 2, one message naming the problem, no traceback, nothing
+half-written. "Read-only" outputs are paths under a regular file (``blocker/out.png``): tests run as root,
+which ignores permission bits, and no path can be created under a file for any user."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vargen.cli import main
+from vargen.pipeline import tiny_random_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A good tiny model folder and three damaged copies."""
+    base = tmp_path_factory.mktemp("models")
+    good = base / "good"
+    tiny_random_pipeline().save_pretrained(good)
+    weights = "gpt/diffusion_pytorch_model.safetensors"
+    made = {"good": good}
+    for name in ("truncated", "mismatched", "badjson"):
+        folder = base / name
+        subprocess.run(["cp", "-r", str(good), str(folder)], check=True)
+        made[name] = folder
+    with open(made["truncated"] / weights, "r+b") as f:
+        f.truncate(5000)
+    config = json.loads((good / "gpt/config.json").read_text())
+    config["n_layer"] += 3
+    (made["mismatched"] / "gpt/config.json").write_text(json.dumps(config))
+    (made["badjson"] / "gpt/config.json").write_text('{"n_layer": ')
+    return made
+
+
+def _cases(models, tmp):
+    blocker = tmp / "blocker"  # a regular file: nothing can be written "inside" it
+    blocker.write_text("x")
+    (tmp / "adir").mkdir()
+    (tmp / "bad.json").write_text("{not json")
+    (tmp / "init_missing.json").write_text(json.dumps({"init": str(tmp / "no-run" / "vq"), "steps": 1}))
+    (tmp / "export.json").write_text(json.dumps({"name": "x", "vq_run": str(tmp / "no-run"), "ar_run": str(tmp / "no-ar"),
+                                                 "out": str(tmp / "exported"), "prompts": ["a"], "eval_data": {}}))
+    gen = ["generate", "1", "--model", "tiny-random", "--quiet", "-o", str(tmp / "ok.png")]
+    t = str(tmp)
+    return {
+        "truncated safetensors": (["generate", "1", "--model", str(models["truncated"]), "-o", f"{t}/a.png"],
+                                  "cannot load the model"),
+        "config does not match weights": (["generate", "1", "--model", str(models["mismatched"]), "-o", f"{t}/a.png"],
+                                          "config.json does not match"),
+        "invalid JSON config": (["generate", "1", "--model", str(models["badjson"]), "-o", f"{t}/a.png"],
+                                "not a valid JSON"),
+        "output under a file": (gen[:-1] + [f"{t}/blocker/out.png"], "cannot write into"),
+        "output is a folder": (gen[:-1] + [f"{t}/adir"], "is a folder"),
+        "unknown image extension": (gen[:-1] + [f"{t}/out.gif"], "extension '.gif'"),
+        "stats unwritable": (gen + ["--stats", f"{t}/blocker/stats.json"], "cannot write into"),
+        "cuda without a GPU": (gen + ["--device", "cuda"], "no CUDA GPU"),
+        "unknown device": (gen + ["--device", "foo"], "unknown device 'foo'"),
+        "cfg inf": (gen + ["--cfg", "inf"], "cfg_scale must be >= 0 and finite"),
+        "temperature inf": (gen + ["--temperature", "inf"], "temperature must be >= 0 and finite"),
+        "temperature nan": (gen + ["--temperature", "nan"], "temperature must be >= 0 and finite"),
+        "jacobi with temperature": (gen + ["--method", "jacobi", "--temperature", "0.5"],
+                                    "jacobi is greedy and would ignore --temperature"),
+        "option checked before the model loads": (["generate", "1", "--model", f"{t}/no-model", "--window", "4",
+                                                   "-o", f"{t}/a.png"], "method 'ar' takes no option(s) ['window']"),
+        "sample into a read-only folder": (["sample", "--model", "tiny-random", "-n", "2", "--out",
+                                            f"{t}/blocker/samples"], "cannot write into"),
+        "eval scenes into a read-only folder": (["eval", "scenes", "--model", "tiny-random", "--out",
+                                                 f"{t}/blocker/scenes"], "cannot write into"),
+        "train from a missing earlier run": (["train", "tokenizer", "--config", f"{t}/init_missing.json", "--out",
+                                              f"{t}/run"], "not found at"),
+        "train with an invalid JSON config": (["train", "tokenizer", "--config", f"{t}/bad.json", "--out", f"{t}/run"],
+                                              "is not valid JSON"),
+        "export a missing run": (["export", f"{t}/export.json"], "the tokenizer run's vq/ folder not found"),
+    }
+
+
+CASES = ["truncated safetensors", "config does not match weights", "invalid JSON config", "output under a file",
+         "output is a folder", "unknown image extension", "stats unwritable", "cuda without a GPU", "unknown device",
+         "cfg inf", "temperature inf", "temperature nan", "jacobi with temperature",
+         "option checked before the model loads", "sample into a read-only folder",
+         "eval scenes into a read-only folder", "train from a missing earlier run",
+         "train with an invalid JSON config", "export a missing run"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_user_errors_exit_2_with_a_message_and_leave_nothing(case, models, tmp_path, capsys, one_thread):
+    if case == "cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    argv, message = _cases(models, tmp_path)[case]
+    before = set(_tree(tmp_path))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # above it, at most the progress bars of model loading
+    assert message in last and last.startswith("vargen: error: ") and "Traceback" not in err
+    assert len(last) < 2100
+    left = set(_tree(tmp_path)) - before
+    assert not [p for p in left if ".tmp-" in p or ".vargen-probe" in p], left
+    assert not [p for p in left if p.endswith((".png", ".json"))], left  # nothing written on failure
+
+
+def _tree(root):
+    return [os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs]
+
+
+def test_stats_path_is_checked_before_any_work(tmp_path, capsys):
+    (tmp_path / "blocker").write_text("x")
+    assert main(["generate", "1", "--model", "tiny-random", "--quiet", "-o", str(tmp_path / "img.png"),
+                 "--stats", str(tmp_path / "blocker" / "s.json")]) == 2
+    assert not (tmp_path / "img.png").exists()  # refused before the image was drawn, not after
+
+
+@pytest.mark.parametrize("ext,fmt", [(".png", "PNG"), (".jpg", "JPEG"), (".jpeg", "JPEG"), (".webp", "WEBP")])
+def test_output_extension_picks_the_format(ext, fmt, tmp_path, one_thread):
+    from PIL import Image
+
+    out = tmp_path / f"img{ext}"
+    assert main(["generate", "1", "--model", "tiny-random", "--quiet", "-o", str(out)]) == 0
+    assert Image.open(out).format == fmt
+    assert os.listdir(tmp_path) == [out.name]
+
+
+def test_debug_shows_the_traceback_and_plain_does_not(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    argv = [sys.executable, "-m", "vargen.cli", "generate", "1", "--model", "tiny-random", "--cfg", "inf",
+            "-o", str(tmp_path / "x.png")]
+    plain = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
+    debug = subprocess.run(argv + ["--debug"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert plain.returncode == debug.returncode == 2
+    assert "Traceback" not in plain.stderr and "cfg_scale must be" in plain.stderr
+    assert "Traceback" in debug.stderr and "UsageError" in debug.stderr
