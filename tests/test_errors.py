@@ -132,3 +132,64 @@ def test_debug_shows_the_traceback_and_plain_does_not(tmp_path):
     assert plain.returncode == debug.returncode == 2
     assert "Traceback" not in plain.stderr and "cfg_scale must be" in plain.stderr
     assert "Traceback" in debug.stderr and "UsageError" in debug.stderr
+
+
+# ----------------------------------------------------------------------------- prompts
+def _t2i(tmp_path):
+    from conftest import make_t2i_pipeline
+
+    folder = tmp_path / "t2i"
+    make_t2i_pipeline(["a red circle", "a blue star", "cafe creme"]).save_pretrained(folder)
+    return str(folder)
+
+
+def test_prompts_are_normalised_and_what_is_dropped_is_reported():
+    from vargen.models.text import dropped_characters, split_words
+
+    assert split_words("Ｃａｆé Crème") == ["cafe", "creme"]  # NFKC full-width, accents folded
+    assert dropped_characters("a red 🍎 circle 猫!") == ["猫", "🍎"]  # punctuation is a separator, not content
+    from conftest import make_t2i_pipeline
+
+    pipe = make_t2i_pipeline(["a red circle", "cafe creme"])
+    with pytest.warns(UserWarning, match="dropped.*🍎"):
+        pipe("a red 🍎 circle", progress=False, output_type="latent")
+    with _no_warning():  # accents fold into known words: nothing to report
+        pipe("Café Crème", progress=False, output_type="latent")
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        self._w.__exit__(*exc)
+
+
+@pytest.mark.parametrize("prompt,message", [
+    ("", "has no words this text encoder reads"),
+    ("🍎 猫", "has no words this text encoder reads"),
+    ("purple hexagon", "none of the words of 'purple hexagon' is known"),
+])
+def test_prompts_that_condition_on_nothing_are_errors(prompt, message, tmp_path, capsys, one_thread):
+    assert main(["generate", prompt, "--model", _t2i(tmp_path), "--quiet", "-o", str(tmp_path / "x.png")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_unconditional_must_be_asked_for(tmp_path, capsys, one_thread):
+    model, out = _t2i(tmp_path), str(tmp_path / "x.png")
+    assert main(["generate", "--model", model, "--quiet", "-o", out]) == 2
+    assert "--unconditional" in capsys.readouterr().err
+    assert main(["generate", "a red circle", "--unconditional", "--model", model, "--quiet", "-o", out]) == 2
+    assert main(["generate", "--unconditional", "--model", model, "--quiet", "-o", out, "--cfg", "1"]) == 0
+
+
+def test_a_huge_prompt_is_not_echoed(tmp_path, capsys, one_thread):
+    prompt = " ".join(["red"] * 10_000)
+    assert main(["generate", prompt, "--model", _t2i(tmp_path), "--quiet", "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "prompt too long: 10000 words" in err and len(err.strip().splitlines()[-1]) < 400

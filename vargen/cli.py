@@ -175,8 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate images from a class (or prompt) and save them",
                          description="Generate images and save them (several images are tiled into a grid).")
-    gen.add_argument("conditions", nargs="+", metavar="PROMPT_OR_CLASS",
+    gen.add_argument("conditions", nargs="*", metavar="PROMPT_OR_CLASS",
                      help="class id or name (c2i models) or a quoted prompt (t2i models); several give several images")
+    gen.add_argument("--unconditional", action="store_true",
+                     help="t2i: draw without a prompt (the text encoder's empty caption); an empty prompt is "
+                          "otherwise an error")
     gen.add_argument("-o", "--output", default="outputs/sample.png",
                      help="output image path; .png, .jpg / .jpeg or .webp picks the format")
     gen.add_argument("--model", default=None,
@@ -810,8 +813,8 @@ def cmd_generate(args) -> int:
         if codes != pipe.vq.vocab_size:
             raise ValueError(f"the LIIF decoder {args.liif or own} was trained on a tokenizer with {codes} codes, but this "
                              f"model's tokenizer has {pipe.vq.vocab_size}: use the LIIF decoder of this tokenizer")
-    out = pipe(args.conditions, num_images_per_prompt=args.num_images, **_sampling(args), seed=args.seed,
-               output_type="latent" if liif else "pt", progress=not args.quiet, method=args.method,
+    out = pipe(args.conditions or [""], unconditional=args.unconditional, num_images_per_prompt=args.num_images,
+               **_sampling(args), seed=args.seed, output_type="latent" if liif else "pt", progress=not args.quiet, method=args.method,
                method_options=_method_options(args), num_tokens=args.tokens)
     images = out.images
     if liif is not None:
@@ -877,6 +880,10 @@ def _check_args(args) -> None:
             writable_file(getattr(args, attr), f"--{attr}")
     if getattr(args, "func", None) is cmd_generate:
         image_format(args.output)
+        if args.unconditional and args.conditions:
+            raise UsageError("--unconditional draws without a prompt: drop the prompt(s), or drop --unconditional")
+        if not args.unconditional and not args.conditions:
+            raise UsageError("give a prompt or class to draw, or --unconditional for a text-to-image model")
 
 
 def _add_debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:

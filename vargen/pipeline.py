@@ -12,7 +12,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from .decoding import DecodeStats, SamplingConfig, get_method
 from .models import LlamaGen, PrefixModel
-from .errors import reading_model
+from .errors import UsageError, reading_model
 from .models.text import WordTextEncoder
 from .tokenizers import Flex1DTokenizer, VQTokenizer
 
@@ -107,8 +107,11 @@ class VarGenPipeline(DiffusionPipeline):
         names = self.gpt.config.class_names
         return list(names) if names else None
 
-    def parse_conditions(self, inputs: Sequence[Union[int, str]]):
-        """Inputs -> ``(cond, cond_mask)``: class ids/names for c2i, prompts through the text encoder for t2i."""
+    def parse_conditions(self, inputs: Sequence[Union[int, str]], unconditional: bool = False):
+        """Inputs -> ``(cond, cond_mask)``: class ids/names for c2i, prompts through the text encoder for t2i.
+        ``unconditional`` (t2i) takes empty prompts, which are refused otherwise."""
+        if unconditional and self.gpt.config.model_type != "t2i":
+            raise UsageError("unconditional generation is for text-to-image models; give a class")
         if self.gpt.config.model_type == "t2i":
             if self.text_encoder is None:
                 raise ValueError("this is a text-to-image model without a text encoder; load a pipeline that has one")
@@ -119,11 +122,10 @@ class VarGenPipeline(DiffusionPipeline):
                 from .models.t5 import t5_caption_features
 
                 return t5_caption_features(self.text_encoder, self.tokenizer, prompts, self.gpt.config.cls_token_num)
-            unknown = self.text_encoder.unknown_words(prompts)
-            if unknown:
-                import warnings
+            import warnings
 
-                warnings.warn(f"words unknown to the text encoder (mapped to <unk>): {', '.join(unknown)}")
+            for message in self.text_encoder.check_prompts(prompts, unconditional):
+                warnings.warn(message)
             return self.text_encoder(prompts)
         names = self.class_names or []
         ids = []
@@ -146,7 +148,8 @@ class VarGenPipeline(DiffusionPipeline):
                  cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: Union[int, Sequence[int]] = 0, output_type: str = "pil", progress: bool = True,
                  callback_on_step_end: Optional[Callable] = None, return_dict: bool = True,
-                 method: str = "ar", method_options: Optional[dict] = None, num_tokens: Optional[int] = None):
+                 method: str = "ar", method_options: Optional[dict] = None, num_tokens: Optional[int] = None,
+                 unconditional: bool = False):
         """Generate ``num_images_per_prompt`` images per class (c2i) or prompt (t2i); image ``i`` uses seed ``seed + i``
         (or ``seed[i]`` when a list with one seed per image is given).
 
@@ -157,14 +160,15 @@ class VarGenPipeline(DiffusionPipeline):
         (``vargen.decoding.METHODS``: ``"ar"``, ``"sjd"``, ``"sjd+coupling"``, ...) and
         ``method_options`` its settings (e.g. ``{"window": 16, "init": "left"}``). ``num_tokens``
         (1D-token models only) stops every method after that many tokens; the 1D tokenizer
-        decodes the prefix.
+        decodes the prefix. ``unconditional=True`` (t2i) takes empty prompts (the text encoder's all-padding
+        caption); without it an empty prompt is an error.
         """
         if isinstance(inputs, (int, str)):
             inputs = [inputs]
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         decode = get_method(method, codebook=self.vq.codebook_embeddings, **(method_options or {}))
-        cond, cond_mask = self.parse_conditions(inputs)
+        cond, cond_mask = self.parse_conditions(inputs, unconditional)
         cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
         if cond_mask is not None:
             cond_mask = cond_mask.repeat_interleave(num_images_per_prompt, dim=0)
@@ -229,7 +233,8 @@ def _refuse_missing_weights(pipe: VarGenPipeline, folder: str) -> None:
     from .errors import ModelLoadError
 
     for name, component in pipe.components.items():
-        missing = [k for k, v in component.state_dict().items() if v.is_meta] if hasattr(component, "state_dict") else []
+        state = component.state_dict() if isinstance(component, torch.nn.Module) else {}
+        missing = [k for k, v in state.items() if v.is_meta]
         if missing:
             raise ModelLoadError(f"{os.path.join(folder, name)}: its config.json does not match its weights "
                                  f"({len(missing)} weights missing, e.g. {missing[0]}); export or copy the model again")
