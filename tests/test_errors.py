@@ -75,6 +75,13 @@ def _cases(models, tmp):
         "train with an invalid JSON config": (["train", "tokenizer", "--config", f"{t}/bad.json", "--out", f"{t}/run"],
                                               "is not valid JSON"),
         "export a missing run": (["export", f"{t}/export.json"], "the tokenizer run's vq/ folder not found"),
+        "bad --max-memory": (gen + ["--max-memory", "lots"], "--max-memory takes a size"),
+        "-n beyond any chunking": (gen + ["-n", "100000", "--max-memory", "1G"],
+                                   "100000 image(s) of 64x64 needs about 2.3 GB, over the memory budget of 1.0 GB"),
+        "--scale 1000": (["generate", "a red circle", "--model", "scenes-t2i", "--scale", "1000", "-o", f"{t}/a.png",
+                          "--max-memory", "1G"], "1 image(s) of 128000x128000 needs about"),
+        "--size 100000x100000": (["generate", "a red circle", "--model", "scenes-t2i", "--size", "100000x100000",
+                                  "-o", f"{t}/a.png", "--max-memory", "1G"], "1 image(s) of 100000x100000 needs"),
     }
 
 
@@ -83,7 +90,8 @@ CASES = ["truncated safetensors", "config does not match weights", "invalid JSON
          "cfg inf", "temperature inf", "temperature nan", "jacobi with temperature",
          "option checked before the model loads", "sample into a read-only folder",
          "eval scenes into a read-only folder", "train from a missing earlier run",
-         "train with an invalid JSON config", "export a missing run"]
+         "train with an invalid JSON config", "export a missing run", "bad --max-memory", "-n beyond any chunking",
+         "--scale 1000", "--size 100000x100000"]
 
 
 @pytest.mark.parametrize("case", CASES)

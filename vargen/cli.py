@@ -10,6 +10,7 @@ import traceback
 
 from .atomic import image_format
 from .errors import UsageError, VargenError, finite, load_local, shorten, writable_file, writable_folder
+from .memory import parse_bytes
 
 
 def _positive_int(text: str) -> int:
@@ -198,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--liif", default=None,
                      help="LIIF token decoder folder (default: the model's own, e.g. scenes-t2i/liif)")
     gen.add_argument("--stats", default=None, help="write DecodeStats as JSON to this path")
+    gen.add_argument("--max-memory", default=None, metavar="SIZE",
+                     help="memory budget for decoding and rendering images, e.g. 2G (default: a quarter of the "
+                          "available RAM, at most 1G); images and pixels are processed in chunks that fit, and a "
+                          "request whose output alone cannot fit is refused")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     _add_compile_arg(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -782,9 +787,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    import torch
     from torchvision.utils import make_grid
 
     from .atomic import save_image_atomic
+    from .decoding import DecodeStats
+    from .memory import gpt_bytes_per_image, per_chunk
     from .pipeline import TINY_RANDOM, VarGenPipeline, default_model
 
     if args.model is None:
@@ -813,16 +821,27 @@ def cmd_generate(args) -> int:
         if codes != pipe.vq.vocab_size:
             raise ValueError(f"the LIIF decoder {args.liif or own} was trained on a tokenizer with {codes} codes, but this "
                              f"model's tokenizer has {pipe.vq.vocab_size}: use the LIIF decoder of this tokenizer")
-    out = pipe(args.conditions or [""], unconditional=args.unconditional, num_images_per_prompt=args.num_images,
-               **_sampling(args), seed=args.seed, output_type="latent" if liif else "pt", progress=not args.quiet, method=args.method,
-               method_options=_method_options(args), num_tokens=args.tokens)
-    images = out.images
-    if liif is not None:
-        images = liif.decode(images.view(-1, *pipe.gpt.grid), size=args.size, scale=args.scale)
-        images = ((images + 1) / 2).clamp(0, 1)
+    budget = _image_budget(args, pipe, liif)
+    conditions = [c for c in (args.conditions or [""]) for _ in range(args.num_images)]
+    per_call = per_chunk(len(conditions), gpt_bytes_per_image(pipe.gpt.config, args.cfg != 1), budget)
+    tiles, parts = [], []
+    for i in range(0, len(conditions), per_call):
+        out = pipe(conditions[i:i + per_call], unconditional=args.unconditional, **_sampling(args),
+                   seed=list(range(args.seed + i, args.seed + i + len(conditions[i:i + per_call]))),
+                   output_type="latent", progress=not args.quiet, method=args.method,
+                   method_options=_method_options(args), num_tokens=args.tokens)
+        if liif is not None:
+            images = liif.decode(out.images.view(-1, *pipe.gpt.grid), size=args.size, scale=args.scale,
+                                 max_memory=budget, progress=not args.quiet)
+            images = ((images + 1) / 2).clamp(0, 1)
+        else:
+            images = pipe.decode_tokens(out.images, max_memory=budget)
+        tiles.append(images.mul(255).add(0.5).clamp(0, 255).byte())  # torchvision's rounding; 1/4 of the floats
+        parts.append(out.stats)
+    images = torch.cat(tiles)
     grid = make_grid(images, nrow=max(1, math.ceil(math.sqrt(len(images))))) if len(images) > 1 else images[0]
-    save_image_atomic(grid.mul(255).add(0.5).clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy(), args.output)
-    stats = out.stats
+    save_image_atomic(grid.permute(1, 2, 0).cpu().numpy(), args.output)
+    stats = DecodeStats.combine(parts)
     if args.stats:
         stats.extra.update(model=args.model, total_wall_s=time.perf_counter() - start)
         stats.to_json(args.stats)
@@ -880,6 +899,8 @@ def _check_args(args) -> None:
             writable_file(getattr(args, attr), f"--{attr}")
     if getattr(args, "func", None) is cmd_generate:
         image_format(args.output)
+        if args.max_memory is not None:
+            parse_bytes(args.max_memory)
         if args.unconditional and args.conditions:
             raise UsageError("--unconditional draws without a prompt: drop the prompt(s), or drop --unconditional")
         if not args.unconditional and not args.conditions:
@@ -899,6 +920,29 @@ def _add_debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
 # failures a user can fix: VargenError, and the ValueError / FileNotFoundError / OSError (a full disk, a file
 # that vanished) that library code raises with a message meant for users
 USER_ERRORS = (VargenError, ValueError, FileNotFoundError, FloatingPointError, OSError)
+
+
+def _image_budget(args, pipe, liif) -> int:
+    """``--max-memory`` in bytes, after refusing a request whose finished images alone exceed it (the uint8
+    images and their grid: no chunking can shrink those)."""
+    import torch
+
+    from .memory import budget_or_default, liif_query_bytes, parse_bytes, refuse_unless_fits
+
+    budget = budget_or_default(args.max_memory and parse_bytes(args.max_memory))
+    if liif is not None:
+        from .decoders.liif import output_size
+
+        tokens = torch.zeros(1, *pipe.gpt.grid, dtype=torch.long)
+        height, width = output_size(liif.native_size(tokens), args.size, args.scale)
+    else:
+        height, width = pipe.image_size
+    n = max(1, len(args.conditions)) * args.num_images
+    fix = "draw fewer images (-n), a smaller --size / --scale, or many images one by one with `vargen sample`"
+    refuse_unless_fits(f"{n} image(s) of {width}x{height}", 2 * 3 * n * height * width, budget, fix)
+    if liif is not None:  # one image's features and one row of queries must fit
+        refuse_unless_fits(f"rendering one {width}x{height} image", width * liif_query_bytes(liif.liif), budget, fix)
+    return budget
 
 
 def main(argv=None) -> int:

@@ -205,13 +205,27 @@ class VarGenPipeline(DiffusionPipeline):
         return compiled if compiled is not None and compiled.model is self.gpt else self.gpt
 
     @torch.no_grad()
-    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Raster token sequences ``[B, N]`` (1D tokens: any prefix ``[B, k]``) -> images ``[B, 3, H, W]`` in [0, 1]."""
+    def decode_tokens(self, tokens: torch.Tensor, max_memory: Optional[int] = None) -> torch.Tensor:
+        """Raster token sequences ``[B, N]`` (1D tokens: any prefix ``[B, k]``) -> images ``[B, 3, H, W]`` in [0, 1],
+        decoded a group of images at a time so the working memory stays within ``max_memory`` bytes
+        (default: :func:`vargen.memory.default_budget`)."""
+        from .memory import budget_or_default, per_chunk, vq_decode_bytes
+
+        if not isinstance(self.vq, Flex1DTokenizer):
+            tokens = tokens.view(-1, *self.gpt.grid)
+        size = self.image_size
+        channels = getattr(self.vq.config, "ch", None) or self.vq.config.width
+        group = per_chunk(len(tokens), vq_decode_bytes(channels, *size), budget_or_default(max_memory))
+        return torch.cat([((self.vq.decode(t).float() + 1) / 2).clamp(0, 1) for t in tokens.split(group)])
+
+    @property
+    def image_size(self) -> tuple:
+        """``(height, width)`` of the tokenizer's own decode."""
         if isinstance(self.vq, Flex1DTokenizer):
-            images = self.vq.decode(tokens)
-        else:
-            images = self.vq.decode(tokens.view(-1, *self.gpt.grid))
-        return ((images.float() + 1) / 2).clamp(0, 1)
+            return (self.vq.config.image_size,) * 2
+        h, w = self.gpt.grid
+        f = 2 ** (len(self.vq.config.ch_mult) - 1)
+        return h * f, w * f
 
     @staticmethod
     def _convert(images: torch.Tensor, output_type: str):
