@@ -722,7 +722,9 @@ def cmd_sample(args) -> int:
     pipe = VarGenPipeline.load(args.model, device=args.device or state.device)
     items, _ = plan_for_pipeline(pipe, args.n, args.seed, prompts=read_prompts(args.prompts) if args.prompts else None,
                                  classes=args.classes, scene_seed=args.scene_seed)
-    settings = {"model": args.model or "default", "n": args.n, "seed": args.seed, "method": args.method,
+    from .pipeline import default_model
+
+    settings = {"model": args.model or default_model(), "n": args.n, "seed": args.seed, "method": args.method,
                 "method_options": _method_options(args), "sampling": _sampling(args)}
     if state.is_main_process:
         start_run(args.out, settings, items)

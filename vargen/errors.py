@@ -39,7 +39,11 @@ class MemoryBudgetError(VargenError):
     """A request that cannot fit the memory budget however it is chunked."""
 
 
-class RunLockedError(VargenError):
+class RunStateError(VargenError):
+    """A sample folder that does not hold what a command needs (settings differ, records are missing)."""
+
+
+class RunLockedError(RunStateError):
     """Another process is writing the same sample folder."""
 
 
