@@ -201,3 +201,15 @@ def test_a_huge_prompt_is_not_echoed(tmp_path, capsys, one_thread):
     assert main(["generate", prompt, "--model", _t2i(tmp_path), "--quiet", "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "prompt too long: 10000 words" in err and len(err.strip().splitlines()[-1]) < 400
+
+
+def test_one_spelling_per_option(tmp_path, capsys, one_thread):
+    from vargen.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["generate", "1", "--method", "zipar-adaptive"], ["bench", "speed"]):
+        new = parser.parse_args(argv + ["--zipar-min-window", "3"])
+        assert getattr(new, "min_window", getattr(new, "zipar_min_window", None)) == 3
+    assert "warning" not in capsys.readouterr().err
+    old = parser.parse_args(["generate", "1", "--method", "zipar-adaptive", "--min-window", "2"])
+    assert old.min_window == 2 and "--min-window is an old spelling of --zipar-min-window" in capsys.readouterr().err

@@ -38,6 +38,17 @@ def _image_size(text: str) -> tuple:
     return h, w
 
 
+class _OldSpellingWarns(argparse.Action):
+    """One spelling per option across commands: the first option string is it; the others still work
+    and say so."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string != self.option_strings[0]:
+            print(f"vargen: warning: {option_string} is an old spelling of {self.option_strings[0]}; use that",
+                  file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _method_names() -> list:
     from .decoding.methods import METHODS
 
@@ -67,7 +78,8 @@ def _add_method_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--relax", default="none", help="with --method sjd: none, lantern or gsd acceptance")
     parser.add_argument("--zipar-window", type=_positive_int, default=None,
                         help="ZipAR row lead (the same as --window for the zipar methods)")
-    parser.add_argument("--min-window", type=_positive_int, default=None,
+    parser.add_argument("--zipar-min-window", "--min-window", dest="min_window", type=_positive_int, default=None,
+                        action=_OldSpellingWarns,
                         help="zipar-adaptive: row lead at which a row starts early (default window // 2)")
     _add_lpd_args(parser)
     _add_lantern_args(parser)
@@ -496,7 +508,8 @@ def _add_bench_args(parser: argparse.ArgumentParser, methods: str, n: int, batch
     parser.add_argument("--window", type=_positive_int, default=16, help="SJD window (drafts per pass)")
     parser.add_argument("--init", default="left", help="SJD draft initialisation")
     parser.add_argument("--zipar-window", type=_positive_int, default=8, help="ZipAR row lead (tokens)")
-    parser.add_argument("--zipar-min-window", type=_positive_int, default=None,
+    parser.add_argument("--zipar-min-window", "--min-window", dest="zipar_min_window", type=_positive_int,
+                        default=None, action=_OldSpellingWarns,
                         help="zipar-adaptive: lead at which rows start early (default zipar-window // 2)")
     _add_lpd_args(parser)
     _add_sampling_args(parser)
