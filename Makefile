@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/vargen generate $(DEMO_PROMPTS) -o outputs/demo.png --cfg 4.0 --seed 0 --stats outputs/demo_stats.json
 	@echo "demo grid (3 x 3, one image per prompt, row by row): outputs/demo.png   stats: outputs/demo_stats.json"
 
-# the csrc/ CUDA kernels: compiled and imported wherever nvcc is (no GPU needed); a compile error fails
+# the vargen/csrc/ CUDA kernels: compiled and imported wherever nvcc is (no GPU needed); a compile error fails
 ext: $(STAMP)
 	@if [ -x "$(CUDA_HOME)/bin/nvcc" ]; then \
 		PATH="$(CURDIR)/$(BIN):$$PATH" CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" \

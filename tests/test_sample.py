@@ -124,3 +124,57 @@ def test_torchrun_two_processes_draw_the_same_set(tmp_path):
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
     assert sorted(n for n in os.listdir(tmp_path / "two") if n.startswith("stats")) == ["stats-0.jsonl",
                                                                                         "stats-1.jsonl"]
+
+
+def test_a_batch_without_its_cost_record_is_redrawn(pipe, tmp_path):
+    """A kill between a batch's PNGs and its stats line: the rerun redraws it, so every image has a cost."""
+    from vargen.eval.report import read_costs
+
+    items = plan_samples(6, seed=1, num_classes=pipe.gpt.config.num_classes)
+    sample_to_folder(pipe, items, str(tmp_path), batch_size=3, progress=False)
+    whole = _files(tmp_path)
+    stats = tmp_path / "stats-0.jsonl"
+    first, second = stats.read_text().splitlines()
+    stats.write_text(first + "\n" + second[:20])  # the second line cut mid-write
+    (tmp_path / ".000004.png.tmp-999").write_bytes(b"half")  # and a temporary PNG of the kill
+    assert [it.index for it in missing_items(items, str(tmp_path))] == [3, 4, 5]
+    assert sample_to_folder(pipe, items, str(tmp_path), batch_size=3, progress=False)["drawn"] == 3
+    assert _files(tmp_path) == whole and read_costs(str(tmp_path))["indices"] == list(range(6))
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_a_second_writer_is_refused(pipe, tmp_path):
+    from vargen.errors import RunLockedError
+    from vargen.sample import writer_lock
+
+    items = plan_samples(2, num_classes=pipe.gpt.config.num_classes)
+    with writer_lock(str(tmp_path)):
+        with pytest.raises(RunLockedError, match="another process is sampling"):
+            sample_to_folder(pipe, items, str(tmp_path), progress=False)
+    assert sample_to_folder(pipe, items, str(tmp_path), progress=False)["drawn"] == 2  # released
+
+
+def test_growing_n_resumes_and_thread_count_is_recorded(tmp_path, capsys, one_thread):
+    out = str(tmp_path / "s")
+    args = ["sample", "--model", "tiny-random", "--out", out, "--quiet", "--batch-size", "2"]
+    assert main(args + ["-n", "3"]) == 0
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["threads"] == 1
+    assert main(args + ["-n", "5"]) == 0
+    assert "drew 2 images, 3 already there" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["n"] == 5
+    torch.set_num_threads(2)
+    with pytest.warns(UserWarning, match="drawn with 1 CPU threads and this run uses 2"):
+        assert main(args + ["-n", "5"]) == 0
+    torch.set_num_threads(1)
+    assert main(args + ["-n", "5", "--seed", "9"]) == 2  # other settings are still refused
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_the_default_model_named_either_way_resumes(tmp_path):
+    from vargen.pipeline import default_model
+    from vargen.sample import check_run_settings
+
+    check_run_settings(str(tmp_path), {"model": "default", "n": 2})
+    check_run_settings(str(tmp_path), {"model": default_model(), "n": 2})
+    with pytest.raises(ValueError, match="other settings"):
+        check_run_settings(str(tmp_path), {"model": "some/other-model", "n": 2})

@@ -6,6 +6,11 @@ import math
 import os
 import sys
 import time
+import traceback
+
+from .atomic import image_format
+from .errors import UsageError, VargenError, finite, load_local, shorten, writable_file, writable_folder
+from .memory import parse_bytes
 
 
 def _positive_int(text: str) -> int:
@@ -17,8 +22,8 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be > 0 and finite, got {text}")
     return value
 
 
@@ -33,6 +38,17 @@ def _image_size(text: str) -> tuple:
     return h, w
 
 
+class _OldSpellingWarns(argparse.Action):
+    """One spelling per option across commands: the first option string is it; the others still work
+    and say so."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string != self.option_strings[0]:
+            print(f"vargen: warning: {option_string} is an old spelling of {self.option_strings[0]}; use that",
+                  file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _method_names() -> list:
     from .decoding.methods import METHODS
 
@@ -41,9 +57,10 @@ def _method_names() -> list:
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = all)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature (default 1; 0 = greedy)")
+    parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default 0 = all)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus mass to keep (default 1 = all)")
 
 
 def _add_lantern_args(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +78,8 @@ def _add_method_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--relax", default="none", help="with --method sjd: none, lantern or gsd acceptance")
     parser.add_argument("--zipar-window", type=_positive_int, default=None,
                         help="ZipAR row lead (the same as --window for the zipar methods)")
-    parser.add_argument("--min-window", type=_positive_int, default=None,
+    parser.add_argument("--zipar-min-window", "--min-window", dest="min_window", type=_positive_int, default=None,
+                        action=_OldSpellingWarns,
                         help="zipar-adaptive: row lead at which a row starts early (default window // 2)")
     _add_lpd_args(parser)
     _add_lantern_args(parser)
@@ -156,8 +174,12 @@ def _method_options(args) -> dict:
             "lantern_lambda": args.lantern_lambda, "lantern_k": args.lantern_k}
 
 
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
 def _sampling(args) -> dict:
-    return {"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    given = {k: getattr(args, k) for k in SAMPLING_DEFAULTS}
+    return {"cfg_scale": args.cfg, **{k: SAMPLING_DEFAULTS[k] if v is None else v for k, v in given.items()}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,9 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate images from a class (or prompt) and save them",
                          description="Generate images and save them (several images are tiled into a grid).")
-    gen.add_argument("conditions", nargs="+", metavar="PROMPT_OR_CLASS",
+    gen.add_argument("conditions", nargs="*", metavar="PROMPT_OR_CLASS",
                      help="class id or name (c2i models) or a quoted prompt (t2i models); several give several images")
-    gen.add_argument("-o", "--output", default="outputs/sample.png", help="output image path (PNG)")
+    gen.add_argument("--unconditional", action="store_true",
+                     help="t2i: draw without a prompt (the text encoder's empty caption); an empty prompt is "
+                          "otherwise an error")
+    gen.add_argument("-o", "--output", default="outputs/sample.png",
+                     help="output image path; .png, .jpg / .jpeg or .webp picks the format")
     gen.add_argument("--model", default=None,
                      help="embedded model (scenes-t2i, cifar10-c2i), pipeline folder (VarGenPipeline.save_pretrained) "
                           "or 'tiny-random'; default: scenes-t2i when shipped")
@@ -185,10 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--liif", default=None,
                      help="LIIF token decoder folder (default: the model's own, e.g. scenes-t2i/liif)")
     gen.add_argument("--stats", default=None, help="write DecodeStats as JSON to this path")
+    gen.add_argument("--max-memory", default=None, metavar="SIZE",
+                     help="memory budget for decoding and rendering images, e.g. 2G (default: a quarter of the "
+                          "available RAM, at most 1G); images and pixels are processed in chunks that fit, and a "
+                          "request whose output alone cannot fit is refused")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     _add_compile_arg(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
-    gen.set_defaults(func=cmd_generate)
+    gen.set_defaults(func=cmd_generate, output_files=("output", "stats"))
 
     sample = sub.add_parser("sample", help="draw N numbered PNGs for FID / benchmarks (sharded, resumable)",
                             description="Draw images 000000.png .. N-1 into a folder. Image i has a fixed condition "
@@ -210,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--npz", action="store_true", help="also pack samples_N.npz (arr_0, ADM / LlamaGen format)")
     sample.add_argument("--device", default=None, help="torch device (default: the accelerate process's device)")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
-    sample.set_defaults(func=cmd_sample)
+    sample.set_defaults(func=cmd_sample, output_dirs=("out",))
 
     train = sub.add_parser("train", help="train a tokenizer, an AR generator or the FD-vargen classifier from a JSON "
                                          "recipe config",
@@ -220,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="recipe config (JSON), e.g. configs/scenes_vq.json")
     train.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
     train.add_argument("--steps", type=_positive_int, default=None, help="override the config's step count")
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, output_dirs=("out",))
 
     evaluate = sub.add_parser("eval", help="evaluate generated images")
     eval_sub = evaluate.add_subparsers(dest="what", required=True)
@@ -233,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(scenes)
     scenes.add_argument("--out", default="outputs/eval_scenes", help="folder for scores.json and grid.png")
     scenes.add_argument("--device", default="cpu", help="torch device")
-    scenes.set_defaults(func=cmd_eval_scenes)
+    scenes.set_defaults(func=cmd_eval_scenes, output_dirs=("out",))
 
     sr = eval_sub.add_parser("sr", help="arbitrary-scale decoding: LIIF against bicubic, Y-PSNR per scale",
                              description="Held-out scenes rendered exactly at every target size: the LIIF token "
@@ -253,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--seed", type=int, default=10_000, help="scene seed")
     sr.add_argument("--json", default=None, help="write the table as JSON here")
     sr.add_argument("--device", default="cpu", help="torch device")
-    sr.set_defaults(func=cmd_eval_sr)
+    sr.set_defaults(func=cmd_eval_sr, output_files=("json",))
 
     flex = eval_sub.add_parser("flex1d", help="1D flexible tokenizer: reconstruction PSNR against token count",
                                description="Held-out scenes encoded with every prefix length of the 1D tokenizer, "
@@ -268,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="prefix lengths (default: powers of two up to K)")
     flex.add_argument("--out", default="outputs/flex1d", help="folder for psnr_vs_tokens.json/.png and recon.png")
     flex.add_argument("--device", default="cpu", help="torch device")
-    flex.set_defaults(func=cmd_eval_flex1d)
+    flex.set_defaults(func=cmd_eval_flex1d, output_dirs=("out",))
 
     geneval = eval_sub.add_parser("geneval", help="draw GenEval's prompts in the official layout (and score them)",
                                   description="Write OUT/<index:05d>/metadata.jsonl and samples/<n:04d>.png for each "
@@ -297,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     geneval.add_argument("--results", default=None, help="evaluator output (default OUT/results.jsonl)")
     geneval.add_argument("--device", default="cpu", help="torch device")
     geneval.add_argument("--quiet", action="store_true", help="no progress bar")
-    geneval.set_defaults(func=cmd_eval_geneval)
+    geneval.set_defaults(func=cmd_eval_geneval, output_dirs=("out",))
 
     fid = eval_sub.add_parser("fid", help="FID (clean-fid), precision/recall and IS of an image folder",
                               description="FID of GEN_DIR against REF (an image folder or a .npz from `vargen eval "
@@ -309,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("ref", help="reference image folder or statistics .npz")
     _add_extractor_args(fid)
     fid.add_argument("--json", default=None, help="write the result as JSON here")
-    fid.set_defaults(func=cmd_eval_fid)
+    fid.set_defaults(func=cmd_eval_fid, output_files=("json",))
 
     stats = eval_sub.add_parser("fid-stats", help="reference statistics (.npz) of a folder or a vargen dataset",
                                 description="Compute mu, sigma and features of SOURCE with the chosen extractor and "
@@ -318,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       '\'{"name": "cifar10", "path": "../shared/data/cifar10", "split": "test"}\'')
     stats.add_argument("--out", required=True, help="statistics file to write (.npz)")
     _add_extractor_args(stats)
-    stats.set_defaults(func=cmd_eval_fid_stats)
+    stats.set_defaults(func=cmd_eval_fid_stats, output_files=("out",))
 
     bench = sub.add_parser("bench", help="benchmarks: decoding speed next to quality, method against AR")
     bench_sub = bench.add_subparsers(dest="what", required=True)
@@ -341,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--reps", type=_positive_int, default=2, help="timed decodes per cell (median)")
     latency.add_argument("--compression-json", default=None,
                          help="step compression from a previous `bench speed --json` instead of measuring it")
-    speed.set_defaults(func=cmd_bench_speed)
+    speed.set_defaults(func=cmd_bench_speed, output_files=("json", "plot"))
 
     report = bench_sub.add_parser("report", help="sample every method on the same seeds; speed next to quality",
                                   description="Draw the same N images with every method (resumable PNG folders "
@@ -360,12 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="outputs/report", help="folder for the sample sets and the report")
     report.add_argument("--device", default="cpu", help="torch device")
     report.add_argument("--quiet", action="store_true", help="no progress bars")
-    report.set_defaults(func=cmd_bench_report)
+    report.set_defaults(func=cmd_bench_report, output_dirs=("out",))
 
     export = sub.add_parser("export", help="package trained runs as an embedded model (fp16, samples, model card)")
     export.add_argument("spec", help="export spec (JSON): name, vq_run, ar_run, out, prompts, eval_data")
     export.add_argument("--out", default=None, help="override the spec's output folder")
-    export.set_defaults(func=cmd_export)
+    export.set_defaults(func=cmd_export, output_dirs=("out",))
 
     from .convert import add_convert_parser
 
@@ -482,7 +512,8 @@ def _add_bench_args(parser: argparse.ArgumentParser, methods: str, n: int, batch
     parser.add_argument("--window", type=_positive_int, default=16, help="SJD window (drafts per pass)")
     parser.add_argument("--init", default="left", help="SJD draft initialisation")
     parser.add_argument("--zipar-window", type=_positive_int, default=8, help="ZipAR row lead (tokens)")
-    parser.add_argument("--zipar-min-window", type=_positive_int, default=None,
+    parser.add_argument("--zipar-min-window", "--min-window", dest="zipar_min_window", type=_positive_int,
+                        default=None, action=_OldSpellingWarns,
                         help="zipar-adaptive: lead at which rows start early (default zipar-window // 2)")
     _add_lpd_args(parser)
     _add_sampling_args(parser)
@@ -533,7 +564,7 @@ def cmd_eval_sr(args) -> int:
         if args.benchmark:
             raise ValueError("--benchmark scores an image-input LIIF; a token decoder (--vq) only sees its tokens")
         methods = upsamplers(LIIFTokenDecoder.from_pretrained(args.liif).to(args.device),
-                             VQTokenizer.from_pretrained(args.vq).eval().to(args.device))
+                             load_local(VQTokenizer, args.vq, "the tokenizer (--vq)").eval().to(args.device))
     elif os.path.isdir(args.liif) and not os.path.exists(os.path.join(args.liif, LIIF.CHECKPOINT)):
         raise ValueError(f"{args.liif} holds no {LIIF.CHECKPOINT}: for a LIIF token decoder pass its tokenizer "
                          "with --vq")
@@ -708,7 +739,9 @@ def cmd_sample(args) -> int:
     pipe = VarGenPipeline.load(args.model, device=args.device or state.device)
     items, _ = plan_for_pipeline(pipe, args.n, args.seed, prompts=read_prompts(args.prompts) if args.prompts else None,
                                  classes=args.classes, scene_seed=args.scene_seed)
-    settings = {"model": args.model or "default", "n": args.n, "seed": args.seed, "method": args.method,
+    from .pipeline import default_model
+
+    settings = {"model": args.model or default_model(), "n": args.n, "seed": args.seed, "method": args.method,
                 "method_options": _method_options(args), "sampling": _sampling(args)}
     if state.is_main_process:
         start_run(args.out, settings, items)
@@ -773,8 +806,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from torchvision.utils import make_grid, save_image
+    import torch
+    from torchvision.utils import make_grid
 
+    from .atomic import save_image_atomic
+    from .decoding import DecodeStats
+    from .memory import gpt_bytes_per_image, per_chunk
     from .pipeline import TINY_RANDOM, VarGenPipeline, default_model
 
     if args.model is None:
@@ -803,20 +840,27 @@ def cmd_generate(args) -> int:
         if codes != pipe.vq.vocab_size:
             raise ValueError(f"the LIIF decoder {args.liif or own} was trained on a tokenizer with {codes} codes, but this "
                              f"model's tokenizer has {pipe.vq.vocab_size}: use the LIIF decoder of this tokenizer")
-    out = pipe(args.conditions, num_images_per_prompt=args.num_images, **_sampling(args), seed=args.seed,
-               output_type="latent" if liif else "pt", progress=not args.quiet, method=args.method,
-               method_options=_method_options(args), num_tokens=args.tokens)
-    images = out.images
-    if liif is not None:
-        images = liif.decode(images.view(-1, *pipe.gpt.grid), size=args.size, scale=args.scale)
-        images = ((images + 1) / 2).clamp(0, 1)
-    folder = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(args.output)}")
+    budget = _image_budget(args, pipe, liif)
+    conditions = [c for c in (args.conditions or [""]) for _ in range(args.num_images)]
+    per_call = per_chunk(len(conditions), gpt_bytes_per_image(pipe.gpt.config, args.cfg != 1), budget)
+    tiles, parts = [], []
+    for i in range(0, len(conditions), per_call):
+        out = pipe(conditions[i:i + per_call], unconditional=args.unconditional, **_sampling(args),
+                   seed=list(range(args.seed + i, args.seed + i + len(conditions[i:i + per_call]))),
+                   output_type="latent", progress=not args.quiet, method=args.method,
+                   method_options=_method_options(args), num_tokens=args.tokens)
+        if liif is not None:
+            images = liif.decode(out.images.view(-1, *pipe.gpt.grid), size=args.size, scale=args.scale,
+                                 max_memory=budget, progress=not args.quiet)
+            images = ((images + 1) / 2).clamp(0, 1)
+        else:
+            images = pipe.decode_tokens(out.images, max_memory=budget)
+        tiles.append(images.mul(255).add(0.5).clamp(0, 255).byte())  # torchvision's rounding; 1/4 of the floats
+        parts.append(out.stats)
+    images = torch.cat(tiles)
     grid = make_grid(images, nrow=max(1, math.ceil(math.sqrt(len(images))))) if len(images) > 1 else images[0]
-    save_image(grid, tmp, format="png")
-    os.replace(tmp, args.output)  # never leave a half-written image
-    stats = out.stats
+    save_image_atomic(grid.permute(1, 2, 0).cpu().numpy(), args.output)
+    stats = DecodeStats.combine(parts)
     if args.stats:
         stats.extra.update(model=args.model, total_wall_s=time.perf_counter() - start)
         stats.to_json(args.stats)
@@ -825,16 +869,116 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _check_device(name) -> None:
+    """A device torch knows and this machine has, before anything loads onto it."""
+    if name is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {name}: no CUDA GPU is visible on this machine; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 .. cuda:{count - 1}")
+    elif device.type != "cpu" and not getattr(torch, device.type).is_available():
+        raise UsageError(f"--device {name}: no {device.type} device here; use --device cpu")
+
+
+def _check_args(args) -> None:
+    """Every option a command can check without a model, checked before one loads: values, combinations,
+    device, method options, and that every output can be written."""
+    from .decoding import SamplingConfig
+
+    _check_device(getattr(args, "device", None))
+    if hasattr(args, "cfg"):
+        SamplingConfig(**_sampling(args)).check_values()
+    for flag in ("lantern_delta", "lantern_lambda"):
+        if getattr(args, flag, None) is not None:
+            finite(f"--{flag.replace('_', '-')}", getattr(args, flag))
+    method = getattr(args, "method", None)
+    if method == "jacobi":
+        given = [f"--{k.replace('_', '-')}" for k in SAMPLING_DEFAULTS if getattr(args, k) is not None]
+        if given:
+            raise UsageError(f"--method jacobi is greedy and would ignore {', '.join(given)}: drop them, or use "
+                             "--method sjd for sampling")
+    if method is not None and hasattr(args, "min_window"):
+        from .decoding.methods import check_method
+
+        check_method(method, _method_options(args))
+    for attr in getattr(args, "output_dirs", ()):
+        if getattr(args, attr, None):
+            writable_folder(getattr(args, attr))
+    for attr in getattr(args, "output_files", ()):
+        if getattr(args, attr, None):
+            writable_file(getattr(args, attr), f"--{attr}")
+    if getattr(args, "func", None) is cmd_generate:
+        image_format(args.output)
+        if args.max_memory is not None:
+            parse_bytes(args.max_memory)
+        if args.unconditional and args.conditions:
+            raise UsageError("--unconditional draws without a prompt: drop the prompt(s), or drop --unconditional")
+        if not args.unconditional and not args.conditions:
+            raise UsageError("give a prompt or class to draw, or --unconditional for a text-to-image model")
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``--debug`` before or after the command name, on every command (a traceback for errors)."""
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show the traceback of an error")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _add_debug_flag(child, top=False)
+
+
+# failures a user can fix: VargenError, and the ValueError / FileNotFoundError / OSError (a full disk, a file
+# that vanished) that library code raises with a message meant for users
+USER_ERRORS = (VargenError, ValueError, FileNotFoundError, FloatingPointError, OSError)
+
+
+def _image_budget(args, pipe, liif) -> int:
+    """``--max-memory`` in bytes, after refusing a request whose finished images alone exceed it (the uint8
+    images and their grid: no chunking can shrink those)."""
+    import torch
+
+    from .memory import budget_or_default, liif_query_bytes, parse_bytes, refuse_unless_fits
+
+    budget = budget_or_default(args.max_memory and parse_bytes(args.max_memory))
+    if liif is not None:
+        from .decoders.liif import output_size
+
+        tokens = torch.zeros(1, *pipe.gpt.grid, dtype=torch.long)
+        height, width = output_size(liif.native_size(tokens), args.size, args.scale)
+    else:
+        height, width = pipe.image_size
+    n = max(1, len(args.conditions)) * args.num_images
+    fix = "draw fewer images (-n), a smaller --size / --scale, or many images one by one with `vargen sample`"
+    refuse_unless_fits(f"{n} image(s) of {width}x{height}", 2 * 3 * n * height * width, budget, fix)
+    if liif is not None:  # one image's features and one row of queries must fit
+        refuse_unless_fits(f"rendering one {width}x{height} image", width * liif_query_bytes(liif.liif), budget, fix)
+    return budget
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _add_debug_flag(parser)
+    args = parser.parse_args(argv)
     try:
         if hasattr(args, "relax"):  # --method sjd --coupling maximal --relax lantern -> sjd+coupling+lantern
             from .decoding.methods import compose_method
 
             args.method = compose_method(args.method, args.coupling, args.relax)
+        _check_args(args)
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        print(f"vargen: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"vargen: error: {shorten(err, 2000)}", file=sys.stderr)
         return 2
 
 

@@ -13,6 +13,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from .decoding import DecodeStats, SamplingConfig, get_method
 from .loading import quiet_loading
 from .models import LlamaGen, PrefixModel
+from .errors import UsageError, reading_model
 from .models.text import WordTextEncoder
 from .tokenizers import Flex1DTokenizer, VQTokenizer
 
@@ -106,8 +107,10 @@ class VarGenPipeline(DiffusionPipeline):
             if not os.path.isfile(os.path.join(folder, "model_index.json")):
                 raise FileNotFoundError(f"no pipeline at {folder!r} (model_index.json missing); "
                                         f"{_conversion_hint(folder)}embedded models here: {embedded_models() or 'none'}")
-            with quiet_loading():
-                pipe = cls.from_pretrained(folder).to(torch.float32)
+            with reading_model(folder), quiet_loading():
+                pipe = cls.from_pretrained(folder)
+                _refuse_missing_weights(pipe, folder)
+                pipe = pipe.to(torch.float32)
         else:
             raise FileNotFoundError(f"no model folder at {name_or_path!r}; {_conversion_hint(name_or_path)}pass a folder written by "
                                     f"VarGenPipeline.save_pretrained, one of {list(EMBEDDED)}, or {TINY_RANDOM!r}")
@@ -121,8 +124,11 @@ class VarGenPipeline(DiffusionPipeline):
         names = self.gpt.config.class_names
         return list(names) if names else None
 
-    def parse_conditions(self, inputs: Sequence[Union[int, str]]):
-        """Inputs -> ``(cond, cond_mask)``: class ids/names for c2i, prompts through the text encoder for t2i."""
+    def parse_conditions(self, inputs: Sequence[Union[int, str]], unconditional: bool = False):
+        """Inputs -> ``(cond, cond_mask)``: class ids/names for c2i, prompts through the text encoder for t2i.
+        ``unconditional`` (t2i) takes empty prompts, which are refused otherwise."""
+        if unconditional and self.gpt.config.model_type != "t2i":
+            raise UsageError("unconditional generation is for text-to-image models; give a class")
         if self.gpt.config.model_type == "t2i":
             if self.text_encoder is None:
                 raise ValueError("this is a text-to-image model without a text encoder; LlamaGen t2i models take "
@@ -135,11 +141,10 @@ class VarGenPipeline(DiffusionPipeline):
                 from .models.t5 import t5_caption_features
 
                 return t5_caption_features(self.text_encoder, self.tokenizer, prompts, self.gpt.config.cls_token_num)
-            unknown = self.text_encoder.unknown_words(prompts)
-            if unknown:
-                import warnings
+            import warnings
 
-                warnings.warn(f"words unknown to the text encoder (mapped to <unk>): {', '.join(unknown)}")
+            for message in self.text_encoder.check_prompts(prompts, unconditional):
+                warnings.warn(message)
             return self.text_encoder(prompts)
         names = self.class_names or []
         ids = []
@@ -162,7 +167,8 @@ class VarGenPipeline(DiffusionPipeline):
                  cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: Union[int, Sequence[int]] = 0, output_type: str = "pil", progress: bool = True,
                  callback_on_step_end: Optional[Callable] = None, return_dict: bool = True,
-                 method: str = "ar", method_options: Optional[dict] = None, num_tokens: Optional[int] = None):
+                 method: str = "ar", method_options: Optional[dict] = None, num_tokens: Optional[int] = None,
+                 unconditional: bool = False):
         """Generate ``num_images_per_prompt`` images per class (c2i) or prompt (t2i); image ``i`` uses seed ``seed + i``
         (or ``seed[i]`` when a list with one seed per image is given).
 
@@ -173,14 +179,15 @@ class VarGenPipeline(DiffusionPipeline):
         (``vargen.decoding.METHODS``: ``"ar"``, ``"sjd"``, ``"sjd+coupling"``, ...) and
         ``method_options`` its settings (e.g. ``{"window": 16, "init": "left"}``). ``num_tokens``
         (1D-token models only) stops every method after that many tokens; the 1D tokenizer
-        decodes the prefix.
+        decodes the prefix. ``unconditional=True`` (t2i) takes empty prompts (the text encoder's all-padding
+        caption); without it an empty prompt is an error.
         """
         if isinstance(inputs, (int, str)):
             inputs = [inputs]
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         decode = get_method(method, codebook=self.vq.codebook_embeddings, **(method_options or {}))
-        cond, cond_mask = self.parse_conditions(inputs)
+        cond, cond_mask = self.parse_conditions(inputs, unconditional)
         cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
         if cond_mask is not None:
             cond_mask = cond_mask.repeat_interleave(num_images_per_prompt, dim=0)
@@ -217,13 +224,27 @@ class VarGenPipeline(DiffusionPipeline):
         return compiled if compiled is not None and compiled.model is self.gpt else self.gpt
 
     @torch.no_grad()
-    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Raster token sequences ``[B, N]`` (1D tokens: any prefix ``[B, k]``) -> images ``[B, 3, H, W]`` in [0, 1]."""
+    def decode_tokens(self, tokens: torch.Tensor, max_memory: Optional[int] = None) -> torch.Tensor:
+        """Raster token sequences ``[B, N]`` (1D tokens: any prefix ``[B, k]``) -> images ``[B, 3, H, W]`` in [0, 1],
+        decoded a group of images at a time so the working memory stays within ``max_memory`` bytes
+        (default: :func:`vargen.memory.default_budget`)."""
+        from .memory import budget_or_default, per_chunk, vq_decode_bytes
+
+        if not isinstance(self.vq, Flex1DTokenizer):
+            tokens = tokens.view(-1, *self.gpt.grid)
+        size = self.image_size
+        channels = getattr(self.vq.config, "ch", None) or self.vq.config.width
+        group = per_chunk(len(tokens), vq_decode_bytes(channels, *size), budget_or_default(max_memory))
+        return torch.cat([((self.vq.decode(t).float() + 1) / 2).clamp(0, 1) for t in tokens.split(group)])
+
+    @property
+    def image_size(self) -> tuple:
+        """``(height, width)`` of the tokenizer's own decode."""
         if isinstance(self.vq, Flex1DTokenizer):
-            images = self.vq.decode(tokens)
-        else:
-            images = self.vq.decode(tokens.view(-1, *self.gpt.grid))
-        return ((images.float() + 1) / 2).clamp(0, 1)
+            return (self.vq.config.image_size,) * 2
+        h, w = self.gpt.grid
+        f = 2 ** (len(self.vq.config.ch_mult) - 1)
+        return h * f, w * f
 
     @staticmethod
     def _convert(images: torch.Tensor, output_type: str):
@@ -237,6 +258,19 @@ class VarGenPipeline(DiffusionPipeline):
 
             return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
         raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+
+
+def _refuse_missing_weights(pipe: VarGenPipeline, folder: str) -> None:
+    """diffusers loads a config.json that asks for more weights than the file holds with the extra ones left
+    on the meta device (a warning, then "Cannot copy out of meta tensor" much later): refuse it here."""
+    from .errors import ModelLoadError
+
+    for name, component in pipe.components.items():
+        state = component.state_dict() if isinstance(component, torch.nn.Module) else {}
+        missing = [k for k, v in state.items() if v.is_meta]
+        if missing:
+            raise ModelLoadError(f"{os.path.join(folder, name)}: its config.json does not match its weights "
+                                 f"({len(missing)} weights missing, e.g. {missing[0]}); export or copy the model again")
 
 
 def tiny_random_pipeline(seed: int = 0) -> VarGenPipeline:

@@ -314,15 +314,26 @@ class LIIF(nn.Module):
 
 
 def render_feat(liif: LIIF, feat: torch.Tensor, H: int, W: int, chunk: int = 30000,
-                inp: Optional[torch.Tensor] = None) -> torch.Tensor:
+                inp: Optional[torch.Tensor] = None, bar=None) -> torch.Tensor:
     """Query ``liif``'s head on ``feat`` (and, for a residual LIIF, the input image ``inp``) at every
-    pixel centre of an ``H x W`` image, ``chunk`` points at a time."""
+    pixel centre of an ``H x W`` image, ``chunk`` queries at a time in all (so a batch of ``B`` images runs
+    ``chunk // B`` pixels per step, or one image at a time when ``B`` exceeds ``chunk``: memory follows
+    ``chunk``, not the batch). ``bar`` (tqdm) advances by the pixels rendered."""
     B = feat.shape[0]
+    out = feat.new_empty(B, H * W, liif.imnet.layers[-1].out_features)
+    group = max(1, min(B, chunk))
+    pixels = max(1, chunk // group)
     coord = make_coord((H, W), device=feat.device).to(feat.dtype)
     cell = coord.new_tensor([2.0 / H, 2.0 / W]).expand_as(coord)
-    out = [liif.query_rgb(coord[None, i:i + chunk].expand(B, -1, -1), cell[None, i:i + chunk].expand(B, -1, -1),
-                          feat=feat, inp=inp) for i in range(0, H * W, chunk)]
-    return torch.cat(out, dim=1).view(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
+    for b in range(0, B, group):
+        f, x = feat[b:b + group], None if inp is None else inp[b:b + group]
+        n = f.shape[0]
+        for i in range(0, H * W, pixels):
+            out[b:b + n, i:i + pixels] = liif.query_rgb(coord[None, i:i + pixels].expand(n, -1, -1),
+                                                        cell[None, i:i + pixels].expand(n, -1, -1), feat=f, inp=x)
+            if bar is not None:
+                bar.update(n * min(pixels, H * W - i))
+    return out.view(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
 
 
 # --------------------------------------------------------------------------------------------- tokens
@@ -439,16 +450,28 @@ class LIIFTokenDecoder(nn.Module):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, size: Optional[Size] = None, scale=None,
-               chunk: int = 30000) -> torch.Tensor:
+               chunk: Optional[int] = None, max_memory: Optional[int] = None, progress: bool = False) -> torch.Tensor:
         """Tokens ``[B, h, w]`` -> images ``[B, 3, H, W]`` in [-1, 1] (unclamped).
 
         ``scale`` is relative to the VQ's native output ``(h * f, w * f)``; ``scale=1`` is the
         tokenizer's own size. Any ``size`` works (odd, non-square, non-integer ratios).
+        ``chunk`` (queries per step) defaults to what ``max_memory`` bytes hold (default: see
+        :mod:`vargen.memory`); the trunk runs one image group at a time. ``progress`` shows a bar of pixels.
         """
-        if chunk < 1:
+        from tqdm.auto import tqdm
+
+        from ..memory import budget_or_default, liif_query_bytes, per_chunk, vq_decode_bytes
+
+        if chunk is not None and chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         H, W = output_size(self.native_size(tokens), size, scale)
-        return render_feat(self.liif, self.trunk(tokens), H, W, chunk)
+        budget = budget_or_default(max_memory)
+        chunk = chunk or per_chunk(len(tokens) * H * W, liif_query_bytes(self.liif), budget)
+        group = per_chunk(len(tokens), vq_decode_bytes(self.trunk.out_dim, *self.native_size(tokens)), budget)
+        with tqdm(total=len(tokens) * H * W, desc=f"rendering {W}x{H} (LIIF)", unit="px", unit_scale=True,
+                  disable=not progress) as bar:
+            return torch.cat([render_feat(self.liif, self.trunk(t), H, W, chunk, bar=bar)
+                              for t in tokens.split(group)])
 
     # ----------------------------------------------------------------------- save / load
     def save_pretrained(self, folder: str) -> None:
@@ -470,9 +493,12 @@ class LIIFTokenDecoder(nn.Module):
         if missing:
             raise FileNotFoundError(f"not a LIIF token decoder folder (missing {', '.join(missing)}); "
                                     "train one with vargen.train.liif.train_liif")
-        with open(paths[0]) as f:
-            config = json.load(f)
-        config.pop("_class_name", None)
-        model = cls(config.pop("vq"), **config)
-        load_checked(model, load_file(paths[1]), what=f"LIIF token decoder in {folder}")
+        from ..errors import reading_model
+
+        with reading_model(folder):
+            with open(paths[0]) as f:
+                config = json.load(f)
+            config.pop("_class_name", None)
+            model = cls(config.pop("vq"), **config)
+            load_checked(model, load_file(paths[1]), what=f"LIIF token decoder in {folder}")
         return model.eval()

@@ -56,6 +56,25 @@ def compose_method(method: str, coupling: str = "none", relax: str = "none") -> 
     return name
 
 
+def check_method(name: str, options: dict) -> None:
+    """Raise ``ValueError`` for an unknown method or options it does not take, without building anything
+    (the CLI checks this before a model loads)."""
+    from ..errors import UsageError
+
+    if name not in METHODS:
+        raise UsageError(f"unknown decoding method {name!r}; choose from {sorted(METHODS)}")
+    fn, fixed = METHODS[name]
+    kind = fixed.get("acceptance")
+    relax = sorted(k for k in RELAXATION_OPTIONS if options.get(k) is not None)
+    if relax and kind != "lantern":
+        raise UsageError(f"method {name!r} takes no option(s) {relax} "
+                         "(relaxed acceptance is sjd+lantern, eagle+lantern)")
+    accepted = set(inspect.signature(fn).parameters) | set(RELAXATION_OPTIONS if kind == "lantern" else ())
+    unknown = sorted(k for k, v in options.items() if v is not None and k not in accepted)
+    if unknown:
+        raise UsageError(f"method {name!r} takes no option(s) {unknown}")
+
+
 def get_method(name: str, codebook=None, **options):
     """``decode(model, cond, sampling, seeds, cond_mask=None, progress=False, callback=None)`` for ``name``.
 
@@ -65,24 +84,16 @@ def get_method(name: str, codebook=None, **options):
     (default 0.1), ``lantern_lambda`` (lambda mode instead) and ``lantern_k`` (1000); the
     neighbour table is built once here. GSD groups by the model's input embeddings.
     """
-    if name not in METHODS:
-        raise ValueError(f"unknown decoding method {name!r}; choose from {sorted(METHODS)}")
+    check_method(name, options)
     fn, fixed = METHODS[name]
     fixed = dict(fixed)
     kind = fixed.pop("acceptance", None)
     relax = {k: options.pop(k) for k in RELAXATION_OPTIONS if options.get(k) is not None}
-    if relax and kind != "lantern":
-        raise ValueError(f"method {name!r} takes no option(s) {sorted(relax)} "
-                         "(relaxed acceptance is sjd+lantern, eagle+lantern)")
     neighbours = None
     if kind == "lantern":
         if codebook is None:
             raise ValueError(f"method {name!r} needs the tokenizer codebook for its neighbour table")
         neighbours = codebook_neighbours(codebook, relax.get("lantern_k", 1000))
-    accepted = set(inspect.signature(fn).parameters)
-    unknown = sorted(k for k, v in options.items() if v is not None and k not in accepted)
-    if unknown:
-        raise ValueError(f"method {name!r} takes no option(s) {unknown}")
     options = {**fixed, **{k: v for k, v in options.items() if v is not None}}
 
     def run(model, cond, sampling=SamplingConfig(), seeds=None, **kwargs):

@@ -6,6 +6,7 @@ after guidance and filtering.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -31,17 +32,27 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
 
+    def check_values(self) -> "SamplingConfig":
+        """Raise :class:`~vargen.errors.UsageError` (a ``ValueError``) for values no model can use; an infinite
+        temperature or guidance scale would give noise or a flat image without complaint."""
+        from ..errors import UsageError
+
+        if not (0 <= self.temperature < math.inf):
+            raise UsageError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
+        if not (0 <= self.cfg_scale < math.inf):
+            raise UsageError(f"cfg_scale must be >= 0 and finite (1 = no guidance), got {self.cfg_scale}")
+        if self.top_k < 0:
+            raise UsageError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not (0 < self.top_p <= 1):
+            raise UsageError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        return self
+
     def validate(self, vocab_size: int, has_null_condition: bool = True) -> "SamplingConfig":
         """Raise ``ValueError`` with a fix for settings that cannot work with this vocabulary/model."""
-        if not (self.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not (self.cfg_scale >= 0):
-            raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
-        if self.top_k < 0 or self.top_k > vocab_size:
+        self.check_values()
+        if self.top_k > vocab_size:
             raise ValueError(f"top_k must be in [0, {vocab_size}] for a vocabulary of {vocab_size} "
                              f"tokens (0 = off), got {self.top_k}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if self.uses_cfg and not has_null_condition:
             raise ValueError(f"cfg_scale={self.cfg_scale} needs a null condition, but this model has none "
                              "(it was trained without condition dropout); use cfg_scale=1")

@@ -25,6 +25,21 @@ class DecodeStats:
     per_sample_forward_passes: Optional[list] = None
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def combine(cls, parts: list) -> "DecodeStats":
+        """One record for a batch decoded in consecutive chunks: counts and times add up."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        hist = Counter()
+        for p in parts:
+            hist.update(p.accepted_hist)
+        per_sample = [n for p in parts for n in (p.per_sample_forward_passes or [])]
+        return cls(method=first.method, batch_size=sum(p.batch_size for p in parts), tokens=first.tokens,
+                   forward_passes=sum(p.forward_passes for p in parts), wall_s=sum(p.wall_s for p in parts),
+                   accepted_hist=dict(sorted(hist.items())), per_sample_forward_passes=per_sample or None,
+                   extra={**first.extra, "chunks": len(parts)})
+
     @property
     def tokens_per_forward(self) -> float:
         return self.tokens / max(self.forward_passes, 1)

@@ -17,6 +17,7 @@ import torch
 
 from ..atomic import write_atomic
 from ..data.scenes import SceneDataset, render_scene
+from ..errors import load_local
 
 
 def psnr(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -121,7 +122,7 @@ def evaluate(tokenizer_path: str, vq_path: Optional[str] = None, n: int = 64, se
     from ..tokenizers import VQTokenizer
     from ..tokenizers.flex1d import Flex1DTokenizer
 
-    tok = Flex1DTokenizer.from_pretrained(tokenizer_path).float().eval().to(device)
+    tok = load_local(Flex1DTokenizer, tokenizer_path, "the 1D tokenizer (--tokenizer)").float().eval().to(device)
     K, res = tok.config.num_latents, tok.config.image_size
     lengths = list(lengths or sorted({2 ** i for i in range(K.bit_length()) if 2 ** i <= K} | {K}))
     images = held_out_scenes(n, res, seed)
@@ -133,7 +134,7 @@ def evaluate(tokenizer_path: str, vq_path: Optional[str] = None, n: int = 64, se
                         "vocab_size": tok.vocab_size,
                         "rows": [{"tokens": k, "psnr": round(v, 3)} for k, v in by_k.items()]}}
     if vq_path:
-        vq = VQTokenizer.from_pretrained(vq_path).float().eval().to(device)
+        vq = load_local(VQTokenizer, vq_path, "the tokenizer (--vq)").float().eval().to(device)
         table["vq2d"] = []
         for r in vq_resolutions:  # the same scenes, rendered at the VQ's resolution
             row = vq_psnr(vq, held_out_scenes(n, r, seed))

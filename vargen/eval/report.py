@@ -36,8 +36,8 @@ def read_costs(folder: str) -> dict:
 
     A batch's wall time is shared equally by its images (``latency_s``); ``batch_latency_s``
     keeps one value per batch, the unit a latency interval must resample (images of a batch
-    share one timing). Images whose batch line is missing (a kill between the PNGs and the
-    log line) are simply not counted.
+    share one timing). A line cut by a kill is skipped; :func:`vargen.sample.sample_to_folder` redraws
+    such a batch, and :func:`bench_report` refuses a folder whose images are not all on record.
     """
     passes, latency, batches = {}, {}, []
     for name in sorted(os.listdir(folder)):
@@ -45,7 +45,10 @@ def read_costs(folder: str) -> dict:
             continue
         with open(os.path.join(folder, name)) as f:
             for line in f:
-                rec = json.loads(line)
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
                 per = rec.get("per_sample_forward_passes") or [rec["forward_passes"]] * len(rec["indices"])
                 for i, p in zip(rec["indices"], per):
                     passes[i], latency[i] = p, rec["wall_s"] / len(rec["indices"])
@@ -117,6 +120,8 @@ def bench_report(pipe, methods: Sequence[str], n: int, out_dir: str, seed: int =
     extractor (e.g. the CIFAR-10 test split); each method then also gets its FD to the real
     data. Reruns resume the sample folders and recompute the figures. Returns the JSON-able report.
     """
+    from ..errors import RunStateError
+    from ..pipeline import default_model
     from ..sample import SampleItem, plan_for_pipeline, sample_to_folder, start_run
     from .fid import folder_features
 
@@ -134,11 +139,16 @@ def bench_report(pipe, methods: Sequence[str], n: int, out_dir: str, seed: int =
         method = "ar" if name == FLOOR else name
         options = (method_options or {}).get(method, {})
         folder = os.path.join(out_dir, name.replace("+", "_").replace("@", "_"))
-        start_run(folder, {"model": model_name or "default", "n": n, "seed": its[0].seed, "method": method,
+        start_run(folder, {"model": model_name or default_model(), "n": n, "seed": its[0].seed, "method": method,
                            "method_options": options, "sampling": sampling}, its)
         sample_to_folder(pipe, its, folder, batch_size=batch_size, method=method, method_options=options,
                          progress=progress, **sampling)
-        runs[name] = {"folder": folder, "costs": read_costs(folder),
+        costs = read_costs(folder)
+        unrecorded = sorted({it.index for it in its} - set(costs["indices"]))
+        if unrecorded:  # latency from part of the images would be reported as if it were all of them
+            raise RunStateError(f"{folder}: {len(unrecorded)} of {len(its)} images have no cost record (first: "
+                                f"{unrecorded[:5]}); rerun the same command to redraw them")
+        runs[name] = {"folder": folder, "costs": costs,
                       "features": folder_features(folder, extractor, batch_size=64)}
     ref_stats = None
     if reference:

@@ -26,8 +26,8 @@ _state = {"tried": False, "module": None, "status": None}
 
 
 def csrc_dir() -> Path:
-    """``<repo>/csrc``, found relative to this package (the sources are not installed elsewhere)."""
-    return Path(__file__).resolve().parents[2] / "csrc"
+    """``vargen/csrc``: the sources ship inside the package (package_data), so an installed wheel can build too."""
+    return Path(__file__).resolve().parents[1] / "csrc"
 
 
 def sources() -> List[str]:

@@ -17,10 +17,14 @@ def load_tokenizer(path: str, kind: Optional[str] = None):
     if kind is None:
         config = os.path.join(path, "config.json")
         if not os.path.isfile(config):
-            raise FileNotFoundError(f"no tokenizer at {path!r} (config.json missing)")
+            from ..errors import MissingInputError
+
+            raise MissingInputError(f"no tokenizer at {path!r} (config.json missing)")
         with open(config) as f:
             name = json.load(f).get("_class_name")
         kind = "flex1d" if name == Flex1DTokenizer.__name__ else "vq"
     if kind not in TOKENIZER_TYPES:
         raise ValueError(f"tokenizer_type must be one of {sorted(TOKENIZER_TYPES)}, got {kind!r}")
-    return TOKENIZER_TYPES[kind].from_pretrained(path)
+    from ..errors import load_local
+
+    return load_local(TOKENIZER_TYPES[kind], path, "tokenizer")

@@ -19,10 +19,15 @@ import torch
 
 def load_config(path: str) -> dict:
     """Read a JSON recipe config (see ``configs/``)."""
+    from ..errors import MissingInputError, UsageError
+
     if not os.path.exists(path):
-        raise FileNotFoundError(f"config not found: {path}")
+        raise MissingInputError(f"config not found: {path}")
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path} is not valid JSON ({err}): fix it") from None
 
 
 def infinite(loader) -> Iterator:

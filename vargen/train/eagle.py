@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..decoding import SamplingConfig, decode_ar
+from ..errors import load_local
 from ..models import LlamaGen
 from ..models.eagle import EagleDrafter
 from .common import infinite, run_training, save_trained
@@ -144,7 +145,8 @@ def train_eagle(config: dict, out_dir: str) -> dict:
     """Train ``EagleDrafter.from_target(config["init"])`` on samples of that GPT (module docstring);
     a t2i target reads captions through its frozen ``config["text_encoder"]``. Saves ``out_dir/eagle``."""
     torch.manual_seed(config.get("seed", 0))
-    gpt = LlamaGen.from_pretrained(config["init"]).float().eval().requires_grad_(False)
+    gpt = load_local(LlamaGen, config["init"], "the AR model to draft for (init)")
+    gpt = gpt.float().eval().requires_grad_(False)
     text_encoder = None
     if gpt.config.model_type == "t2i":
         if not config.get("text_encoder"):
@@ -152,7 +154,8 @@ def train_eagle(config: dict, out_dir: str) -> dict:
                              "(e.g. vargen/weights/scenes-t2i/text_encoder)")
         from ..models.text import WordTextEncoder
 
-        text_encoder = WordTextEncoder.from_pretrained(config["text_encoder"]).float().eval().requires_grad_(False)
+        text_encoder = load_local(WordTextEncoder, config["text_encoder"], "the text encoder")
+        text_encoder = text_encoder.float().eval().requires_grad_(False)
     data = distill_dataset(config, gpt, text_encoder, out_dir)
     drafter = EagleDrafter.from_target(gpt)
     step = partial(eagle_step, gpt=gpt, data=data, feature_noise=config.get("feature_noise", 0.2),

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..data.registry import build_dataset, collate
+from ..errors import load_local
 from ..models import LlamaGen
 from ..models.checkpoint import check_saved_class
 from ..models.text import WordTextEncoder
@@ -57,10 +58,10 @@ def export_model(name: str, vq_run: str, ar_run: str, out_dir: str, prompts: Seq
             "`vargen convert llamagen --gpt GPT.pt --vq VQ.pt -o FOLDER` (docs/checkpoints.md)")
     check_saved_class(os.path.join(vq_run, "vq"), "VQTokenizer", "a tokenizer run", hint)
     check_saved_class(os.path.join(ar_run, "gpt"), "LlamaGen", "an AR run", hint)
-    vq = VQTokenizer.from_pretrained(os.path.join(vq_run, "vq")).eval()
-    gpt = LlamaGen.from_pretrained(os.path.join(ar_run, "gpt")).eval()
+    vq = load_local(VQTokenizer, os.path.join(vq_run, "vq"), "the tokenizer run's vq/ folder").eval()
+    gpt = load_local(LlamaGen, os.path.join(ar_run, "gpt"), "the AR run's gpt/ folder").eval()
     text_dir = os.path.join(ar_run, "text_encoder")
-    text = WordTextEncoder.from_pretrained(text_dir).eval() if os.path.isdir(text_dir) else None
+    text = load_local(WordTextEncoder, text_dir, "the text encoder").eval() if os.path.isdir(text_dir) else None
     pipe = VarGenPipeline(gpt=gpt, vq=vq, text_encoder=text)
     psnr = {label: reconstruction_psnr(vq, specs) for label, specs in eval_data.items()}
     start = time.perf_counter()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.registry import build_dataset, collate
+from ..errors import load_local
 from ..tokenizers.flex1d import Flex1DTokenizer, sample_prefix_lengths
 from .common import infinite, run_training, save_trained, write_metrics
 
@@ -59,7 +60,10 @@ def train_flex1d(config: dict, out_dir: str) -> dict:
     held-out scenes, written to ``out_dir/flex1d/metrics.json``).
     """
     torch.manual_seed(config.get("seed", 0))
-    tok = Flex1DTokenizer.from_pretrained(config["init"]) if config.get("init") else Flex1DTokenizer(**config["model"])
+    if config.get("init"):
+        tok = load_local(Flex1DTokenizer, config["init"], "the 1D tokenizer to start from (init)")
+    else:
+        tok = Flex1DTokenizer(**config["model"])
     data = build_dataset(config["data"])
     if config.get("cache"):
         data = CachedImages(data)

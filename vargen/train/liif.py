@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..data.scenes import SceneDataset, render_scene
 from ..decoders.liif import LIIF, EDSRBaseline, LIIFTokenDecoder, make_coord
+from ..errors import load_local
 from .common import run_training, save_trained, write_metrics
 
 
@@ -196,7 +197,7 @@ def train_liif(config: dict, out_dir: str) -> dict:
     if "encoder" in config:
         return train_liif_sr(config, out_dir)
     torch.manual_seed(config.get("seed", 0))
-    vq = VQTokenizer.from_pretrained(config["vq"]).eval().requires_grad_(False)
+    vq = load_local(VQTokenizer, config["vq"], "the tokenizer (vq)").eval().requires_grad_(False)
     model = LIIFTokenDecoder(vq, **config.get("model", {}))
     data = config.get("data", {})
     base = data.get("resolution", 128)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..decoding.lpd_order import group_schedule
+from ..errors import load_local
 from ..models import LlamaGen
 from ..models.lpd import LPD
 from ..models.text import WordTextEncoder
@@ -71,10 +72,11 @@ def load_start(config: dict, out_dir: str):
     """What a recipe that trains from an AR GPT starts with: ``(token cache, GPT from config["init"],
     frozen text encoder or None)``, checked to belong together."""
     vq, cache = load_token_cache(config, out_dir)
-    gpt = LlamaGen.from_pretrained(config["init"]).float()
+    gpt = load_local(LlamaGen, config["init"], "the AR model to start from (init)").float()
     text_encoder = None
     if config.get("text_encoder"):
-        text_encoder = WordTextEncoder.from_pretrained(config["text_encoder"]).float().eval().requires_grad_(False)
+        text_encoder = load_local(WordTextEncoder, config["text_encoder"], "the text encoder")
+        text_encoder = text_encoder.float().eval().requires_grad_(False)
     _check_pairing(gpt, vq, cache, text_encoder, config["init"])
     return cache, gpt, text_encoder
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..data.registry import collate
 from ..data.scenes import SceneDataset
+from ..errors import load_local
 from ..models import LlamaGen
 from ..models.mulo import MuLo, TokenUpsampler
 from ..models.text import WordTextEncoder
@@ -133,10 +134,11 @@ def train_mulo(config: dict, out_dir: str) -> dict:
     if not config.get("text_encoder"):
         raise ValueError("set config['text_encoder'] to the target's trained text encoder folder "
                          "(e.g. vargen/weights/scenes-t2i/text_encoder): the drafter reads the target's captions")
-    text_encoder = WordTextEncoder.from_pretrained(config["text_encoder"]).float().eval().requires_grad_(False)
+    text_encoder = load_local(WordTextEncoder, config["text_encoder"], "the text encoder")
+    text_encoder = text_encoder.float().eval().requires_grad_(False)
     enc = text_encoder.config
     if config.get("target"):
-        target = LlamaGen.from_pretrained(config["target"])
+        target = load_local(LlamaGen, config["target"], "the target AR model (target)")
         want = (vq.vocab_size, pairs["high"].shape[1], enc.caption_dim, enc.max_length)
         got = (target.vocab_size, target.num_tokens, target.config.caption_dim, target.config.cls_token_num)
         if want != got:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.registry import build_dataset, collate
+from ..errors import load_local
 from ..tokenizers import VQTokenizer
 from .common import infinite, run_training
 
@@ -91,7 +92,7 @@ def train_tokenizer(config: dict, out_dir: str) -> dict:
         raise ValueError(f"config 'train' must be 'all' or 'decoder', got {part!r}")
     if config.get("init"):
         # second phase: continue from a saved tokenizer (e.g. full-resolution fine-tuning after crops)
-        vq = VQTokenizer.from_pretrained(config["init"])
+        vq = load_local(VQTokenizer, config["init"], "the tokenizer to start from (init)")
     elif part == "decoder":
         raise ValueError("config 'train': 'decoder' fine-tunes a trained tokenizer: set 'init' to its folder")
     else:
