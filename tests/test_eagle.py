@@ -346,7 +346,7 @@ def test_eagle_recipe_cli_train_generate_and_bench(one_thread, tmp_path, capsys)
     assert "| eagle |" in text and "| eagle+lantern |" in text
     assert main(["generate", "class1", "--model", "tiny-random", "-o", str(out), "--quiet",
                  "--eagle", str(tmp_path / "run" / "eagle")]) == 2
-    assert "are for --method eagle" in capsys.readouterr().err
+    assert "--eagle is not taken by ar; it is for eagle, eagle+lantern" in capsys.readouterr().err
     assert main(["generate", "class1", "--model", "tiny-random", "-o", str(out), "--quiet", "--method",
                  "eagle"]) == 2
     assert "vargen train eagle --config" in capsys.readouterr().err

@@ -283,7 +283,7 @@ def test_cli_lpd_without_a_model_names_the_train_command(one_thread, tmp_path, c
     err = capsys.readouterr().err
     assert "no LPD model at" in err and "vargen train lpd" in err
     assert main(["generate", "class1", "--model", "tiny-random", "-o", out, "--quiet", "--lpd-steps", "8"]) == 2
-    assert "--lpd and --lpd-steps are for --method lpd" in capsys.readouterr().err
+    assert "--lpd-steps is not taken by ar; it is for lpd" in capsys.readouterr().err
 
 
 def test_cli_generate_and_bench_with_an_lpd_folder(one_thread, tmp_path, capsys):

@@ -242,7 +242,7 @@ def test_cli_generate_bench_and_flag_errors(one_thread, tmp_path, capsys):
     assert "| mulo |" in capsys.readouterr().out
     assert main(["generate", "class1", "--model", "tiny-random", "-o", str(out), "--quiet",
                  "--mulo", str(tmp_path / "model" / "mulo")]) == 2
-    assert "are for --method mulo" in capsys.readouterr().err
+    assert "--mulo is not taken by ar; it is for mulo, mulo+lantern" in capsys.readouterr().err
     assert main(["generate", "class1", "--model", "tiny-random", "-o", str(out), "--quiet", "--method", "mulo"]) == 2
     assert "vargen train mulo --config configs/mulo_scenes_cpu.json" in capsys.readouterr().err
 

@@ -299,6 +299,6 @@ def test_cli_generate_and_bench_with_a_nar_folder(one_thread, tmp_path, capsys):
     assert f"| nar | {H + W - 1:.1f} | {H * W / (H + W - 1):.2f}x |" in capsys.readouterr().out
     assert main(["generate", "class1", "--model", "tiny-random", "-o", str(out), "--quiet",
                  "--nar", str(tmp_path / "model" / "nar")]) == 2
-    assert "--nar is for --method nar" in capsys.readouterr().err
+    assert "--nar is not taken by ar; it is for nar" in capsys.readouterr().err
     assert main(["generate", "class1", "--model", "tiny-random", "-o", str(out), "--quiet", "--method", "nar"]) == 2
     assert "vargen train nar --config configs/nar_scenes.json" in capsys.readouterr().err

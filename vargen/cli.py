@@ -71,21 +71,24 @@ def _add_lantern_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_method_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="ar", help="decoding method: " + ", ".join(_method_names()))
-    parser.add_argument("--window", type=_positive_int, default=None,
-                        help="SJD / Jacobi drafts per verify pass (default 16) or ZipAR row lead (default 8)")
-    parser.add_argument("--init", default=None, help="draft initialisation (SJD): random, left, above (up), left-dist (sample)")
     parser.add_argument("--coupling", default="none", help="with --method sjd: none, maximal or gumbel redraws")
     parser.add_argument("--relax", default="none", help="with --method sjd: none, lantern or gsd acceptance")
+    _add_decode_option_flags(parser)
+
+
+def _add_decode_option_flags(parser: argparse.ArgumentParser) -> None:
+    """Every method's own options (routed by :func:`vargen.decoding.options.route_options`: each reaches every
+    selected method that takes it, and one no selected method takes is refused)."""
+    parser.add_argument("--window", type=_positive_int, default=None,
+                        help="drafts per verify pass (sjd, jacobi, gsd: default 16) and row lead (zipar: default 8), "
+                             "for every selected method that has a window")
+    parser.add_argument("--init", default=None,
+                        help="draft initialisation (sjd, jacobi): random, left, above (up), left-dist (sample)")
     parser.add_argument("--zipar-window", type=_positive_int, default=None,
-                        help="ZipAR row lead (the same as --window for the zipar methods)")
-    parser.add_argument("--zipar-min-window", "--min-window", dest="min_window", type=_positive_int, default=None,
-                        action=_OldSpellingWarns,
+                        help="the zipar methods' row lead only (beside --window for the others)")
+    parser.add_argument("--zipar-min-window", "--min-window", dest="zipar_min_window", type=_positive_int,
+                        default=None, action=_OldSpellingWarns,
                         help="zipar-adaptive: row lead at which a row starts early (default window // 2)")
-    _add_lpd_args(parser)
-    _add_lantern_args(parser)
-
-
-def _add_lpd_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lpd", default=None, metavar="PATH",
                         help="lpd: LPD model folder (default: the model's own lpd/, e.g. scenes-t2i/lpd)")
     parser.add_argument("--lpd-steps", type=_positive_int, default=None, help="lpd: forward passes (default 20)")
@@ -109,41 +112,7 @@ def _add_lpd_args(parser: argparse.ArgumentParser) -> None:
                         help="mulo: verify rounds at most (default: until nothing is pending)")
     parser.add_argument("--mulo-finish", default=None, choices=["accept", "ar"],
                         help="mulo: cells still pending at the round limit: accept them or plain AR (accept)")
-
-
-def _lpd_options(args, methods) -> dict:
-    """``{"weights", "steps"}`` for the lpd method from ``--lpd`` / ``--lpd-steps`` (an error if lpd is not run)."""
-    given = {"weights": args.lpd, "steps": args.lpd_steps}
-    if "lpd" not in methods and any(v is not None for v in given.values()):
-        raise ValueError("--lpd and --lpd-steps are for --method lpd")
-    return given
-
-
-def _nar_options(args, methods) -> dict:
-    """``{"weights"}`` for the nar method from ``--nar`` (an error if nar is not run)."""
-    if "nar" not in methods and args.nar is not None:
-        raise ValueError("--nar is for --method nar")
-    return {"weights": args.nar}
-
-
-def _eagle_options(args, methods) -> dict:
-    """``{"weights", "tree", "depth", "topk", "total_tokens"}`` for the eagle methods (an error if none is run)."""
-    given = {"weights": args.eagle, "tree": args.eagle_tree, "depth": args.eagle_depth, "topk": args.eagle_topk,
-             "total_tokens": args.eagle_tokens}
-    if not any(m.startswith("eagle") for m in methods) and any(v is not None for v in given.values()):
-        raise ValueError("--eagle, --eagle-tree, --eagle-depth, --eagle-topk and --eagle-tokens are for "
-                         "--method eagle / eagle+lantern")
-    return given
-
-
-def _mulo_options(args, methods) -> dict:
-    """``{"weights", "radius", "expand", "max_rounds", "finish"}`` for the mulo methods (an error if none is run)."""
-    given = {"weights": args.mulo, "radius": args.mulo_radius, "expand": args.mulo_expand,
-             "max_rounds": args.mulo_rounds, "finish": args.mulo_finish}
-    if not any(m.startswith("mulo") for m in methods) and any(v is not None for v in given.values()):
-        raise ValueError("--mulo, --mulo-radius, --mulo-expand, --mulo-rounds and --mulo-finish are for --method mulo / "
-                         "mulo+lantern")
-    return given
+    _add_lantern_args(parser)
 
 
 def _add_compile_arg(parser: argparse.ArgumentParser) -> None:
@@ -155,23 +124,10 @@ def _add_compile_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _method_options(args) -> dict:
-    window = args.window
-    if args.zipar_window is not None:
-        if not args.method.startswith("zipar"):
-            raise ValueError(f"--zipar-window is for the zipar methods, not {args.method!r}; use --window")
-        if window is not None and window != args.zipar_window:
-            raise ValueError(f"--window {window} and --zipar-window {args.zipar_window} disagree; give one")
-        window = args.zipar_window
-    lpd = _lpd_options(args, [args.method])
-    nar = _nar_options(args, [args.method])
-    eagle = _eagle_options(args, [args.method])
-    mulo = _mulo_options(args, [args.method])
-    return {"window": window, "init": args.init, "min_window": args.min_window,
-            **(lpd if args.method == "lpd" else {}), **(nar if args.method == "nar" else {}),
-            **(eagle if args.method.startswith("eagle") else {}),
-            **(mulo if args.method.startswith("mulo") else {}),
-            "lantern_delta": args.lantern_delta,
-            "lantern_lambda": args.lantern_lambda, "lantern_k": args.lantern_k}
+    """The options of ``--method`` from its flags (refusing a flag the method does not take)."""
+    from .decoding.options import route_options
+
+    return route_options([args.method], vars(args))[args.method]
 
 
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
@@ -509,44 +465,17 @@ def _add_bench_args(parser: argparse.ArgumentParser, methods: str, n: int, batch
     parser.add_argument("-n", "--n", type=_positive_int, default=n, help="images per method")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i for every method")
     parser.add_argument("--batch-size", type=_positive_int, default=batch_size, help="images per decoding call")
-    parser.add_argument("--window", type=_positive_int, default=16, help="SJD window (drafts per pass)")
-    parser.add_argument("--init", default="left", help="SJD draft initialisation")
-    parser.add_argument("--zipar-window", type=_positive_int, default=8, help="ZipAR row lead (tokens)")
-    parser.add_argument("--zipar-min-window", "--min-window", dest="zipar_min_window", type=_positive_int,
-                        default=None, action=_OldSpellingWarns,
-                        help="zipar-adaptive: lead at which rows start early (default zipar-window // 2)")
-    _add_lpd_args(parser)
+    _add_decode_option_flags(parser)
     _add_sampling_args(parser)
-    _add_lantern_args(parser)
 
 
 def _bench_methods(args) -> tuple:
-    """``(methods, options per method)`` from the bench commands' flags."""
+    """``(methods, options per method)`` from ``--methods`` and the option flags (each routed to every method
+    that takes it)."""
+    from .decoding.options import route_options
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    options = {m: {"window": args.window, "init": args.init} for m in methods if m.startswith("sjd")}
-    if "zipar" in methods:
-        options["zipar"] = {"window": args.zipar_window}
-    if "zipar-adaptive" in methods:
-        options["zipar-adaptive"] = {"window": args.zipar_window, "min_window": args.zipar_min_window}
-    lpd = _lpd_options(args, methods)
-    if "lpd" in methods:
-        options["lpd"] = lpd
-    nar = _nar_options(args, methods)
-    if "nar" in methods:
-        options["nar"] = nar
-    eagle = _eagle_options(args, methods)
-    for m in methods:
-        if m.startswith("eagle"):
-            options[m] = dict(eagle)
-    mulo = _mulo_options(args, methods)
-    for m in methods:
-        if m.startswith("mulo"):
-            options[m] = dict(mulo)
-    for m in methods:
-        if m.endswith("lantern"):
-            options[m].update(lantern_delta=args.lantern_delta, lantern_lambda=args.lantern_lambda,
-                              lantern_k=args.lantern_k)
-    return methods, options
+    return methods, route_options(methods, vars(args))
 
 
 def cmd_eval_sr(args) -> int:
@@ -906,10 +835,14 @@ def _check_args(args) -> None:
         if given:
             raise UsageError(f"--method jacobi is greedy and would ignore {', '.join(given)}: drop them, or use "
                              "--method sjd for sampling")
-    if method is not None and hasattr(args, "min_window"):
-        from .decoding.methods import check_method
+    if method is not None and hasattr(args, "zipar_min_window"):
+        _method_options(args)  # refuses a flag the method does not take, before any model loads
+    if hasattr(args, "methods") and hasattr(args, "zipar_min_window"):
+        _bench_methods(args)
+    from .decoding.options import check_compile
 
-        check_method(method, _method_options(args))
+    check_compile(_bench_methods(args)[0] if hasattr(args, "methods") else [method] if method else [],
+                  getattr(args, "compile", None))
     for attr in getattr(args, "output_dirs", ()):
         if getattr(args, attr, None):
             writable_folder(getattr(args, attr))

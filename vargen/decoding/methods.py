@@ -1,8 +1,6 @@
 """Decoding methods by name: the one switch the pipeline, the CLI and the benchmarks use."""
 from __future__ import annotations
 
-import inspect
-
 from .acceptance import GroupedAcceptance, LanternAcceptance, codebook_neighbours
 from .ar import decode_ar
 from .eagle import decode_eagle
@@ -10,6 +8,7 @@ from .lpd import decode_lpd
 from .mulo import decode_mulo
 from .nar import decode_nar
 from .sampling import SamplingConfig
+from .options import RELAXATION_OPTIONS
 from .speculative import COUPLING_SUFFIX, decode_jacobi, decode_sjd, sjd_method_name
 from .zipar import decode_zipar
 from .zipar_adaptive import decode_zipar_adaptive
@@ -33,7 +32,6 @@ METHODS = {
     "mulo": (decode_mulo, {}),
     "mulo+lantern": (decode_mulo, {"acceptance": "lantern"}),
 }
-RELAXATION_OPTIONS = ("lantern_delta", "lantern_lambda", "lantern_k")
 RELAXATIONS = ("none", "lantern", "gsd")
 
 
@@ -57,22 +55,17 @@ def compose_method(method: str, coupling: str = "none", relax: str = "none") -> 
 
 
 def check_method(name: str, options: dict) -> None:
-    """Raise ``ValueError`` for an unknown method or options it does not take, without building anything
-    (the CLI checks this before a model loads)."""
+    """Raise :class:`~vargen.errors.UsageError` for an unknown method or options it does not take (its decode
+    function's keyword arguments, see :func:`~vargen.decoding.options.method_options`), without building
+    anything (the CLI checks this before a model loads)."""
     from ..errors import UsageError
+    from .options import method_options
 
     if name not in METHODS:
         raise UsageError(f"unknown decoding method {name!r}; choose from {sorted(METHODS)}")
-    fn, fixed = METHODS[name]
-    kind = fixed.get("acceptance")
-    relax = sorted(k for k in RELAXATION_OPTIONS if options.get(k) is not None)
-    if relax and kind != "lantern":
-        raise UsageError(f"method {name!r} takes no option(s) {relax} "
-                         "(relaxed acceptance is sjd+lantern, eagle+lantern)")
-    accepted = set(inspect.signature(fn).parameters) | set(RELAXATION_OPTIONS if kind == "lantern" else ())
-    unknown = sorted(k for k, v in options.items() if v is not None and k not in accepted)
+    unknown = sorted(k for k, v in options.items() if v is not None and k not in method_options(name))
     if unknown:
-        raise UsageError(f"method {name!r} takes no option(s) {unknown}")
+        raise UsageError(f"method {name!r} takes no option(s) {unknown}; it takes {sorted(method_options(name))}")
 
 
 def get_method(name: str, codebook=None, **options):

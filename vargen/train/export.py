@@ -10,9 +10,8 @@ from typing import Optional, Sequence
 import torch
 
 from ..data.registry import build_dataset, collate
-from ..errors import load_local
+from ..errors import UsageError, load_local
 from ..models import LlamaGen
-from ..models.checkpoint import check_saved_class
 from ..models.text import WordTextEncoder
 from ..pipeline import VarGenPipeline
 from ..tokenizers import VQTokenizer
@@ -56,8 +55,9 @@ def export_model(name: str, vq_run: str, ar_run: str, out_dir: str, prompts: Seq
 
     hint = ("export packages vargen training runs (`vargen train ...`); for released checkpoint files use "
             "`vargen convert llamagen --gpt GPT.pt --vq VQ.pt -o FOLDER` (docs/checkpoints.md)")
-    check_saved_class(os.path.join(vq_run, "vq"), "VQTokenizer", "a tokenizer run", hint)
-    check_saved_class(os.path.join(ar_run, "gpt"), "LlamaGen", "an AR run", hint)
+    for run in (vq_run, ar_run):
+        if os.path.isfile(run):
+            raise UsageError(f"{run!r} is a file, not a training run folder; {hint}")
     vq = load_local(VQTokenizer, os.path.join(vq_run, "vq"), "the tokenizer run's vq/ folder").eval()
     gpt = load_local(LlamaGen, os.path.join(ar_run, "gpt"), "the AR run's gpt/ folder").eval()
     text_dir = os.path.join(ar_run, "text_encoder")

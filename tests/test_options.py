@@ -1,0 +1,52 @@
+"""Options by signature: every flag reaches every selected method that takes it, and is refused otherwise."""
+import pytest
+
+from vargen.cli import build_parser, main
+from vargen.decoding.options import check_compile, method_options, route_options
+from vargen.errors import UsageError
+
+
+def _bench(argv):
+    from vargen.cli import _bench_methods
+
+    return _bench_methods(build_parser().parse_args(["bench", "speed", *argv]))
+
+
+def test_window_reaches_every_selected_method_that_has_a_window():
+    methods, options = _bench(["--methods", "sjd,gsd,jacobi,zipar,ar", "--window", "4"])
+    assert {m: o.get("window") for m, o in options.items()} == {
+        "sjd": 4, "gsd": 4, "jacobi": 4, "zipar": 4, "ar": None}
+
+
+def test_family_flags_stay_with_their_family():
+    _, options = _bench(["--methods", "sjd,zipar,zipar-adaptive", "--window", "16", "--zipar-window", "8"])
+    assert options["zipar"]["window"] == options["zipar-adaptive"]["window"] == 8 and options["sjd"]["window"] == 16
+    _, options = _bench(["--methods", "eagle,eagle+lantern,sjd+lantern", "--eagle-depth", "3", "--lantern-delta", "0.2"])
+    assert options["eagle"] == {"depth": 3} and options["eagle+lantern"] == {"depth": 3, "lantern_delta": 0.2}
+    assert options["sjd+lantern"] == {"lantern_delta": 0.2}
+
+
+def test_a_flag_no_selected_method_takes_is_refused_with_the_methods_that_would():
+    with pytest.raises(UsageError, match="--window is not taken by ar, lpd; it is for .*sjd"):
+        route_options(["ar", "lpd"], {"window": 4})
+    with pytest.raises(UsageError, match="--init is not taken by gsd"):  # gsd fixes its own random init
+        route_options(["gsd"], {"init": "left"})
+    with pytest.raises(UsageError, match="--lantern-delta"):
+        route_options(["sjd"], {"lantern_delta": 0.3})
+
+
+def test_fixed_options_of_a_registry_entry_cannot_be_overridden():
+    assert "init" in method_options("sjd") and "init" not in method_options("gsd")
+    assert "coupling" not in method_options("sjd+coupling")
+    from vargen.decoding.methods import get_method
+
+    with pytest.raises(UsageError, match="takes no option"):
+        get_method("sjd+coupling", coupling="none")  # would run plain sjd under the coupling name
+
+
+def test_compile_is_refused_where_it_would_not_reach_the_steps(capsys):
+    check_compile(["ar", "sjd", "zipar"], "reduce-overhead")
+    with pytest.raises(UsageError, match="lpd, eagle"):
+        check_compile(["sjd", "lpd", "eagle"], "reduce-overhead")
+    assert main(["bench", "speed", "--model", "tiny-random", "--methods", "ar,nar", "--compile"]) == 2
+    assert "nar decode with a model of their own" in capsys.readouterr().err
