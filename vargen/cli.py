@@ -735,14 +735,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    import numpy as np
     import torch
     from torchvision.utils import make_grid
 
     from .atomic import save_image_atomic
-    from .decoding import DecodeStats
-    from .memory import gpt_bytes_per_image, per_chunk
     from .pipeline import TINY_RANDOM, VarGenPipeline, default_model
 
+    if args.size and args.scale:
+        raise UsageError("give --size or --scale, not both")
+    if args.liif and not (args.size or args.scale):
+        raise UsageError("--liif renders at another size: give --size or --scale with it")
     if args.model is None:
         args.model = default_model()
         note = " (random weights: the images are noise)" if args.model == TINY_RANDOM else ""
@@ -752,44 +755,21 @@ def cmd_generate(args) -> int:
     if args.compile:
         pipe.enable_compile(args.compile)
     start = time.perf_counter()
-    liif = None
-    if args.size or args.scale:
-        if args.size and args.scale:
-            raise ValueError("give --size or --scale, not both")
-        if pipe.gpt.grid[0] == 1:
-            raise ValueError("--size / --scale render 2D token grids through LIIF; this model makes 1D tokens")
-        own = os.path.join(getattr(pipe, "name_or_path", None) or "", "liif")  # a model's own LIIF decoder
-        if not args.liif and not os.path.isdir(own):
-            raise ValueError(f"--size / --scale render through a LIIF decoder and {args.model} has none: pass "
-                             "--liif FOLDER (train one with `vargen train liif --config configs/liif_scenes.json`)")
-        from .decoders import LIIFTokenDecoder
+    height, width = args.size or (None, None)
+    if args.scale:
+        from .decoders.liif import output_size
 
-        liif = LIIFTokenDecoder.from_pretrained(args.liif or own).to(args.device)
-        codes = liif.config["vq"]["codebook_size"]
-        if codes != pipe.vq.vocab_size:
-            raise ValueError(f"the LIIF decoder {args.liif or own} was trained on a tokenizer with {codes} codes, but this "
-                             f"model's tokenizer has {pipe.vq.vocab_size}: use the LIIF decoder of this tokenizer")
-    budget = _image_budget(args, pipe, liif)
+        height, width = output_size(pipe.image_size, scale=args.scale)
+    if args.liif:
+        pipe.load_liif(args.liif)
     conditions = [c for c in (args.conditions or [""]) for _ in range(args.num_images)]
-    per_call = per_chunk(len(conditions), gpt_bytes_per_image(pipe.gpt.config, args.cfg != 1), budget)
-    tiles, parts = [], []
-    for i in range(0, len(conditions), per_call):
-        out = pipe(conditions[i:i + per_call], unconditional=args.unconditional, **_sampling(args),
-                   seed=list(range(args.seed + i, args.seed + i + len(conditions[i:i + per_call]))),
-                   output_type="latent", progress=not args.quiet, method=args.method,
-                   method_options=_method_options(args), num_tokens=args.tokens)
-        if liif is not None:
-            images = liif.decode(out.images.view(-1, *pipe.gpt.grid), size=args.size, scale=args.scale,
-                                 max_memory=budget, progress=not args.quiet)
-            images = ((images + 1) / 2).clamp(0, 1)
-        else:
-            images = pipe.decode_tokens(out.images, max_memory=budget)
-        tiles.append(images.mul(255).add(0.5).clamp(0, 255).byte())  # torchvision's rounding; 1/4 of the floats
-        parts.append(out.stats)
-    images = torch.cat(tiles)
+    out = pipe(conditions, unconditional=args.unconditional, **_sampling(args), seed=args.seed, height=height,
+               width=width, output_type="pil", method=args.method, method_options=_method_options(args),
+               num_tokens=args.tokens, max_memory=args.max_memory and parse_bytes(args.max_memory))
+    images = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in out.images])  # uint8
     grid = make_grid(images, nrow=max(1, math.ceil(math.sqrt(len(images))))) if len(images) > 1 else images[0]
     save_image_atomic(grid.permute(1, 2, 0).cpu().numpy(), args.output)
-    stats = DecodeStats.combine(parts)
+    stats = out.stats
     if args.stats:
         stats.extra.update(model=args.model, total_wall_s=time.perf_counter() - start)
         stats.to_json(args.stats)
@@ -872,29 +852,6 @@ def _add_debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
 # failures a user can fix: VargenError, and the ValueError / FileNotFoundError / OSError (a full disk, a file
 # that vanished) that library code raises with a message meant for users
 USER_ERRORS = (VargenError, ValueError, FileNotFoundError, FloatingPointError, OSError)
-
-
-def _image_budget(args, pipe, liif) -> int:
-    """``--max-memory`` in bytes, after refusing a request whose finished images alone exceed it (the uint8
-    images and their grid: no chunking can shrink those)."""
-    import torch
-
-    from .memory import budget_or_default, liif_query_bytes, parse_bytes, refuse_unless_fits
-
-    budget = budget_or_default(args.max_memory and parse_bytes(args.max_memory))
-    if liif is not None:
-        from .decoders.liif import output_size
-
-        tokens = torch.zeros(1, *pipe.gpt.grid, dtype=torch.long)
-        height, width = output_size(liif.native_size(tokens), args.size, args.scale)
-    else:
-        height, width = pipe.image_size
-    n = max(1, len(args.conditions)) * args.num_images
-    fix = "draw fewer images (-n), a smaller --size / --scale, or many images one by one with `vargen sample`"
-    refuse_unless_fits(f"{n} image(s) of {width}x{height}", 2 * 3 * n * height * width, budget, fix)
-    if liif is not None:  # one image's features and one row of queries must fit
-        refuse_unless_fits(f"rendering one {width}x{height} image", width * liif_query_bytes(liif.liif), budget, fix)
-    return budget
 
 
 def main(argv=None) -> int:

@@ -165,32 +165,48 @@ class VarGenPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, inputs: Union[int, str, Sequence[Union[int, str]]], num_images_per_prompt: int = 1,
                  cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: Union[int, Sequence[int]] = 0, output_type: str = "pil", progress: bool = True,
+                 seed: Union[int, Sequence[int]] = 0, height: Optional[int] = None, width: Optional[int] = None,
+                 output_type: str = "pil", progress: Optional[bool] = None,
                  callback_on_step_end: Optional[Callable] = None, return_dict: bool = True,
                  method: str = "ar", method_options: Optional[dict] = None, num_tokens: Optional[int] = None,
-                 unconditional: bool = False):
+                 unconditional: bool = False, max_memory: Optional[int] = None):
         """Generate ``num_images_per_prompt`` images per class (c2i) or prompt (t2i); image ``i`` uses seed ``seed + i``
         (or ``seed[i]`` when a list with one seed per image is given).
 
+        ``height`` / ``width`` (diffusers' names): the output size; a size other than the tokenizer's own
+        (:attr:`image_size`) renders the same tokens through the model's LIIF decoder (:meth:`load_liif`).
         ``output_type``: ``"pil"``, ``"np"`` (``[B, H, W, 3]`` floats in [0, 1]) or ``"pt"``
         (``[B, 3, H, W]`` in [0, 1]) or ``"latent"`` (no image decoding; ``images`` holds the
         ``[B, N]`` tokens, as diffusers returns latents). ``callback_on_step_end(pipe, step, None, {"tokens", "committed"})``
         is called after every forward pass. ``method`` picks the decoding method
         (``vargen.decoding.METHODS``: ``"ar"``, ``"sjd"``, ``"sjd+coupling"``, ...) and
-        ``method_options`` its settings (e.g. ``{"window": 16, "init": "left"}``). ``num_tokens``
-        (1D-token models only) stops every method after that many tokens; the 1D tokenizer
-        decodes the prefix. ``unconditional=True`` (t2i) takes empty prompts (the text encoder's all-padding
-        caption); without it an empty prompt is an error.
+        ``method_options`` its settings (e.g. ``{"window": 16, "init": "left"}``); each method is built once per
+        pipeline and reused. ``num_tokens`` (1D-token models only) stops every method after that many tokens; the
+        1D tokenizer decodes the prefix. ``unconditional=True`` (t2i) takes empty prompts (the text encoder's
+        all-padding caption); without it an empty prompt is an error. ``max_memory`` (bytes; default
+        :func:`vargen.memory.default_budget`): decoding and rendering run in chunks of images and pixels that fit
+        it, and a request whose finished images alone exceed it is refused up front. ``progress``: bars for
+        decoding and rendering (default: the :meth:`set_progress_bar_config` setting, on unless disabled).
         """
+        from .memory import budget_or_default, gpt_bytes_per_image, per_chunk
+
         if isinstance(inputs, (int, str)):
             inputs = [inputs]
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        decode = get_method(method, codebook=self.vq.codebook_embeddings, **(method_options or {}))
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        if progress is None:
+            progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        decode = self._method(method, method_options or {})
+        size = self.output_size(height, width)
+        budget = budget_or_default(max_memory)
         cond, cond_mask = self.parse_conditions(inputs, unconditional)
         cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
         if cond_mask is not None:
             cond_mask = cond_mask.repeat_interleave(num_images_per_prompt, dim=0)
+        if output_type != "latent":
+            self._refuse_unfitting(len(cond), size, output_type, budget)
         sampling = SamplingConfig(cfg_scale, temperature, top_k, top_p)
         if isinstance(seed, int):
             seeds = [seed + i for i in range(len(cond))]
@@ -198,16 +214,104 @@ class VarGenPipeline(DiffusionPipeline):
             seeds = [int(s) for s in seed]
         else:
             raise ValueError(f"got {len(seed)} seeds for {len(cond)} images; give one seed per image or one int")
-        callback = None
-        if callback_on_step_end is not None:
-            def callback(step, tokens, committed):
-                callback_on_step_end(self, step, None, {"tokens": tokens, "committed": committed})
         model = self.decode_model if num_tokens is None else PrefixModel(self.decode_model, num_tokens)
-        tokens, stats = decode(model, cond, sampling, seeds, cond_mask=cond_mask, progress=progress, callback=callback)
-        images = tokens if output_type == "latent" else self._convert(self.decode_tokens(tokens), output_type)
+        per_call = per_chunk(len(cond), gpt_bytes_per_image(self.gpt.config, sampling.uses_cfg), budget)
+        tokens, images, parts = [], [], []
+        for a in range(0, len(cond), per_call):
+            b = min(a + per_call, len(cond))
+            callback = None
+            if callback_on_step_end is not None:
+                def callback(step, toks, committed, a=a):
+                    callback_on_step_end(self, step, None, {"tokens": toks, "committed": committed, "first_image": a})
+            t, stats = decode(model, cond[a:b], sampling, seeds[a:b],
+                              cond_mask=None if cond_mask is None else cond_mask[a:b], progress=progress,
+                              callback=callback)
+            tokens.append(t)
+            parts.append(stats)
+            if output_type != "latent":
+                images.extend(self._convert(self.render(t, *size, max_memory=budget, progress=progress),
+                                            output_type))
+        tokens, stats = torch.cat(tokens), DecodeStats.combine(parts)
+        if output_type == "latent":
+            images = tokens
+        elif output_type == "pt":
+            images = torch.stack(images)
+        elif output_type == "np":
+            images = np.stack(images)
         if not return_dict:
             return images, tokens, stats
         return VarGenPipelineOutput(images=images, tokens=tokens, stats=stats)
+
+    def _method(self, name: str, options: dict):
+        """The decode function of ``name`` with ``options``, built once per pipeline (LANTERN's neighbour table
+        over a 16,384-code codebook takes seconds) and reused by every later call with the same settings."""
+        key = (name, tuple(sorted((k, repr(v)) for k, v in options.items())))
+        built = self.__dict__.setdefault("_built_methods", {})
+        if key not in built:
+            built[key] = get_method(name, codebook=self.vq.codebook_embeddings, **options)
+        return built[key]
+
+    # ------------------------------------------------------------------------------- tokens to pixels
+    def output_size(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple:
+        """``(height, width)`` of the images: the tokenizer's own size unless given (either one alone keeps the
+        tokenizer's aspect ratio)."""
+        own_h, own_w = self.image_size
+        if height is None and width is None:
+            return own_h, own_w
+        for name, v in (("height", height), ("width", width)):
+            if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
+                raise UsageError(f"{name} must be a positive whole number of pixels, got {v!r}")
+        height = height if height is not None else round(width * own_h / own_w)
+        width = width if width is not None else round(height * own_w / own_h)
+        return int(height), int(width)
+
+    def load_liif(self, folder: Optional[str] = None):
+        """The any-size decoder for this pipeline's tokens: ``folder``, else the model folder's own ``liif/``;
+        checked against the tokenizer, loaded once and kept."""
+        from .decoders import LIIFTokenDecoder
+
+        if folder is None and self.__dict__.get("_liif") is not None:
+            return self._liif
+        if isinstance(self.vq, Flex1DTokenizer):
+            raise UsageError("height / width other than the tokenizer's render 2D token grids through LIIF; "
+                             "this model makes 1D tokens")
+        own = os.path.join(getattr(self, "name_or_path", None) or "", "liif")
+        folder = folder or (own if os.path.isdir(own) else None)
+        if folder is None:
+            raise UsageError(f"a size other than the tokenizer's {self.image_size[1]}x{self.image_size[0]} renders "
+                             "through a LIIF decoder, and this model has none: pass one (CLI: --liif FOLDER; Python: "
+                             "pipe.load_liif(FOLDER)); train one with `vargen train liif`")
+        with reading_model(folder):
+            liif = LIIFTokenDecoder.from_pretrained(folder).to(self.device)
+        codes = liif.config["vq"]["codebook_size"]
+        if codes != self.vq.vocab_size:
+            raise UsageError(f"the LIIF decoder {folder} was trained on a tokenizer with {codes} codes, but this "
+                             f"model's tokenizer has {self.vq.vocab_size}: use the LIIF decoder of this tokenizer")
+        self.__dict__["_liif"] = liif
+        return liif
+
+    def _refuse_unfitting(self, n: int, size: tuple, output_type: str, budget: int) -> None:
+        """Refuse up front what no chunking can serve: the finished images themselves, or one image's LIIF row."""
+        from .memory import liif_query_bytes, refuse_unless_fits
+
+        per_pixel = 3 if output_type == "pil" else 12  # uint8 or fp32 RGB
+        fix = "draw fewer images, a smaller size, or many images one by one (`vargen sample`)"
+        refuse_unless_fits(f"{n} image(s) of {size[1]}x{size[0]}", 2 * per_pixel * n * size[0] * size[1], budget, fix)
+        if tuple(size) != tuple(self.image_size):
+            refuse_unless_fits(f"rendering one {size[1]}x{size[0]} image",
+                               size[1] * liif_query_bytes(self.load_liif().liif), budget, fix)
+
+    @torch.no_grad()
+    def render(self, tokens: torch.Tensor, height: Optional[int] = None, width: Optional[int] = None,
+               max_memory: Optional[int] = None, progress: bool = False) -> torch.Tensor:
+        """Tokens ``[B, N]`` -> images ``[B, 3, height, width]`` in [0, 1]: the tokenizer's decoder at its own size,
+        the LIIF decoder (:meth:`load_liif`) at any other; in chunks that fit ``max_memory``."""
+        size = self.output_size(height, width)
+        if size == tuple(self.image_size):
+            return self.decode_tokens(tokens, max_memory=max_memory)
+        images = self.load_liif().decode(tokens.view(-1, *self.gpt.grid), size=size, max_memory=max_memory,
+                                         progress=progress)
+        return ((images + 1) / 2).clamp(0, 1)
 
     def enable_compile(self, mode: str = "reduce-overhead", backend: str = "inductor") -> "VarGenPipeline":
         """Decode through ``torch.compile`` from now on (fixed-shape steps over a static cache; CUDA graphs
@@ -247,17 +351,16 @@ class VarGenPipeline(DiffusionPipeline):
         return h * f, w * f
 
     @staticmethod
-    def _convert(images: torch.Tensor, output_type: str):
+    def _convert(images: torch.Tensor, output_type: str) -> list:
+        """``[B, 3, H, W]`` in [0, 1] -> a list of images of ``output_type`` (PIL at once: 1/4 of the floats)."""
         if output_type == "pt":
-            return images
+            return list(images)
         arr = images.permute(0, 2, 3, 1).cpu().numpy()
         if output_type == "np":
-            return arr
-        if output_type == "pil":
-            from PIL import Image
+            return list(arr)
+        from PIL import Image
 
-            return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
-        raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
 
 
 def _refuse_missing_weights(pipe: VarGenPipeline, folder: str) -> None:

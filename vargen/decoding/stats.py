@@ -35,10 +35,12 @@ class DecodeStats:
         for p in parts:
             hist.update(p.accepted_hist)
         per_sample = [n for p in parts for n in (p.per_sample_forward_passes or [])]
-        return cls(method=first.method, batch_size=sum(p.batch_size for p in parts), tokens=first.tokens,
-                   forward_passes=sum(p.forward_passes for p in parts), wall_s=sum(p.wall_s for p in parts),
-                   accepted_hist=dict(sorted(hist.items())), per_sample_forward_passes=per_sample or None,
-                   extra={**first.extra, "chunks": len(parts)})
+        out = cls(method=first.method, batch_size=sum(p.batch_size for p in parts), tokens=first.tokens,
+                  forward_passes=sum(p.forward_passes for p in parts), wall_s=sum(p.wall_s for p in parts),
+                  accepted_hist=dict(sorted(hist.items())), per_sample_forward_passes=per_sample or None,
+                  extra={**first.extra, "chunks": len(parts)})
+        out.extra["step_compression"] = out.step_compression  # of the whole batch, not the first chunk
+        return out
 
     @property
     def tokens_per_forward(self) -> float:
