@@ -134,6 +134,10 @@ def test_chameleon_makes_tokens_but_no_images(tmp_path, capsys, one_thread):
     err = capsys.readouterr().err
     assert "no image decoder in transformers" in err and "output_type='latent'" in err
     assert not (tmp_path / "x.png").exists()
+    assert main(["sample", "--model", str(out), "-n", "1", "--out", str(tmp_path / "s")]) == 2
+    assert "no image decoder" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    assert main(["bench", "speed", "--model", str(out), "--methods", "sjd", "-n", "1", "--batch-size", "1"]) == 0
+    assert "sjd" in capsys.readouterr().out  # timing needs no pixels
 
 
 def test_errors_exit_2_with_what_to_do(tmp_path, capsys):

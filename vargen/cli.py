@@ -604,6 +604,7 @@ def cmd_bench_report(args) -> int:
     from .pipeline import VarGenPipeline
 
     pipe = VarGenPipeline.load(args.model, device=args.device)
+    pipe.check_decodes_images()  # the report scores images
     methods, options = _bench_methods(args)
     extractor = None
     if args.extractor:
@@ -711,6 +712,7 @@ def cmd_sample(args) -> int:
     # without CUDA the processes are CPU workers (gloo); accelerate only sets that up when told
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     pipe = VarGenPipeline.load(args.model, device=args.device or state.device)
+    pipe.check_decodes_images()  # before any decoding, not after the first batch
     items, _ = plan_for_pipeline(pipe, args.n, args.seed, prompts=read_prompts(args.prompts) if args.prompts else None,
                                  classes=args.classes, scene_seed=args.scene_seed)
     settings = {"model": args.model or "default", "n": args.n, "seed": args.seed, "method": args.method,

@@ -147,7 +147,6 @@ def sample_to_folder(pipe, items: Sequence[SampleItem], out_dir: str, batch_size
     """
     from tqdm.auto import tqdm
 
-    pipe.check_decodes_images()  # before any decoding, not after the first batch
     os.makedirs(out_dir, exist_ok=True)
     todo = missing_items(items, out_dir, process_index, num_processes)
     stats_path = os.path.join(out_dir, f"stats-{process_index}.jsonl")
