@@ -171,8 +171,11 @@ def cmd_convert_hf(args) -> int:
     pipe.save_pretrained(args.out)
     model = pipe.gpt
     rows, cols = model.grid
-    images = "" if model.has_image_decoder else "; transformers has no image decoder for it: tokens only, from Python"
+    if model.has_image_decoder:
+        then = f"Try: vargen generate --model {args.out} 'a photo of a cat' --method sjd"
+    else:
+        then = ("transformers has no image decoder for it: tokens only, from Python (docs/checkpoints.md). Try: "
+                f"vargen bench speed --model {args.out} --methods sjd")
     print(f"wrote {args.out}: {model.family} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-          f"{rows} x {cols} image tokens) referencing {os.path.abspath(args.dir)} (not copied: keep it there)"
-          f"{images}. Try: vargen generate --model {args.out} 'a photo of a cat' --method sjd")
+          f"{rows} x {cols} image tokens) referencing {os.path.abspath(args.dir)} (not copied: keep it there). {then}")
     return 0

@@ -275,7 +275,7 @@ def hf_model_type(path) -> str:
         raise FileNotFoundError(f"{path} has no config.json; is it a transformers checkpoint folder?")
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type not in HF_FAMILIES:
-        families = "; ".join(f"{t} ({FAMILY_NAMES[t]})" for t in sorted(HF_FAMILIES))
+        families = "; ".join(FAMILY_NAMES[t] for t in sorted(HF_FAMILIES))
         raise ValueError(f"{path}: model_type {model_type!r} is not supported; supported model types: "
                          f"{', '.join(sorted(HF_FAMILIES))} ({families}). Use the transformers-format release of "
                          "the model; LlamaGen .pt files go through `vargen convert llamagen`")
