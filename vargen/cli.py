@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", default="outputs/sample.png",
                      help="output image path; .png, .jpg / .jpeg or .webp picks the format")
     gen.add_argument("--model", default=None,
-                     help="embedded model (scenes-t2i, cifar10-c2i), pipeline folder (VarGenPipeline.save_pretrained) "
-                          "or 'tiny-random'; default: scenes-t2i when shipped")
+                     help="embedded model (scenes-t2i, cifar10-c2i), pipeline folder (VarGenPipeline.save_pretrained, "
+                          "vargen convert), hf:DIR (a Hugging Face Janus / Emu3 / Chameleon folder) or 'tiny-random'; "
+                          "default: scenes-t2i when shipped")
     _add_sampling_args(gen)
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     gen.add_argument("-n", "--num-images", type=_positive_int, default=1, help="images per condition")
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Draw images 000000.png .. N-1 into a folder. Image i has a fixed condition "
                                         "and seed (seed + i); `accelerate launch` splits the indices across "
                                         "processes; a rerun skips finished images and draws only the missing ones.")
-    sample.add_argument("--model", default=None, help="embedded model, pipeline folder or tiny-random")
+    sample.add_argument("--model", default=None, help="embedded model, pipeline folder, hf:DIR (Hugging Face folder) or tiny-random")
     sample.add_argument("-n", "--n", type=_positive_int, required=True, help="number of images (e.g. 50000)")
     sample.add_argument("--out", required=True, help="output folder")
     sample.add_argument("--classes", default="balanced", choices=["balanced", "random"],
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     geneval.add_argument("--metadata", required=True,
                          help="GenEval's prompts/evaluation_metadata.jsonl (e.g. ../shared/data/geneval/...)")
     geneval.add_argument("--out", required=True, help="output folder (the evaluator's image folder)")
-    geneval.add_argument("--model", default=None, help="text-to-image model: embedded model or pipeline folder")
+    geneval.add_argument("--model", default=None, help="text-to-image model: embedded model, pipeline folder or hf:DIR")
     geneval.add_argument("--limit", type=_positive_int, default=None, help="only the first N prompts")
     geneval.add_argument("--n-samples", type=_positive_int, default=4, help="images per prompt (GenEval: 4)")
     geneval.add_argument("--seed", type=int, default=0, help="sample n of prompt i uses seed + i * n_samples + n")
@@ -424,10 +425,14 @@ def cmd_eval_scenes(args) -> int:
     from torchvision.utils import save_image
 
     from .eval.scenes import colour_fidelity, scene_following, tokenizer_ceiling
+    from .hf_pipeline import HFImagePipeline
     from .pipeline import VarGenPipeline
 
     pipe = VarGenPipeline.load(args.model, device=args.device)
-    if pipe.gpt.config.model_type != "t2i":
+    if isinstance(pipe, HFImagePipeline):
+        raise ValueError("scene evaluation scores models trained on vargen's rendered scenes against their tokenizer; "
+                         f"{args.model} is a Hugging Face model: use `vargen eval geneval` or `vargen bench report`")
+    if not pipe.takes_text:
         raise ValueError("scene evaluation needs a text-to-image model (e.g. scenes-t2i); "
                          f"{args.model or 'the default model'} is class-conditional")
     result = scene_following(pipe, n=args.n, seed=args.seed, **_sampling(args))
@@ -459,7 +464,7 @@ def cmd_eval_scenes(args) -> int:
 
 def _add_bench_args(parser: argparse.ArgumentParser, methods: str, n: int, batch_size: int) -> None:
     """The flags every benchmark shares: model, methods and their options, images and seeds, sampling."""
-    parser.add_argument("--model", default=None, help="embedded model, pipeline folder or tiny-random")
+    parser.add_argument("--model", default=None, help="embedded model, pipeline folder, hf:DIR (Hugging Face folder) or tiny-random")
     parser.add_argument("--methods", default=methods,
                         help="comma-separated methods (ar is always run): " + ", ".join(_method_names()))
     parser.add_argument("-n", "--n", type=_positive_int, default=n, help="images per method")
@@ -535,7 +540,7 @@ def cmd_eval_geneval(args) -> int:
 
     metadata = read_metadata(args.metadata)  # a wrong path fails before a model is loaded
     pipe = VarGenPipeline.load(args.model, device=args.device)
-    if pipe.gpt.config.model_type != "t2i":
+    if not pipe.takes_text:
         raise ValueError("GenEval needs a text-to-image model (e.g. scenes-t2i); "
                          f"{args.model or 'the default model'} is class-conditional")
     done = write_geneval(pipe, metadata, args.out, n_samples=args.n_samples, seed=args.seed,
@@ -559,6 +564,7 @@ def cmd_bench_report(args) -> int:
     from .pipeline import VarGenPipeline
 
     pipe = VarGenPipeline.load(args.model, device=args.device)
+    pipe.check_decodes_images()  # the report scores images
     methods, options = _bench_methods(args)
     extractor = None
     if args.extractor:
@@ -666,6 +672,7 @@ def cmd_sample(args) -> int:
     # without CUDA the processes are CPU workers (gloo); accelerate only sets that up when told
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     pipe = VarGenPipeline.load(args.model, device=args.device or state.device)
+    pipe.check_decodes_images()  # before any decoding, not after the first batch
     items, _ = plan_for_pipeline(pipe, args.n, args.seed, prompts=read_prompts(args.prompts) if args.prompts else None,
                                  classes=args.classes, scene_seed=args.scene_seed)
     from .pipeline import default_model
@@ -755,6 +762,12 @@ def cmd_generate(args) -> int:
     if args.compile:
         pipe.enable_compile(args.compile)
     start = time.perf_counter()
+    if args.size or args.scale:
+        from .hf_pipeline import HFImagePipeline
+
+        if isinstance(pipe, HFImagePipeline):
+            raise UsageError("--size / --scale render through a LIIF decoder trained on a vargen tokenizer; "
+                             f"{args.model} decodes with its own VQ decoder at its own size: drop them")
     height, width = args.size or (None, None)
     if args.scale:
         from .decoders.liif import output_size

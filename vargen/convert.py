@@ -1,5 +1,9 @@
 """`vargen convert`: released checkpoints -> a pipeline folder every vargen command takes.
 
+``vargen convert hf Janus-Pro-1B -o janus-pro`` writes a small folder that references the Hugging
+Face folder (see :mod:`vargen.hf_pipeline`: its weights are not copied) with the settings the
+family needs (token grid, row separator), so ``--model janus-pro`` needs nothing more.
+
 ``vargen convert llamagen --gpt c2i_B_256.pt --vq vq_ds16_c2i.pt -o llamagen-c2i-B`` writes a
 :class:`vargen.pipeline.VarGenPipeline` folder (``model_index.json`` + safetensors), so
 ``vargen generate --model llamagen-c2i-B 207`` and ``VarGenPipeline.from_pretrained`` work on it.
@@ -41,16 +45,42 @@ def add_convert_parser(sub) -> None:
     lg.add_argument("--num-classes", type=int, default=None, help="check: c2i class count the GPT must have")
     lg.add_argument("--caption-len", type=int, default=None, help="check: t2i caption tokens (cls_token_num, 120)")
     lg.add_argument("--ema", action="store_true", help="use the files' EMA weights (train checkpoints with 'ema')")
-    _add_common(lg)
+    lg.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                    help="dtype of the stored weights (vargen loads them as fp32; bf16/fp16 halve the folder)")
+    lg.add_argument("--trust-checkpoint", action="store_true",
+                    help="allow pickled files to run code while loading (only for files you trust); by default "
+                         "a file that needs more than tensors and plain types is refused")
+    _add_out(lg)
     lg.set_defaults(func=cmd_convert)
 
+    from .hf_pipeline import DTYPES as HF_DTYPES
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
-                        help="dtype of the stored weights (vargen loads them as fp32; bf16/fp16 halve the folder)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow pickled files to run code while loading (only for files you trust); by default "
-                             "a file that needs more than tensors and plain types is refused")
+    hf = kinds.add_parser("hf", help="a Hugging Face Janus-Pro / Emu3 / Chameleon (Lumina-mGPT, Anole) folder",
+                          description="Write a pipeline folder that references DIR (its weights are not copied); "
+                                      "config.json's model_type picks the family. Local files only; no code from "
+                                      "the folder runs.")
+    hf.add_argument("dir", metavar="DIR", help="the Hugging Face checkpoint folder (config.json, weights, processor)")
+    hf.add_argument("--grid", type=_grid, default=None, metavar="HxW",
+                    help="image tokens, rows x columns (Emu3: default 90x90 = 720 px; Chameleon: default from its "
+                         "VQ config, Lumina-mGPT 768 px is 48x48); Janus reads it from its config")
+    hf.add_argument("--row-separator", default=None, metavar="lumina|TOKEN",
+                    help="Chameleon only: the token after every image row (lumina: Lumina-mGPT's <reserved08799>; "
+                         "default none, as Anole)")
+    hf.add_argument("--max-prompt-len", type=int, default=256, help="longest prompt in tokens (sizes the caches)")
+    hf.add_argument("--dtype", choices=list(HF_DTYPES), default="auto",
+                    help="dtype the model loads in (auto: the checkpoint's own, e.g. bf16 for Janus-Pro)")
+    _add_out(hf)
+    hf.set_defaults(func=cmd_convert_hf)
+
+
+def _grid(text: str) -> tuple:
+    rows, _, cols = text.lower().partition("x")
+    if not (rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0):
+        raise argparse.ArgumentTypeError(f"give the token grid as ROWSxCOLS (e.g. 48x48), got {text!r}")
+    return int(rows), int(cols)
+
+
+def _add_out(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", required=True, metavar="FOLDER", help="pipeline folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing pipeline folder")
 
@@ -98,11 +128,15 @@ def convert_llamagen(gpt_path: str, vq_path: str, t5_dir=None, *, trust_checkpoi
     return VarGenPipeline(gpt=gpt, vq=vq, text_encoder=text_encoder, tokenizer=tokenizer)
 
 
-def _save(pipe, out: str, dtype: str) -> None:
+def _remove_old(out: str) -> None:
     if os.path.isdir(out):  # checked by _check_out: an old pipeline; its stale components must not survive
         import shutil
 
         shutil.rmtree(out)
+
+
+def _save(pipe, out: str, dtype: str) -> None:
+    _remove_old(out)
     from .loading import quiet_loading
 
     with quiet_loading():
@@ -122,4 +156,26 @@ def cmd_convert(args) -> int:
           f"params, {what}), {rows} x {cols} tokens -> {rows * pipe.vq.downsample} x {cols * pipe.vq.downsample} px, "
           f"{args.dtype}. Try: vargen generate --model {args.out} "
           f"{'0' if gpt.config.model_type == 'c2i' else repr('a photo of a cat')} --method sjd")
+    return 0
+
+
+def cmd_convert_hf(args) -> int:
+    from .hf_pipeline import HFImagePipeline
+
+    _check_out(args.out, args.overwrite)
+    if args.max_prompt_len < 1:
+        raise ValueError(f"--max-prompt-len must be positive, got {args.max_prompt_len}")
+    pipe = HFImagePipeline.from_hf(args.dir, grid=args.grid, row_separator=args.row_separator,
+                                   max_prompt_len=args.max_prompt_len, dtype=args.dtype)
+    _remove_old(args.out)
+    pipe.save_pretrained(args.out)
+    model = pipe.gpt
+    rows, cols = model.grid
+    if model.has_image_decoder:
+        then = f"Try: vargen generate --model {args.out} 'a photo of a cat' --method sjd"
+    else:
+        then = ("transformers has no image decoder for it: tokens only, from Python (docs/checkpoints.md). Try: "
+                f"vargen bench speed --model {args.out} --methods sjd")
+    print(f"wrote {args.out}: {model.family} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+          f"{rows} x {cols} image tokens) referencing {os.path.abspath(args.dir)} (not copied: keep it there). {then}")
     return 0

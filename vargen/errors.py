@@ -93,11 +93,16 @@ def load_local(cls, folder: str, what: str):
 
 
 def _probe_folder(folder: str) -> None:
-    """Create ``folder`` if needed and prove a file can be made in it (permission bits alone do not tell:
-    root ignores them, and read-only mounts or full disks only show on a write)."""
+    """Prove a file can be made in ``folder``, or, if it does not exist yet, in its nearest existing ancestor
+    (nothing is created: a command refused later leaves no empty folder behind). Permission bits alone do
+    not tell: root ignores them, and read-only mounts or full disks only show on a write."""
+    target = os.path.abspath(folder)
+    while not os.path.exists(target):
+        target = os.path.dirname(target)
     try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".vargen-probe-{os.getpid()}")
+        if not os.path.isdir(target):
+            raise NotADirectoryError(20, "Not a directory")
+        probe = os.path.join(target, f".vargen-probe-{os.getpid()}")
         with open(probe, "wb"):
             pass
         os.remove(probe)

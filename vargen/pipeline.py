@@ -38,6 +38,9 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 def _conversion_hint(path: str) -> str:
     """How to turn released checkpoint files (a file, or a folder of them) into a pipeline folder, or ''."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return (f"it is a Hugging Face checkpoint folder: pass --model hf:{path}, or write a pipeline folder once with "
+                f"`vargen convert hf {path} -o FOLDER` (docs/checkpoints.md); ")
     files = os.listdir(path) if os.path.isdir(path) else [path]
     if any(f.endswith(CHECKPOINT_SUFFIXES) for f in files):
         what = "holds checkpoint files" if os.path.isdir(path) else "is a checkpoint file"
@@ -95,13 +98,22 @@ class VarGenPipeline(DiffusionPipeline):
     @classmethod
     def load(cls, name_or_path: Optional[str] = None, device=None) -> "VarGenPipeline":
         """Load an embedded model (``"scenes-t2i"``, ``"cifar10-c2i"``), a saved pipeline folder,
-        or ``"tiny-random"`` (random weights, for smoke tests). ``None`` picks :func:`default_model`.
+        ``"hf:DIR"`` (a Hugging Face Janus / Emu3 / Chameleon checkpoint folder, see
+        :class:`vargen.hf_pipeline.HFImagePipeline`) or ``"tiny-random"`` (random weights, for smoke
+        tests). ``None`` picks :func:`default_model`.
 
-        Weights are stored in fp16 and loaded as fp32 (CPU-friendly); move with ``.to()``.
+        vargen's weights are stored in fp16 and loaded as fp32 (CPU-friendly); move with ``.to()``.
+        Hugging Face models keep their checkpoint's dtype (several GB in fp32 would not be CPU-friendly).
         """
+        from .hf_pipeline import HF_PREFIX, HFImagePipeline, read_reference
+
         name_or_path = name_or_path or default_model()
         if name_or_path == TINY_RANDOM:
             pipe = tiny_random_pipeline()
+        elif name_or_path.startswith(HF_PREFIX):
+            pipe = HFImagePipeline.from_hf(name_or_path[len(HF_PREFIX):])
+        elif os.path.isdir(name_or_path) and read_reference(name_or_path) is not None:
+            pipe = HFImagePipeline.from_pretrained(name_or_path)
         elif name_or_path in EMBEDDED or os.path.isdir(name_or_path):
             folder = os.path.join(WEIGHTS_DIR, name_or_path) if name_or_path in EMBEDDED else name_or_path
             if not os.path.isfile(os.path.join(folder, "model_index.json")):
@@ -113,11 +125,33 @@ class VarGenPipeline(DiffusionPipeline):
                 pipe = pipe.to(torch.float32)
         else:
             raise FileNotFoundError(f"no model folder at {name_or_path!r}; {_conversion_hint(name_or_path)}pass a folder written by "
-                                    f"VarGenPipeline.save_pretrained, one of {list(EMBEDDED)}, or {TINY_RANDOM!r}")
+                                    f"VarGenPipeline.save_pretrained, hf:DIR, one of {list(EMBEDDED)}, or {TINY_RANDOM!r}")
         if device:
             with quiet_loading():
                 pipe = pipe.to(device)
         return pipe
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loader; a folder written by ``vargen convert hf`` loads its Hugging Face model."""
+        from .hf_pipeline import HFImagePipeline, read_reference
+
+        if cls is VarGenPipeline and read_reference(str(pretrained_model_name_or_path)) is not None:
+            return HFImagePipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @property
+    def takes_text(self) -> bool:
+        """Whether conditions are prompts (text-to-image) rather than classes."""
+        return self.gpt.config.model_type == "t2i"
+
+    @property
+    def decodes_images(self) -> bool:
+        """Whether :meth:`decode_tokens` makes pixels (vargen's tokenizers always do)."""
+        return True
+
+    def check_decodes_images(self) -> None:
+        """Raise before any decoding when tokens could not become images (see :class:`HFImagePipeline`)."""
 
     @property
     def class_names(self) -> Optional[List[str]]:
@@ -196,26 +230,28 @@ class VarGenPipeline(DiffusionPipeline):
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        if output_type != "latent":
+            self.check_decodes_images()
         if progress is None:
             progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
         decode = self._method(method, method_options or {})
-        size = self.output_size(height, width)
+        size = self.output_size(height, width) if height is not None or width is not None else None
         budget = budget_or_default(max_memory)
+        # repeated before parsing, so any condition type (features, class ids, prompt id rows) works alike
+        inputs = [item for item in inputs for _ in range(num_images_per_prompt)]
         cond, cond_mask = self.parse_conditions(inputs, unconditional)
-        cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
-        if cond_mask is not None:
-            cond_mask = cond_mask.repeat_interleave(num_images_per_prompt, dim=0)
-        if output_type != "latent":
-            self._refuse_unfitting(len(cond), size, output_type, budget)
+        if output_type != "latent" and isinstance(self.gpt, LlamaGen):
+            self._refuse_unfitting(len(inputs), size or self.image_size, output_type, budget)
         sampling = SamplingConfig(cfg_scale, temperature, top_k, top_p)
         if isinstance(seed, int):
-            seeds = [seed + i for i in range(len(cond))]
-        elif len(seed) == len(cond):
+            seeds = [seed + i for i in range(len(inputs))]
+        elif len(seed) == len(inputs):
             seeds = [int(s) for s in seed]
         else:
-            raise ValueError(f"got {len(seed)} seeds for {len(cond)} images; give one seed per image or one int")
+            raise ValueError(f"got {len(seed)} seeds for {len(inputs)} images; give one seed per image or one int")
         model = self.decode_model if num_tokens is None else PrefixModel(self.decode_model, num_tokens)
-        per_call = per_chunk(len(cond), gpt_bytes_per_image(self.gpt.config, sampling.uses_cfg), budget)
+        per_call = (per_chunk(len(cond), gpt_bytes_per_image(self.gpt.config, sampling.uses_cfg), budget)
+                    if isinstance(self.gpt, LlamaGen) else len(cond))  # adapters' caches live in transformers
         tokens, images, parts = [], [], []
         for a in range(0, len(cond), per_call):
             b = min(a + per_call, len(cond))
@@ -229,8 +265,9 @@ class VarGenPipeline(DiffusionPipeline):
             tokens.append(t)
             parts.append(stats)
             if output_type != "latent":
-                images.extend(self._convert(self.render(t, *size, max_memory=budget, progress=progress),
-                                            output_type))
+                pixels = (self.decode_tokens(t) if size is None and not isinstance(self.gpt, LlamaGen)
+                          else self.render(t, *(size or (None, None)), max_memory=budget, progress=progress))
+                images.extend(self._convert(pixels, output_type))
         tokens, stats = torch.cat(tokens), DecodeStats.combine(parts)
         if output_type == "latent":
             images = tokens

@@ -91,7 +91,7 @@ def plan_for_pipeline(pipe, n: int, seed: int = 0, prompts: Optional[Sequence[st
     """``(items, scenes)`` for a pipeline: classes for c2i; for t2i the ``prompts`` or, by
     default, the captions of held-out scenes ``SceneDataset(seed=scene_seed).scene(i)``, whose
     exact metadata (``scenes``, else ``None``) lets the scene scorer check the images."""
-    if pipe.gpt.config.model_type != "t2i":
+    if not pipe.takes_text:
         if prompts:
             raise ValueError("this model is class-conditional: it takes classes (--classes), not prompts")
         return plan_samples(n, seed, num_classes=pipe.gpt.config.num_classes, classes=classes), None

@@ -34,10 +34,17 @@ def sample_log_likelihood(model, tokens: torch.Tensor, cond, sampling: SamplingC
                           cond_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[B]`` log-probability of each token sequence under the distribution decoding samples from
     (CFG, temperature, top-k/p applied), by one teacher-forced pass."""
-    logits = model.forward_train(tokens, cond, cond_mask=cond_mask, train=False)
-    if sampling.uses_cfg:
-        logits = torch.cat([logits, model.forward_train(tokens, cond, cond_mask=cond_mask, train=False, null=True)])
-    probs = logits_to_probs(logits, sampling)
+    if not hasattr(model, "forward_train"):  # other protocol models (Hugging Face adapters): prefill + one pass
+        from ..decoding.session import DecodeSession
+
+        session = DecodeSession(model, cond, sampling, cond_mask=cond_mask)
+        cells = torch.arange(tokens.shape[1] - 1, device=tokens.device).expand(tokens.shape[0], -1)
+        probs = torch.cat([session.prefill()[:, None], session.forward(tokens[:, :-1], cells, cells)], 1)
+    else:
+        logits = model.forward_train(tokens, cond, cond_mask=cond_mask, train=False)
+        if sampling.uses_cfg:
+            logits = torch.cat([logits, model.forward_train(tokens, cond, cond_mask=cond_mask, train=False, null=True)])
+        probs = logits_to_probs(logits, sampling)
     return probs.gather(-1, tokens[..., None]).squeeze(-1).clamp_min(1e-30).log().sum(1)
 
 
@@ -50,7 +57,7 @@ def token_histogram_tv(a: torch.Tensor, b: torch.Tensor, vocab: int) -> float:
 
 def bench_conditions(pipe, n: int, seed: int) -> tuple:
     """``(inputs, scenes)``: classes ``i % num_classes`` for c2i; held-out scene captions for t2i."""
-    if pipe.gpt.config.model_type == "t2i":
+    if pipe.takes_text:
         from ..data.scenes import SceneDataset
 
         data = SceneDataset(seed=seed)
@@ -119,7 +126,7 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
             "accepted_hist": {str(k): v for k, v in sorted(run["hist"].items())},
             "accepted_cells": run["accepted_cells"], "options": (method_options or {}).get(name, {}),
         }
-        if scenes is not None:
+        if scenes is not None and pipe.decodes_images:  # a model without an image decoder is timed only
             from .scenes import score_scenes
 
             images = (pipe.decode_tokens(run["tokens"]).permute(0, 2, 3, 1).cpu().numpy() * 255).round()

@@ -65,6 +65,7 @@ class JanusImageModel(HFImageModel):
     """
 
     family = "janus"
+    has_image_decoder = True
 
     def __init__(self, hf_model, bos_token_id: Optional[int] = None, boi_token_id: Optional[int] = None,
                  pad_token_id: Optional[int] = None, max_prompt_len: int = 256):
@@ -128,6 +129,7 @@ class Emu3ImageModel(HFImageModel):
     """
 
     family = "emu3"
+    has_image_decoder = True
 
     def __init__(self, hf_model, grid: Optional[Sequence[int]] = None, max_prompt_len: int = 256,
                  negative_prompt_ids: Optional[Sequence[int]] = None, bos_token_id: Optional[int] = None):
@@ -262,6 +264,22 @@ HF_FAMILIES = {
     "emu3": ("Emu3ForConditionalGeneration", Emu3ImageModel),
     "chameleon": ("ChameleonForConditionalGeneration", ChameleonImageModel),
 }
+FAMILY_NAMES = {"janus": "Janus / Janus-Pro", "emu3": "Emu3-Gen",
+                "chameleon": "Chameleon / Anole / Lumina-mGPT in transformers' Chameleon format"}
+
+
+def hf_model_type(path) -> str:
+    """The supported ``model_type`` in a checkpoint folder's ``config.json``; a clear error otherwise."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json; is it a transformers checkpoint folder?")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in HF_FAMILIES:
+        families = "; ".join(FAMILY_NAMES[t] for t in sorted(HF_FAMILIES))
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported; supported model types: "
+                         f"{', '.join(sorted(HF_FAMILIES))} ({families}). Use the transformers-format release of "
+                         "the model; LlamaGen .pt files go through `vargen convert llamagen`")
+    return model_type
 
 
 def load_hf_image_model(path, local_files_only: bool = True, dtype=None, device=None,
@@ -274,26 +292,20 @@ def load_hf_image_model(path, local_files_only: bool = True, dtype=None, device=
     import transformers
     from transformers.utils import cached_file
 
-    folder = Path(path)
-    if folder.is_dir():
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{folder} has no config.json; is it a transformers checkpoint folder?")
-    else:
+    if Path(path).is_dir():
+        model_type = hf_model_type(path)
+    else:  # a hub id: its config.json from the local cache (or the hub, local_files_only=False)
         config_file = cached_file(str(path), "config.json", local_files_only=local_files_only)
-    model_type = json.loads(Path(config_file).read_text()).get("model_type")
-    if model_type not in HF_FAMILIES:
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported; supported model types: "
-                         f"{', '.join(sorted(HF_FAMILIES))}")
+        model_type = hf_model_type(Path(config_file).parent)
     class_name, adapter = HF_FAMILIES[model_type]
     kwargs = dict(local_files_only=local_files_only, attn_implementation=attn_implementation)
     if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     hf_model = getattr(transformers, class_name).from_pretrained(str(path), **kwargs)
     if device is not None:
         hf_model.to(device)
     return adapter(hf_model, **adapter_kwargs)
 
 
-__all__ = ["HF_FAMILIES", "ChameleonImageModel", "Emu3ImageModel", "HFImageModel", "JanusImageModel",
-           "load_hf_image_model", "prompt_rows"]
+__all__ = ["FAMILY_NAMES", "HF_FAMILIES", "ChameleonImageModel", "Emu3ImageModel", "HFImageModel", "JanusImageModel",
+           "hf_model_type", "load_hf_image_model", "prompt_rows"]

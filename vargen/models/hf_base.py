@@ -83,6 +83,7 @@ class HFImageModel(nn.Module):
     """
 
     family = "hf"
+    has_image_decoder = False  # whether the transformers model ships a VQ decoder (decode_tokens works)
     null_keeps_bos = True  # whether a null prompt starts with BOS before the image header
 
     def __init__(self, hf_model, grid: Sequence[int], image_ids: Optional[torch.Tensor] = None,
@@ -144,6 +145,11 @@ class HFImageModel(nn.Module):
     @property
     def vocab_size(self) -> int:
         return int(self.image_ids.numel())
+
+    @property
+    def codebook_embeddings(self) -> torch.Tensor:
+        """``[V, D]`` code vectors of the model's VQ (LANTERN's latent neighbours), in code order."""
+        return self.hf.model.vqmodel.quantize.embedding.weight
 
     @property
     def has_null_condition(self) -> bool:
