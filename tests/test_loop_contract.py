@@ -77,3 +77,31 @@ def test_finishing_with_uncommitted_tokens_is_a_contract_error(one_thread):
     session.advance(torch.ones(2, dtype=torch.long))
     with pytest.raises(RuntimeError, match="1, 1"):
         session.finish()
+
+
+@pytest.mark.parametrize("kind", ["llamagen", "lpd", "nar", "janus", "emu3", "lumina", "prefix", "compiled"])
+def test_every_model_implements_the_protocol_the_session_checks(parts, kind):
+    from test_hf_models import make_adapter
+
+    from vargen.models import PrefixModel
+    from vargen.models.compiled import CompiledModel
+    from vargen.models.protocol import ARImageModel, check_model
+
+    gpt, _, trained = parts
+    model = {"llamagen": lambda: gpt, "lpd": lambda: trained["lpd"], "nar": lambda: trained["nar"],
+             "janus": lambda: make_adapter("janus"), "emu3": lambda: make_adapter("emu3"),
+             "lumina": lambda: make_adapter("lumina"),
+             "prefix": lambda: PrefixModel(make_gpt("c2i", block=8, grid_rows=1), 4),
+             "compiled": lambda: CompiledModel(gpt)}[kind]()
+    assert isinstance(model, ARImageModel)
+    check_model(model)  # attributes and the forward arguments the methods pass
+
+
+def test_the_session_refuses_a_model_outside_the_protocol():
+    from vargen.decoding.session import DecodeSession
+
+    class NotAModel:
+        grid, num_tokens, vocab_size = (2, 2), 4, 8
+
+    with pytest.raises(TypeError, match="missing prefix_len, has_null_condition, parameters"):
+        DecodeSession(NotAModel(), torch.arange(1), SamplingConfig())

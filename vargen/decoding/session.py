@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from .sampling import SamplingConfig, logits_to_probs, make_generators, non_finite_error
+from ..models.protocol import check_model
 from ..ops.reference import guided_logits
 from .stats import DecodeStats
 
@@ -36,6 +37,7 @@ class DecodeSession:
 
     def __init__(self, model, cond, sampling: SamplingConfig, seeds: Optional[Sequence[int]] = None,
                  cond_mask: Optional[torch.Tensor] = None, method: str = "ar", max_len: Optional[int] = None):
+        check_model(model)
         self.model = model
         self.sampling = sampling.validate(model.vocab_size, model.has_null_condition)
         device = next(model.parameters()).device
@@ -129,7 +131,7 @@ class DecodeSession:
 
     def rollback(self, image_slots: torch.Tensor) -> None:
         """Keep the prefix and the first ``image_slots[b]`` image slots of sample ``b`` (``[B]``);
-        later slots become invisible. A pointer move: nothing is copied."""
+        later slots become invisible (``visible`` cleared past them; no keys or values are copied)."""
         self.cache.rollback(self._double(image_slots + self.prefix_len))
 
     def hide(self, image_slots: torch.Tensor) -> None:

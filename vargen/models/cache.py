@@ -1,8 +1,10 @@
 """Static KV cache with per-sample length pointers (gpt-fast style).
 
 Buffers are preallocated as ``[B, heads, max_len, head_dim]`` per layer and written at
-explicit slots. Rolling back rejected drafts is moving ``length``; stale entries stay in
-memory but are never visible because masks are built from slots and ``visible``.
+explicit slots. Rolling back rejected drafts sets ``length`` and clears ``visible`` past it (one
+masked write of bools, no keys or values copied); stale entries stay in memory but are never seen,
+because attention masks are built from ``visible`` and the slots being written. ``length`` itself is
+read only by the Hugging Face bridge.
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ class StaticKVCache:
                 buf[rows, :, dst] = buf[rows, :, src]
 
     def rollback(self, length: torch.Tensor) -> None:
-        """Move each sample's committed length back (or forward) to ``length``; no copies."""
+        """Set each sample's committed length and hide every slot from it on (``visible`` is what masks
+        read); keys and values are not touched."""
         self.length.copy_(length)
         slots = torch.arange(self.max_len, device=length.device)
         self.visible &= slots[None, :] < length[:, None]
