@@ -8,7 +8,7 @@ import torch
 from conftest import make_gpt
 from test_speculative import chi_square_p, exact_distribution
 
-import vargen.decoding.eagle as eagle_mod
+from vargen.decoding.acceptance import ExactAcceptance
 from vargen.cli import main
 from vargen.decoding import SamplingConfig, decode_ar, get_method
 from vargen.decoding.eagle import (STATIC_TREES, check_paths, decode_eagle, static_tree, tree_ancestors,
@@ -226,20 +226,21 @@ def test_eagle_is_exact_with_cfg_and_top_k(one_thread, small):
     assert chi_square_p(tokens, expected, 4) > 0.01
 
 
-def test_the_test_fails_without_the_renormalisation(one_thread, small, monkeypatch):
+def test_the_test_fails_without_the_renormalisation(one_thread, small):
     """Power check: a residual that zeroes a rejected sibling but does not renormalise accepts the next sibling
     with ``p(x)`` instead of ``p(x) / (1 - p(rejected))``; the chi-square test must catch it."""
     gpt, drafter = small
 
-    def no_renorm(p, x, rejected, nb=None, pooled=None):
-        keep = torch.ones_like(p, dtype=torch.bool)
-        keep.scatter_(1, x[:, None], False)
-        return torch.where(rejected[:, None], p * keep, p)
+    class NoRenormalisation(ExactAcceptance):
+        def verify_token(self, p, x, coins):
+            passed, _ = super().verify_token(p, x, coins)
+            keep = torch.ones_like(p, dtype=torch.bool)
+            keep.scatter_(1, x[:, None], False)
+            return passed, p * keep
 
-    monkeypatch.setattr(eagle_mod, "reject", no_renorm)
     expected = exact_distribution(gpt, 1, SHARP)
     tokens, _ = decode_eagle(gpt, torch.full((N_SAMPLES,), 1), SHARP, seeds=range(N_SAMPLES), weights=drafter,
-                             tree="dynamic", depth=3, topk=2, total_tokens=6)
+                             tree="dynamic", depth=3, topk=2, total_tokens=6, acceptance=NoRenormalisation())
     assert chi_square_p(tokens, expected, 4) < 1e-4
 
 

@@ -8,23 +8,38 @@ bounded, stated amount.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .. import ops
-from ..ops.reference import accept_drafts, gather_prob, residual, settle_window  # one implementation
+from ..ops.reference import gather_prob, residual, settle_window  # one implementation
 from .sampling import sample_categorical
 
 __all__ = ["ExactAcceptance", "LanternAcceptance", "GroupedAcceptance", "codebook_neighbours", "couple",
-           "gather_prob", "residual", "verify_window"]
+           "drop_tokens", "gather_prob", "residual"]
 
 
 class ExactAcceptance:
     """Speculative sampling (Leviathan et al.; Chen et al.): accept ``d ~ q`` iff ``u < min(1, p(d) / q(d))``,
-    resample from ``norm(max(p - q, 0))``. The committed token is distributed exactly as ``p``."""
+    resample from ``norm(max(p - q, 0))``. The committed token is distributed exactly as ``p``.
+
+    The one interface every method uses: :meth:`accept` / :meth:`resample` for drafts with their own ``q``
+    (SJD, MuLo, ZipAR's first-token check), :meth:`verify_window` for a window of them (the first rejection
+    and its draw; a fused kernel behind it where the rule allows), :meth:`verify_token` for a deterministic
+    draft such as an EAGLE tree node (``q`` one-hot). Relaxed rules change :meth:`extra_mass` (LANTERN) or
+    :meth:`accept` itself (GSD, which then runs unfused).
+    """
 
     name = "exact"
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused verify op computes this rule: its accept, resample and target are speculative
+        sampling's, relaxed at most through :meth:`extra_mass` (LANTERN). A rule that redefines any of them
+        (GSD, a test's broken rule) runs its own methods instead."""
+        cls = type(self)
+        return all(getattr(cls, m) is getattr(ExactAcceptance, m) for m in ("accept", "resample", "target"))
 
     def target(self, p: torch.Tensor) -> torch.Tensor:
         """The distribution the rule samples from in effect (``p`` here; a relaxed ``p~`` elsewhere)."""
@@ -35,12 +50,44 @@ class ExactAcceptance:
         return None
 
     def accept(self, p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, coins: torch.Tensor) -> torch.Tensor:
-        """Bool ``[...]``: which drafts pass their coin, ``coins * q(d) < p~(d) + extra_mass``."""
-        return accept_drafts(self.target(p), q, drafts, coins, self.extra_mass(p, drafts))
+        """Bool ``[...]``: ``u < min(1, p~(d) / q(d))``, i.e. ``u q(d) < p~(d)``, with ``p~(d) = p(d) + extra_mass``."""
+        p_d = gather_prob(self.target(p), drafts)
+        extra = self.extra_mass(p, drafts)
+        return coins * gather_prob(q, drafts) < (p_d if extra is None else p_d + extra)
 
     def resample(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """Distribution to draw from after a rejection."""
+        """Distribution to draw from after a rejection: ``norm(max(p~ - q, 0))``."""
         return residual(self.target(p), q)
+
+    def verify_window(self, probs: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, coins: torch.Tensor,
+                      valid: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A window of ``L`` drafts: ``(r [B], x [B])``, the drafts accepted before the first rejection and the
+        token drawn at ``n + r`` (:meth:`resample` there, or the bonus from ``p_L`` if all pass); shapes as
+        :func:`vargen.ops.verify_window`. The fused op (a CUDA kernel on GPU) computes exactly :meth:`accept`
+        and :meth:`resample` when ``fused``; otherwise this rule's own methods run, step by step."""
+        L = q.shape[1]
+        if self.fused:
+            return ops.verify_window(probs, q, drafts, coins, valid, noise, self.extra_mass(probs[:, :L], drafts))
+        ok = self.accept(probs[:, :L], q, drafts, coins) & valid
+        return settle_window(ok, probs, q, noise, resample=self.resample, target=self.target)
+
+    def verify_token(self, p: torch.Tensor, x: torch.Tensor, coins: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A deterministic draft ``x`` (``q`` one-hot at ``x``): ``(accepted [B], p after its rejection [B, V])``.
+        :meth:`accept` becomes ``u < p~(x)`` and :meth:`resample` drops ``x`` and renormalises, which is what lets
+        a tree try its next sibling against the rest (SpecInfer's multi-draft rejection)."""
+        extra = self.extra_mass(p, x)
+        p_x = gather_prob(p, x)
+        return coins < (p_x if extra is None else p_x + extra), drop_tokens(p, x[:, None])
+
+
+def drop_tokens(p: torch.Tensor, ids: torch.Tensor, drop: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``p`` with the tokens ``ids`` (``[B, k]``; where ``drop`` is True, all by default) set to 0, renormalised;
+    a row with nothing left keeps ``p``."""
+    keep = torch.ones_like(p, dtype=torch.bool)
+    keep.scatter_(1, ids, torch.zeros_like(ids, dtype=torch.bool) if drop is None else ~drop)
+    new = p * keep
+    total = new.sum(-1, keepdim=True)
+    return torch.where(total > 1e-30, new / total.clamp_min(1e-30), p)
 
 
 def couple(new_q: torch.Tensor, old_q: torch.Tensor, old_draft: torch.Tensor, coins: torch.Tensor,
@@ -115,6 +162,14 @@ class LanternAcceptance(ExactAcceptance):
     def extra_mass(self, p: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         return self.pooled_mass(p, drafts)
 
+    def verify_token(self, p: torch.Tensor, x: torch.Tensor, coins: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`ExactAcceptance.verify_token` with ``p~(x) = p(x) + S_m``; a rejection drops ``x`` and the
+        neighbours its ``S_m`` pooled (LANTERN's dynamic-tree residual), so they are not tried again."""
+        nb, pooled = self.pooled_neighbours(p, x)
+        ok = coins < gather_prob(p, x) + self.extra_mass(p, x)
+        ids = torch.cat([nb, x[:, None]], 1)
+        return ok, drop_tokens(p, ids, torch.cat([pooled, torch.ones_like(x[:, None], dtype=torch.bool)], 1))
+
     def _table(self, device: torch.device) -> torch.Tensor:
         # the [V, k] table is large (16384 x 1000 longs): copy it to the device once, not every step
         if self.neighbours.device != device:
@@ -158,31 +213,11 @@ class GroupedAcceptance(ExactAcceptance):
         close_e = (emb[members] - emb[drafts][..., None, :]).pow(2).sum(-1) < self.emb_dist
         return members, inside & ((close_p & close_e) | (members == drafts[..., None]))
 
+    def verify_token(self, p, x, coins):
+        raise ValueError("GSD judges a draft by its group's mass under q; a deterministic (tree) draft has none")
+
     def accept(self, p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, coins: torch.Tensor) -> torch.Tensor:
         members, in_group = self.group(p, drafts)
         mass_p = (p.gather(-1, members) * in_group).sum(-1)
         mass_q = (q.gather(-1, members) * in_group).sum(-1)
         return coins * mass_q < mass_p
-
-
-def _is_extra_mass_rule(rule) -> bool:
-    """Whether ``rule`` is :class:`ExactAcceptance` up to :meth:`~ExactAcceptance.extra_mass`, i.e.
-    fits the fused verify kernel (LANTERN does; GSD's grouped ratio and custom rules do not)."""
-    cls = type(rule)
-    return (isinstance(rule, ExactAcceptance) and cls.accept is ExactAcceptance.accept
-            and cls.target is ExactAcceptance.target and cls.resample is ExactAcceptance.resample)
-
-
-def verify_window(rule, probs: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, coins: torch.Tensor,
-                  valid: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Verify a window of drafts under ``rule``: ``(r [B], x [B])``, see :func:`vargen.ops.verify_window`.
-
-    Rules expressible as extra mass on ``p(d)`` go to the fused op (a CUDA kernel on GPU); any
-    other rule accepts with its own :meth:`accept` and then shares the reference first-rejection
-    and resampling step (with its own ``resample`` / ``target``).
-    """
-    L = q.shape[1]
-    if _is_extra_mass_rule(rule):
-        return ops.verify_window(probs, q, drafts, coins, valid, noise, rule.extra_mass(probs[:, :L], drafts))
-    ok = rule.accept(probs[:, :L], q, drafts, coins) & valid
-    return settle_window(ok, probs, q, noise, resample=rule.resample, target=rule.target)

@@ -47,7 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.eagle import TRAIN_HINT, EagleDrafter, load_eagle
-from .acceptance import ExactAcceptance, LanternAcceptance
+from .acceptance import ExactAcceptance
 from .sampling import SamplingConfig, exponential_noise, logits_to_probs, sample_categorical, uniform_noise
 from .session import DecodeSession
 from .speculative import commit_accepted
@@ -138,28 +138,6 @@ def tree_children(parents: torch.Tensor, width: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- acceptance walk
-def pooled_neighbours(acceptance, p: torch.Tensor, x: torch.Tensor) -> tuple:
-    """``(S_m [B], pooled ids [B, k], pooled [B, k] bool)``: LANTERN's pooled mass for draft ``x`` under ``p``
-    and which of ``x``'s neighbours it pooled (none for exact acceptance)."""
-    if not isinstance(acceptance, LanternAcceptance):
-        return torch.zeros_like(p[:, 0]), None, None
-    return acceptance.extra_mass(p, x), *acceptance.pooled_neighbours(p, x)
-
-
-def reject(p: torch.Tensor, x: torch.Tensor, rejected: torch.Tensor, nb=None, pooled=None) -> torch.Tensor:
-    """After rejecting draft ``x`` (where ``rejected``): zero ``p`` at ``x`` (and its pooled neighbours) and
-    renormalise (LANTERN's dynamic-tree residual); rows with nothing left keep ``p``."""
-    keep = torch.ones_like(p, dtype=torch.bool)
-    keep.scatter_(1, x[:, None], False)
-    if nb is not None:
-        keep.scatter_(1, nb, ~pooled)  # pooled neighbours drop out, the others stay
-        keep.scatter_(1, x[:, None], False)
-    new = p * keep
-    total = new.sum(-1, keepdim=True)
-    new = torch.where(total > 1e-30, new / total.clamp_min(1e-30), p)
-    return torch.where(rejected[:, None], new, p)
-
-
 def walk_tree(acceptance, probs: torch.Tensor, tokens: torch.Tensor, children: torch.Tensor, valid: torch.Tensor,
               coins: torch.Tensor, noise: torch.Tensor, active: torch.Tensor) -> tuple:
     """Accept a path down the verified tree (module docstring, step 4), vectorised over the batch.
@@ -190,11 +168,11 @@ def walk_tree(acceptance, probs: torch.Tensor, tokens: torch.Tensor, children: t
             has = (child >= 0) & alive & ~moved
             has &= valid[rows, child.clamp(min=0)]
             x = tokens[rows, child.clamp(min=0)]
-            extra, nb, pooled = pooled_neighbours(acceptance, p, x)
-            ok = has & (coins[:, level, r] < p.gather(-1, x[:, None])[:, 0] + extra)
+            passed, p_rejected = acceptance.verify_token(p, x, coins[:, level, r])
+            ok = has & passed
             moved |= ok
             nxt = torch.where(ok, child, nxt)
-            p = reject(p, x, has & ~ok, nb, pooled)
+            p = torch.where((has & ~ok)[:, None], p_rejected, p)  # the next sibling is judged against the rest
         stop = alive & ~moved
         final = torch.where(stop, sample_categorical(p, noise=noise), final)
         if level < D:
@@ -240,8 +218,9 @@ def decode_eagle(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds
     target = model.model if isinstance(model, CompiledModel) else model
     drafter = resolve_eagle(target, weights)
     acceptance = acceptance or ExactAcceptance()
-    if type(acceptance) not in (ExactAcceptance, LanternAcceptance):
-        raise ValueError(f"EAGLE tree decoding takes exact or LANTERN acceptance, not {type(acceptance).__name__}")
+    if not acceptance.fused:
+        raise ValueError(f"EAGLE tree decoding takes rules that judge a draft by p(x) plus extra mass (exact, "
+                         f"LANTERN), not {type(acceptance).__name__}")
     dynamic = tree == "dynamic"
     if dynamic:
         D = depth or DEFAULTS["dynamic"]["depth"]
@@ -261,7 +240,7 @@ def decode_eagle(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds
         M, D, K = len(s_par), max(s_depth), max(s_rank) + 1
         pool = M
     N, V = target.num_tokens, target.vocab_size
-    name = "eagle" + ("+lantern" if isinstance(acceptance, LanternAcceptance) else "")
+    name = "eagle" + ("" if acceptance.name == "exact" else f"+{acceptance.name}")
     session = DecodeSession(target, cond, sampling, seeds, cond_mask, method=name,
                             max_len=target.prefix_len + N + M + 1)
     B, dev, gens, P = session.batch, session.device, session.generators, session.prefix_len

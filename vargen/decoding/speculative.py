@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .acceptance import ExactAcceptance, couple, verify_window
+from .acceptance import ExactAcceptance, couple
 from .drafts import check_init, fill_fresh
 from .sampling import SamplingConfig, exponential_noise, sample_categorical, uniform_noise
 from .session import DecodeSession
@@ -115,7 +115,7 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         coins = uniform_noise((L,), gens, dev)
         noise = exponential_noise((V,), gens, dev)  # the resample's Exp(1) draw, made explicit for the fused op
         # r: drafts accepted before the first rejection; x: the residual (or bonus) token at n + r
-        r, x = verify_window(acceptance, probs, q, drafts, coins, valid, noise)
+        r, x = acceptance.verify_window(probs, q, drafts, coins, valid, noise)
         p_r = _rows(probs, r[:, None])[:, 0]
         # commit the accepted drafts at n .. n+r-1 and the resampled (or bonus) token at n+r
         _, n_new = commit_accepted(canvas, from_draft, n, drafts, r, x, active, N)

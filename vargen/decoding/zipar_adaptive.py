@@ -27,9 +27,11 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .acceptance import gather_prob, residual
+from .acceptance import ExactAcceptance
 from .sampling import SamplingConfig, exponential_noise, sample_categorical, uniform_noise
 from .session import DecodeSession
+
+EXACT = ExactAcceptance()  # a row's first token is re-judged by speculative sampling, as SJD's drafts
 
 
 @torch.no_grad()
@@ -105,9 +107,9 @@ def decode_zipar_adaptive(model, cond, sampling: SamplingConfig = SamplingConfig
         first_cell = (row_start + W).clamp(max=N).expand(B, H)
         old_first = tokens.gather(1, first_cell)
         coins = uniform_noise((H,), gens, dev)
-        keep = coins * gather_prob(q_below, old_first) < gather_prob(p_below, old_first)
+        keep = EXACT.accept(p_below, q_below, old_first, coins)  # u q(x) < p(x): speculative sampling's test
         reject = check & ~keep
-        draw = sample_categorical(torch.where(reject[..., None], residual(p_below, q_below), p_below),
+        draw = sample_categorical(torch.where(reject[..., None], EXACT.resample(p_below, q_below), p_below),
                                   noise=exponential_noise((H, V), gens, dev))
         put = start | reject
         tokens.scatter_(1, first_cell, torch.where(put, draw, old_first))
