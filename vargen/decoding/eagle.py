@@ -41,6 +41,7 @@ draft distributions go through the same CFG / temperature / top-k / top-p pipeli
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -216,208 +217,259 @@ def decode_eagle(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds
     from ..models.compiled import CompiledModel
 
     target = model.model if isinstance(model, CompiledModel) else model
-    drafter = resolve_eagle(target, weights)
     acceptance = acceptance or ExactAcceptance()
     if not acceptance.fused:
         raise ValueError(f"EAGLE tree decoding takes rules that judge a draft by p(x) plus extra mass (exact, "
                          f"LANTERN), not {type(acceptance).__name__}")
-    dynamic = tree == "dynamic"
-    if dynamic:
-        D = depth or DEFAULTS["dynamic"]["depth"]
-        k = topk or DEFAULTS["dynamic"]["topk"]
-        k = min(k, target.vocab_size)
-        pool = k + (D - 1) * k * k  # every node a dynamic tree can propose
-        M = min(total_tokens or DEFAULTS["dynamic"]["total_tokens"], pool)
-        K = k
-        if D < 1 or k < 1 or M < 1:
-            raise ValueError(f"dynamic tree needs depth, topk, total_tokens >= 1, got {D}, {k}, {M}")
-    else:
+    shape = TreeShape.make(tree, depth, topk, total_tokens, target.vocab_size)
+    run = _EagleRun(target, resolve_eagle(target, weights), cond, sampling, seeds, cond_mask, shape, acceptance)
+    N, B = target.num_tokens, run.B
+    accepted_log, step = [], 0
+    bar = tqdm(total=N, disable=not progress, desc=run.name, leave=False)
+    while True:
+        active = run.n < N
+        if not bool(active.any()):  # one host sync per target pass
+            break
+        root_feat, q_root = run.catch_up()  # 1. the drafter sees the newly committed tokens
+        node_tok, parents, node_depth = run.build_tree(root_feat, q_root)  # 2. the draft tree
+        inputs, probs, hid, path, acc, final = run.verify(node_tok, parents, node_depth, active)  # 3-4.
+        run.commit(inputs, hid, path, acc, final, active)  # 5. accepted nodes, the final token, features, KV
+        accepted_log.append(torch.where(active, acc, -1))
+        if callback is not None:
+            callback(step, run.canvas[:, :N], run.n)
+        step += 1
+        if progress:
+            bar.n = int(run.n.min())
+            bar.refresh()
+    bar.close()
+    stats = run.session.finish()
+    alog = torch.stack(accepted_log) if accepted_log else torch.zeros(0, B, dtype=torch.long)
+    verify = alog[alog >= 0]  # accepted drafts per verify pass; the pass also commits one token of its own
+    stats.extra.update(
+        tree=tree, depth=shape.D, tree_tokens=shape.M, topk=shape.K if shape.dynamic else None,
+        acceptance=acceptance.name, drafter_passes=run.drafter_passes,
+        mean_accepted=float(verify.float().mean() + 1) if len(verify) else 0.0,
+        mean_accepted_drafts=float(verify.float().mean()) if len(verify) else 0.0,
+        accepted_cells=run.from_draft[:, :N].float().mean(0).tolist())
+    return run.canvas[:, :N], stats
+
+
+@dataclass
+class TreeShape:
+    """The draft tree's shape: ``M`` nodes verified, depth ``D``, ``K`` children per node at most; ``pool``
+    nodes a dynamic tree can propose; a static tree's parent / rank / depth lists."""
+
+    dynamic: bool
+    M: int
+    D: int
+    K: int
+    pool: int
+    static: Optional[tuple] = None
+
+    @classmethod
+    def make(cls, tree: str, depth, topk, total_tokens, vocab_size: int) -> "TreeShape":
+        if tree == "dynamic":
+            D = depth or DEFAULTS["dynamic"]["depth"]
+            k = min(topk or DEFAULTS["dynamic"]["topk"], vocab_size)
+            pool = k + (D - 1) * k * k  # every node a dynamic tree can propose
+            M = min(total_tokens or DEFAULTS["dynamic"]["total_tokens"], pool)
+            if D < 1 or k < 1 or M < 1:
+                raise ValueError(f"dynamic tree needs depth, topk, total_tokens >= 1, got {D}, {k}, {M}")
+            return cls(True, M, D, k, pool)
         if tree != "chain" and depth is not None:
             raise ValueError(f"tree {tree!r} fixes its depth; depth is for 'dynamic' and 'chain'")
         if topk is not None or total_tokens is not None:
             raise ValueError("topk and total_tokens are for tree='dynamic'")
-        s_par, s_rank, s_depth = static_tree(tree, depth, target.vocab_size)
-        M, D, K = len(s_par), max(s_depth), max(s_rank) + 1
-        pool = M
-    N, V = target.num_tokens, target.vocab_size
-    name = "eagle" + ("" if acceptance.name == "exact" else f"+{acceptance.name}")
-    session = DecodeSession(target, cond, sampling, seeds, cond_mask, method=name,
-                            max_len=target.prefix_len + N + M + 1)
-    B, dev, gens, P = session.batch, session.device, session.generators, session.prefix_len
-    R = session.prefix.shape[0]  # rows: B, or 2B with CFG
-    dbl = session._double
-    dim = target.config.dim
-    dcache = drafter.new_cache(R, P + N + pool + D + 2)
+        s_par, s_rank, s_depth = static_tree(tree, depth, vocab_size)
+        return cls(False, len(s_par), max(s_depth), max(s_rank) + 1, len(s_par), (s_par, s_rank, s_depth))
 
-    def draft_probs(logits):
-        return logits_to_probs(logits, session.sampling, check_finite=False)
 
-    # ---- prefill: target over the condition, then the drafter over (condition embedding i, feature i-1)
-    first, hidden = session.prefill(return_hidden=True)
-    canvas = torch.zeros(B, N + D + 2, dtype=torch.long, device=dev)
-    canvas[:, 0] = sample_categorical(first, gens)
-    feats = torch.zeros(R, N + D + 2, dim, dtype=hidden.dtype, device=dev)  # feats[:, j + 1] = f_j; [:, 0] = f_-1
-    feats[:, 0] = hidden[:, -1]
-    pslots = torch.arange(P, device=dev).expand(R, P)
-    pmask = session.prefix_mask(dcache.max_len)
-    prev = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], 1)
-    drafter(target, prev, embeds=session.prefix, positions=torch.full_like(pslots, -1), slots=pslots, mask=pmask,
-            cache=dcache)
-    dcache.visible[:, :P] = session.cache.visible[:, :P]  # caption pads stay hidden
-    dcache.length.fill_(P)
-    drafter_passes = 1
+class _EagleRun:
+    """One batch of EAGLE decoding: the target session, the drafter and its cache, the canvas and the features.
 
-    n = torch.ones(B, dtype=torch.long, device=dev)  # committed tokens
-    session.advance(n)
-    m = torch.zeros(B, dtype=torch.long, device=dev)  # tokens whose (x_j, f_j-1) pair is in the drafter cache
-    from_draft = torch.zeros(B, N + D + 2, dtype=torch.bool, device=dev)
-    accepted_log = []
-    catch = torch.arange(D + 1, device=dev)
-    if not dynamic:
-        s_par_t = torch.tensor(s_par, device=dev).expand(B, -1)
-        s_depth_t = torch.tensor(s_depth, device=dev)
-        s_rank_t = torch.tensor(s_rank, device=dev)
-        s_anc = tree_ancestors(s_par_t[:1], D)[:, 1:, 1:]  # [1, M, M] among the nodes
-    bar = tqdm(total=N, disable=not progress, desc=name, leave=False)
-    while True:
-        active = n < N
-        if not bool(active.any()):  # one host sync per target pass
-            break
-        # ---- 1. drafter catch-up: pairs j = m .. n-1 with true features, padded to D + 1 entries
+    ``n`` counts each sample's committed tokens; ``m`` those whose ``(token, feature)`` pair is in the drafter's
+    cache; ``feats[:, j + 1]`` is the target's feature of cell ``j`` (``feats[:, 0]``: of the last prefix token).
+    """
+
+    def __init__(self, target, drafter, cond, sampling, seeds, cond_mask, shape: TreeShape, acceptance):
+        N, V = target.num_tokens, target.vocab_size
+        self.target, self.drafter, self.shape, self.acceptance = target, drafter, shape, acceptance
+        self.name = "eagle" + ("" if acceptance.name == "exact" else f"+{acceptance.name}")
+        self.session = session = DecodeSession(target, cond, sampling, seeds, cond_mask, method=self.name,
+                                               max_len=target.prefix_len + N + shape.M + 1)
+        self.B, self.dev, self.gens, self.P = session.batch, session.device, session.generators, session.prefix_len
+        self.R = session.prefix.shape[0]  # rows: B, or 2B with CFG
+        self.dbl, self.dim, self.N, self.V = session._double, target.config.dim, N, V
+        B, dev, P, D = self.B, self.dev, self.P, shape.D
+        self.dcache = drafter.new_cache(self.R, P + N + shape.pool + D + 2)
+        # prefill: target over the condition, then the drafter over (condition embedding i, feature i-1)
+        first, hidden = session.prefill(return_hidden=True)
+        self.canvas = torch.zeros(B, N + D + 2, dtype=torch.long, device=dev)
+        self.canvas[:, 0] = sample_categorical(first, self.gens)
+        self.feats = torch.zeros(self.R, N + D + 2, self.dim, dtype=hidden.dtype, device=dev)
+        self.feats[:, 0] = hidden[:, -1]
+        pslots = torch.arange(P, device=dev).expand(self.R, P)
+        prev = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], 1)
+        drafter(target, prev, embeds=session.prefix, positions=torch.full_like(pslots, -1), slots=pslots,
+                mask=session.prefix_mask(self.dcache.max_len), cache=self.dcache)
+        self.dcache.visible[:, :P] = session.cache.visible[:, :P]  # caption pads stay hidden
+        self.dcache.length.fill_(P)
+        self.drafter_passes = 1
+        self.n = torch.ones(B, dtype=torch.long, device=dev)
+        session.advance(self.n)
+        self.m = torch.zeros(B, dtype=torch.long, device=dev)
+        self.from_draft = torch.zeros(B, N + D + 2, dtype=torch.bool, device=dev)
+        self.catch = torch.arange(D + 1, device=dev)
+        if not shape.dynamic:
+            s_par, s_rank, s_depth = shape.static
+            self.s_par = torch.tensor(s_par, device=dev).expand(B, -1)
+            self.s_depth = torch.tensor(s_depth, device=dev)
+            self.s_rank = torch.tensor(s_rank, device=dev)
+            self.s_anc = tree_ancestors(self.s_par[:1], D)[:, 1:, 1:]  # [1, M, M] among the nodes
+
+    def _draft_probs(self, logits):
+        return logits_to_probs(logits, self.session.sampling, check_finite=False)
+
+    # ---- 1. drafter catch-up: pairs j = m .. n-1 with true features, padded to D + 1 entries
+    def catch_up(self):
+        """Feed the newly committed ``(token, feature)`` pairs; returns the root's drafted feature ``[R, dim]``
+        and the drafter's distribution after the last committed token ``[B, V]``."""
+        n, m, P, dim, V, dbl = self.n, self.m, self.P, self.dim, self.V, self.dbl
         cnt = (n - m).clamp(min=1)  # finished samples re-feed one harmless pair
-        j = (m[:, None] + catch).clamp(max=N - 1)
-        real = catch[None] < cnt[:, None]
-        slots = torch.where(real, P + j, P + n[:, None] + catch - cnt[:, None])
-        logits, f = drafter(target, feats.gather(1, dbl(j)[..., None].expand(-1, -1, dim)),
-                            tokens=dbl(canvas.gather(1, j)), positions=dbl(j), slots=dbl(slots), cache=dcache)
-        drafter_passes += 1
+        j = (m[:, None] + self.catch).clamp(max=self.N - 1)
+        real = self.catch[None] < cnt[:, None]
+        slots = torch.where(real, P + j, P + n[:, None] + self.catch - cnt[:, None])
+        logits, f = self.drafter(self.target, self.feats.gather(1, dbl(j)[..., None].expand(-1, -1, dim)),
+                                 tokens=dbl(self.canvas.gather(1, j)), positions=dbl(j), slots=dbl(slots),
+                                 cache=self.dcache)
+        self.drafter_passes += 1
         last = dbl(cnt - 1)[:, None]
         root_feat = f.gather(1, last[..., None].expand(-1, -1, dim))[:, 0]  # f^_{n-1}: [R, dim]
-        q_root = draft_probs(logits.gather(1, last[..., None].expand(-1, -1, V))[:, 0])  # [B, V]
-        m = n.clone()
-        dcache.rollback(dbl(P + m))
-        base = dcache.visible[:, None, :].clone()  # committed drafter context, [R, 1, L]
+        q_root = self._draft_probs(logits.gather(1, last[..., None].expand(-1, -1, V))[:, 0])  # [B, V]
+        self.m = n.clone()
+        self.dcache.rollback(dbl(P + self.m))
+        self.base = self.dcache.visible[:, None, :].clone()  # committed drafter context, [R, 1, L]
+        return root_feat, q_root
 
-        # ---- 2. the draft tree
-        def expand(nodes, node_tokens, parent_feat, node_depth, anc_slots):
-            """Drafter pass over ``nodes`` (slot offsets [B, E]) -> (q [B, E, V], features [R, E, dim])."""
-            pos = (n[:, None] - 1 + node_depth).clamp(max=N - 1)
-            mask = base.expand(-1, nodes.shape[1], -1).clone()
-            # non-ancestors point at the last slot, which is never written (so always False)
-            idx = torch.where(anc_slots >= 0, P + n[:, None, None] + anc_slots, dcache.max_len - 1)
-            mask.scatter_(2, dbl(idx), dbl(anc_slots >= 0))
-            lg, ft = drafter(target, parent_feat, tokens=dbl(node_tokens), positions=dbl(pos),
-                             slots=dbl(P + n[:, None] + nodes), mask=mask, cache=dcache)
-            return draft_probs(lg), ft
+    def _expand(self, nodes, node_tokens, parent_feat, node_depth, anc_slots):
+        """Drafter pass over ``nodes`` (slot offsets [B, E]) -> (q [B, E, V], features [R, E, dim])."""
+        n, P, dbl, dcache = self.n, self.P, self.dbl, self.dcache
+        pos = (n[:, None] - 1 + node_depth).clamp(max=self.N - 1)
+        mask = self.base.expand(-1, nodes.shape[1], -1).clone()
+        # non-ancestors point at the last slot, which is never written (so always False)
+        idx = torch.where(anc_slots >= 0, P + n[:, None, None] + anc_slots, dcache.max_len - 1)
+        mask.scatter_(2, dbl(idx), dbl(anc_slots >= 0))
+        lg, ft = self.drafter(self.target, parent_feat, tokens=dbl(node_tokens), positions=dbl(pos),
+                              slots=dbl(P + n[:, None] + nodes), mask=mask, cache=dcache)
+        self.drafter_passes += 1
+        return self._draft_probs(lg), ft
 
-        if dynamic:
-            val, tok = _topk(q_root, k)  # depth 1: k nodes, pool indices 0..k-1
-            p_tok, p_par, p_score = [tok], [torch.full_like(tok, -1)], [val]
-            anc = torch.eye(k, dtype=torch.bool, device=dev).expand(B, -1, -1)  # [B, k, pool so far]
-            frontier = torch.arange(k, device=dev).expand(B, -1)
-            frontier_feat_parent = root_feat[:, None].expand(-1, k, -1)
-            frontier_tok, frontier_score, offset = tok, val, k
-            for d in range(1, D):
-                anc_slots = torch.where(anc, torch.arange(anc.shape[-1], device=dev), -1)
-                q, ft = expand(frontier, frontier_tok, frontier_feat_parent,
-                               torch.full_like(frontier, d), anc_slots)
-                drafter_passes += 1
-                val, tok = _topk(q, k)  # [B, k, k]
-                score = (frontier_score[..., None] * val).flatten(1)  # [B, k*k]
-                ids = offset + torch.arange(k * k, device=dev).expand(B, -1)
-                p_tok.append(tok.flatten(1))
-                p_par.append(frontier.repeat_interleave(k, 1))
-                p_score.append(score)
-                pick = score.sort(dim=-1, descending=True, stable=True).indices[:, :k]  # next frontier
-                new_anc = torch.zeros(B, k, offset + k * k, dtype=torch.bool, device=dev)
-                new_anc[:, :, :offset] = anc.gather(1, (pick // k)[..., None].expand(-1, -1, offset))
-                new_anc.scatter_(2, ids.gather(1, pick)[..., None], True)
-                anc = new_anc
-                frontier_feat_parent = ft.gather(1, dbl(pick // k)[..., None].expand(-1, -1, dim))
-                frontier, frontier_tok = ids.gather(1, pick), tok.flatten(1).gather(1, pick)
-                frontier_score = score.gather(1, pick)
-                offset += k * k
-            all_tok, all_par, all_score = torch.cat(p_tok, 1), torch.cat(p_par, 1), torch.cat(p_score, 1)
-            all_depth = torch.cat([torch.full((k,), 1, device=dev)] +
-                                  [torch.full((k * k,), d + 1, device=dev) for d in range(1, D)])
-            sel = all_score.sort(dim=-1, descending=True, stable=True).indices[:, :M]  # parents before children
-            inv = torch.full((B, all_tok.shape[1]), -1, dtype=torch.long, device=dev)
-            inv.scatter_(1, sel, torch.arange(M, device=dev).expand(B, -1))
-            par_pool = all_par.gather(1, sel)
-            parents = torch.where(par_pool >= 0, inv.gather(1, par_pool.clamp(min=0)), -1)
-            node_tok = all_tok.gather(1, sel)
-            node_depth = all_depth[sel]
-        else:
-            node_tok = torch.zeros(B, M, dtype=torch.long, device=dev)
-            node_feat = torch.zeros(R, M, dim, dtype=root_feat.dtype, device=dev)
-            top = _topk(q_root, K)[1]
-            lvl = (s_depth_t == 1).nonzero()[:, 0]
-            node_tok[:, lvl] = top[:, s_rank_t[lvl]]
-            for d in range(1, D):
-                lvl = (s_depth_t == d).nonzero()[:, 0]
-                kids = (s_depth_t == d + 1).nonzero()[:, 0]
-                if len(kids) == 0:
-                    continue
-                par = s_par_t[0, lvl]
-                pfeat = torch.where((par >= 0)[None, :, None], node_feat[:, par.clamp(min=0)],
-                                    root_feat[:, None])
-                anc_slots = torch.where(s_anc[:, lvl], torch.arange(M, device=dev), -1).expand(B, -1, -1)
-                q, ft = expand(lvl.expand(B, -1), node_tok[:, lvl], pfeat, torch.full_like(lvl, d).expand(B, -1),
-                               anc_slots)
-                drafter_passes += 1
-                node_feat[:, lvl] = ft
-                top = _topk(q, K)[1]  # [B, |lvl|, K]
-                where = (lvl[:, None] == s_par_t[0, kids][None, :]).int().argmax(0)  # each kid's parent in lvl
-                node_tok[:, kids] = top[:, where, s_rank_t[kids]]
-            parents, node_depth = s_par_t, s_depth_t.expand(B, -1)
-        dcache.rollback(dbl(P + m))  # the tree's drafter KV is dropped; accepted tokens are re-fed next time
+    # ---- 2. the draft tree
+    def build_tree(self, root_feat, q_root):
+        """``(node tokens [B, M], parents [B, M] (-1: the root), depths [B, M])``; the tree's drafter KV is
+        dropped afterwards (accepted tokens are re-fed by the next catch-up)."""
+        out = self._dynamic_tree(root_feat, q_root) if self.shape.dynamic else self._static_tree(root_feat, q_root)
+        self.dcache.rollback(self.dbl(self.P + self.m))
+        return out
 
-        # ---- 3. verify the whole tree in one target pass (tree mask: committed context + ancestors + self)
+    def _dynamic_tree(self, root_feat, q_root):
+        """EAGLE-2: expand the ``k`` best-scoring nodes per depth, keep the ``M`` best of all (parents first)."""
+        B, dev, dbl, dim = self.B, self.dev, self.dbl, self.dim
+        D, k, M = self.shape.D, self.shape.K, self.shape.M
+        val, tok = _topk(q_root, k)  # depth 1: k nodes, pool indices 0..k-1
+        p_tok, p_par, p_score = [tok], [torch.full_like(tok, -1)], [val]
+        anc = torch.eye(k, dtype=torch.bool, device=dev).expand(B, -1, -1)  # [B, k, pool so far]
+        frontier = torch.arange(k, device=dev).expand(B, -1)
+        frontier_feat_parent = root_feat[:, None].expand(-1, k, -1)
+        frontier_tok, frontier_score, offset = tok, val, k
+        for d in range(1, D):
+            anc_slots = torch.where(anc, torch.arange(anc.shape[-1], device=dev), -1)
+            q, ft = self._expand(frontier, frontier_tok, frontier_feat_parent, torch.full_like(frontier, d), anc_slots)
+            val, tok = _topk(q, k)  # [B, k, k]
+            score = (frontier_score[..., None] * val).flatten(1)  # [B, k*k]
+            ids = offset + torch.arange(k * k, device=dev).expand(B, -1)
+            p_tok.append(tok.flatten(1))
+            p_par.append(frontier.repeat_interleave(k, 1))
+            p_score.append(score)
+            pick = score.sort(dim=-1, descending=True, stable=True).indices[:, :k]  # next frontier
+            new_anc = torch.zeros(B, k, offset + k * k, dtype=torch.bool, device=dev)
+            new_anc[:, :, :offset] = anc.gather(1, (pick // k)[..., None].expand(-1, -1, offset))
+            new_anc.scatter_(2, ids.gather(1, pick)[..., None], True)
+            anc = new_anc
+            frontier_feat_parent = ft.gather(1, dbl(pick // k)[..., None].expand(-1, -1, dim))
+            frontier, frontier_tok = ids.gather(1, pick), tok.flatten(1).gather(1, pick)
+            frontier_score = score.gather(1, pick)
+            offset += k * k
+        all_tok, all_par, all_score = torch.cat(p_tok, 1), torch.cat(p_par, 1), torch.cat(p_score, 1)
+        all_depth = torch.cat([torch.full((k,), 1, device=dev)] +
+                              [torch.full((k * k,), d + 1, device=dev) for d in range(1, D)])
+        sel = all_score.sort(dim=-1, descending=True, stable=True).indices[:, :M]  # parents before children
+        inv = torch.full((B, all_tok.shape[1]), -1, dtype=torch.long, device=dev)
+        inv.scatter_(1, sel, torch.arange(M, device=dev).expand(B, -1))
+        par_pool = all_par.gather(1, sel)
+        parents = torch.where(par_pool >= 0, inv.gather(1, par_pool.clamp(min=0)), -1)
+        return all_tok.gather(1, sel), parents, all_depth[sel]
+
+    def _static_tree(self, root_feat, q_root):
+        """A fixed topology: node ``i`` at depth ``d`` takes its parent's ``rank``-th most likely token."""
+        B, dev, M, D, K = self.B, self.dev, self.shape.M, self.shape.D, self.shape.K
+        s_par, s_depth, s_rank = self.s_par, self.s_depth, self.s_rank
+        node_tok = torch.zeros(B, M, dtype=torch.long, device=dev)
+        node_feat = torch.zeros(self.R, M, self.dim, dtype=root_feat.dtype, device=dev)
+        top = _topk(q_root, K)[1]
+        lvl = (s_depth == 1).nonzero()[:, 0]
+        node_tok[:, lvl] = top[:, s_rank[lvl]]
+        for d in range(1, D):
+            lvl = (s_depth == d).nonzero()[:, 0]
+            kids = (s_depth == d + 1).nonzero()[:, 0]
+            if len(kids) == 0:
+                continue
+            par = s_par[0, lvl]
+            pfeat = torch.where((par >= 0)[None, :, None], node_feat[:, par.clamp(min=0)], root_feat[:, None])
+            anc_slots = torch.where(self.s_anc[:, lvl], torch.arange(M, device=dev), -1).expand(B, -1, -1)
+            q, ft = self._expand(lvl.expand(B, -1), node_tok[:, lvl], pfeat, torch.full_like(lvl, d).expand(B, -1),
+                                 anc_slots)
+            node_feat[:, lvl] = ft
+            top = _topk(q, K)[1]  # [B, |lvl|, K]
+            where = (lvl[:, None] == s_par[0, kids][None, :]).int().argmax(0)  # each kid's parent in lvl
+            node_tok[:, kids] = top[:, where, s_rank[kids]]
+        return node_tok, s_par, s_depth.expand(B, -1)
+
+    # ---- 3-4. one target pass over the whole tree (tree mask), then the acceptance walk
+    def verify(self, node_tok, parents, node_depth, active):
+        """``(inputs [B, M+1], probs, hidden, path [B, D], accepted [B], final [B])``: the target's distributions
+        at the last committed token (tree index 0) and every node, and the path the rule accepts."""
+        B, dev, n, N, M, D, K, V = self.B, self.dev, self.n, self.N, self.shape.M, self.shape.D, self.shape.K, self.V
         ancestors = tree_ancestors(parents, D)  # [B, M+1, M+1]
-        inputs = torch.cat([canvas.gather(1, (n - 1)[:, None]), node_tok], 1)
+        inputs = torch.cat([self.canvas.gather(1, (n - 1)[:, None]), node_tok], 1)
         depth_all = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), node_depth], 1)
         pos = (n[:, None] - 1 + depth_all).clamp(max=N - 1)
         vslots = n[:, None] - 1 + torch.arange(M + 1, device=dev)
-        mask = session.cache.visible[:B, None, :].expand(-1, M + 1, -1).clone()
-        mask.scatter_(2, (P + vslots)[:, None, :].expand(-1, M + 1, -1), ancestors)
-        probs, hid = session.forward(inputs, pos, vslots, mask, return_hidden=True)  # [B, M+1, V], [R, M+1, dim]
-
-        # ---- 4. acceptance walk
+        mask = self.session.cache.visible[:B, None, :].expand(-1, M + 1, -1).clone()
+        mask.scatter_(2, (self.P + vslots)[:, None, :].expand(-1, M + 1, -1), ancestors)
+        probs, hid = self.session.forward(inputs, pos, vslots, mask, return_hidden=True)  # [B, M+1, V], [R, M+1, dim]
         valid = (n[:, None] - 1 + depth_all) <= N - 1
-        path, acc, final = walk_tree(acceptance, probs, inputs, tree_children(parents, K), valid,
-                                     uniform_noise((D + 1, K), gens, dev), exponential_noise((V,), gens, dev),
+        path, acc, final = walk_tree(self.acceptance, probs, inputs, tree_children(parents, K), valid,
+                                     uniform_noise((D + 1, K), self.gens, dev), exponential_noise((V,), self.gens, dev),
                                      active)
-        # ---- 5. commit: accepted nodes at n .. n+a-1, the final token at n+a (inside the grid)
-        keep, n_new = commit_accepted(canvas, from_draft, n, inputs.gather(1, path[:, :D]), acc, final, active, N)
+        return inputs, probs, hid, path, acc, final
+
+    # ---- 5. commit: accepted nodes at n .. n+a-1, the final token at n+a (inside the grid)
+    def commit(self, inputs, hid, path, acc, final, active):
+        B, dev, n, N, D, P, dim, dbl = self.B, self.dev, self.n, self.N, self.shape.D, self.P, self.dim, self.dbl
+        keep, n_new = commit_accepted(self.canvas, self.from_draft, n, inputs.gather(1, path[:, :D]), acc, final,
+                                      active, N)
         cells = n[:, None] + torch.arange(D, device=dev)
-        # features of c (tree index 0) and of the accepted nodes, for the next catch-up
+        # features of the last committed token (tree index 0) and of the accepted nodes, for the next catch-up
         chosen = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), path[:, :D]], 1)  # [B, D+1]
         fcells = n[:, None] + torch.arange(D + 1, device=dev)  # feats index of cell n-1+i is n+i
         fkeep = dbl((torch.arange(D + 1, device=dev)[None] <= acc[:, None]) & active[:, None])[..., None]
         new_f = hid.gather(1, dbl(chosen)[..., None].expand(-1, -1, dim))
-        old_f = feats.gather(1, dbl(fcells)[..., None].expand(-1, -1, dim))
-        feats.scatter_(1, dbl(fcells)[..., None].expand(-1, -1, dim), torch.where(fkeep, new_f, old_f))
+        old_f = self.feats.gather(1, dbl(fcells)[..., None].expand(-1, -1, dim))
+        self.feats.scatter_(1, dbl(fcells)[..., None].expand(-1, -1, dim), torch.where(fkeep, new_f, old_f))
         # move the accepted nodes' target KV to contiguous slots (a copy), then roll back past them
         src = torch.where(keep, P + n[:, None] - 1 + path[:, :D], P + cells)
-        dst = P + cells
-        session.cache.copy_slots(dbl(src), dbl(dst))
-        accepted_log.append(torch.where(active, acc, -1))
-        session.advance(n_new)
-        session.rollback(n_new - 1)  # keeps c and the accepted nodes; the newest token has no KV yet
-        n = n_new
-        if callback is not None:
-            callback(len(accepted_log) - 1, canvas[:, :N], n)
-        if progress:
-            bar.n = int(n.min())
-            bar.refresh()
-    bar.close()
-    stats = session.finish()
-    alog = torch.stack(accepted_log) if accepted_log else torch.zeros(0, B, dtype=torch.long)
-    verify = alog[alog >= 0]  # accepted drafts per verify pass; the pass also commits one token of its own
-    stats.extra.update(
-        tree=tree, depth=D, tree_tokens=M, topk=K if dynamic else None, acceptance=acceptance.name,
-        drafter_passes=drafter_passes,
-        mean_accepted=float(verify.float().mean() + 1) if len(verify) else 0.0,
-        mean_accepted_drafts=float(verify.float().mean()) if len(verify) else 0.0,
-        accepted_cells=from_draft[:, :N].float().mean(0).tolist())
-    return canvas[:, :N], stats
+        self.session.cache.copy_slots(dbl(src), dbl(P + cells))
+        self.session.advance(n_new)
+        self.session.rollback(n_new - 1)  # keeps c and the accepted nodes; the newest token has no KV yet
+        self.n = n_new
