@@ -7,9 +7,9 @@ from vargen.errors import UsageError
 
 
 def _bench(argv):
-    from vargen.cli import _bench_methods
+    from vargen.cli.args import bench_methods
 
-    return _bench_methods(build_parser().parse_args(["bench", "speed", *argv]))
+    return bench_methods(build_parser().parse_args(["bench", "speed", *argv]))
 
 
 def test_window_reaches_every_selected_method_that_has_a_window():

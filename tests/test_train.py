@@ -199,7 +199,6 @@ def test_decoder_only_needs_a_trained_tokenizer(tmp_path):
                          "lr": 1e-3}, str(tmp_path))
 
 
-
 def test_foreground_weights_single_out_objects_and_keep_the_mean():
     from vargen.train.tokenizer import foreground_weights
 

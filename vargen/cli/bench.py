@@ -1,0 +1,142 @@
+"""`vargen bench speed` and `vargen bench report`: every method against plain AR, same seeds."""
+from __future__ import annotations
+
+from .args import add_bench_args, add_compile_arg, bench_methods, int_list, positive_int, sampling
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: decoding speed next to quality, method against AR")
+    bench_sub = bench.add_subparsers(dest="what", required=True)
+    speed = bench_sub.add_parser("speed", help="forward passes, latency and quality proxies of decoding methods",
+                                 description="Decode the same conditions and seeds with every method and compare "
+                                             "with plain AR in the same run.")
+    add_bench_args(speed, methods="ar,sjd,sjd+coupling", n=32, batch_size=8)
+    speed.add_argument("--device", default="cpu", help="torch device")
+    add_compile_arg(speed)
+    speed.add_argument("--json", default=None, help="write the report as JSON here")
+    speed.add_argument("--plot", default=None, help="write accepted-length histograms and acceptance maps (PNG)")
+    latency = speed.add_argument_group(
+        "latency table", "with --sizes: time every method's steps on random-weight LlamaGen GPTs of these sizes "
+                         "against AR and the memory-bandwidth floor; SJD-family step counts come from --model's "
+                         "trained step compression (or --compression-json)")
+    latency.add_argument("--sizes", default=None, help="comma-separated GPT sizes, e.g. GPT-B,GPT-XL")
+    latency.add_argument("--tokens", default="256,1024", help="image tokens per sample (square grids)")
+    latency.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
+    latency.add_argument("--dtype", default=None, help="weights dtype: bf16 (default on cuda), fp16, fp32 (cpu)")
+    latency.add_argument("--reps", type=positive_int, default=2, help="timed decodes per cell (median)")
+    latency.add_argument("--compression-json", default=None,
+                         help="step compression from a previous `bench speed --json` instead of measuring it")
+    speed.set_defaults(func=cmd_bench_speed, output_files=("json", "plot"))
+
+    report = bench_sub.add_parser("report", help="sample every method on the same seeds; speed next to quality",
+                                  description="Draw the same N images with every method (resumable PNG folders "
+                                              "under OUT/<method>) and write one table: forward passes, step "
+                                              "compression, latency, speedup, FD-vargen against AR with its noise "
+                                              "floor, and the exact scene score for scene prompts, each with a "
+                                              "95% bootstrap interval (report.md, report.json, report.png).")
+    add_bench_args(report, methods="ar,sjd,sjd+coupling,sjd+lantern,gsd,zipar", n=256, batch_size=16)
+    report.add_argument("--scene-seed", type=int, default=999, help="t2i: held-out scene prompts' seed")
+    report.add_argument("--extractor", default=None,
+                        help="FD-vargen classifier folder (default: the shipped fd-vargen-cifar10)")
+    report.add_argument("--reference", default=None,
+                        help="also FD to real data: an image folder or a .npz from `vargen eval fid-stats` made "
+                             "with the same extractor")
+    report.add_argument("--bootstrap", type=positive_int, default=200, help="bootstrap rounds for the intervals")
+    report.add_argument("--out", default="outputs/report", help="folder for the sample sets and the report")
+    report.add_argument("--device", default="cpu", help="torch device")
+    report.add_argument("--quiet", action="store_true", help="no progress bars")
+    report.set_defaults(func=cmd_bench_report, output_dirs=("out",))
+
+
+def cmd_bench_report(args) -> int:
+    from ..eval.report import bench_report, format_report, write_report
+    from ..pipeline import VarGenPipeline
+
+    pipe = VarGenPipeline.load(args.model, device=args.device)
+    pipe.check_decodes_images()  # the report scores images
+    methods, options = bench_methods(args)
+    extractor = None
+    if args.extractor:
+        from ..eval.classifier import load_fd_vargen
+
+        extractor = load_fd_vargen(args.extractor, device=args.device)
+    report = bench_report(pipe, methods, args.n, args.out, seed=args.seed, batch_size=args.batch_size,
+                          sampling=sampling(args), method_options=options, extractor=extractor,
+                          scene_seed=args.scene_seed, model_name=args.model, reference=args.reference,
+                          bootstrap=args.bootstrap,
+                          progress=not args.quiet)
+    print(f"model {report['model']}, {report['device']}, n={args.n}, seed={args.seed}, batch {args.batch_size}, "
+          f"sampling {report['sampling']}")
+    print(format_report(report))
+    paths = write_report(report, args.out)
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+def cmd_bench_latency(args) -> int:
+    import json
+
+    from ..atomic import write_atomic
+    from ..eval.latency import bench_latency, depends_on_acceptance, format_latency_table
+    from ..eval.speed import bench_speed
+    from ..models.llamagen import GPT_SIZES
+
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in GPT_SIZES]
+    if unknown:
+        raise ValueError(f"unknown GPT size(s) {unknown}; choose from {', '.join(GPT_SIZES)}")
+    tokens = int_list(args.tokens, "--tokens")
+    if any(int(t ** 0.5) ** 2 != t for t in tokens):
+        raise ValueError(f"--tokens must be square numbers (a square grid), got {args.tokens}")
+    batches = int_list(args.batch_sizes, "--batch-sizes")
+    methods, options = bench_methods(args)
+    need = [m for m in methods if depends_on_acceptance(m)]
+    compression, source = {}, ""
+    if need and args.compression_json:
+        with open(args.compression_json) as f:
+            measured = json.load(f)
+        compression = {r["method"]: r["step_compression"] for r in measured["results"]}
+        source = f"{args.compression_json} ({measured.get('model')}, {measured.get('tokens')} tokens)"
+    elif need:
+        from ..pipeline import VarGenPipeline
+
+        pipe = VarGenPipeline.load(args.model, device=args.device)
+        measured = bench_speed(pipe, need, n=args.n, seed=args.seed, batch_size=args.batch_size,
+                               sampling=sampling(args), method_options=options)
+        compression = {r["method"]: r["step_compression"] for r in measured["results"]}
+        source = f"{args.model or 'the default model'} ({measured['tokens']} tokens, n={args.n}, seed {args.seed})"
+    dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    report = bench_latency(sizes, batches, tokens, methods, compression, device=args.device, dtype=dtype,
+                           sampling=sampling(args), method_options=options, compile_mode=args.compile,
+                           reps=args.reps, compression_source=source)
+    print(format_latency_table(report))
+    if args.json:
+        write_atomic(args.json, json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_bench_speed(args) -> int:
+    from ..eval.speed import bench_speed, format_table, write_report
+    from ..pipeline import VarGenPipeline
+
+    if args.sizes:
+        return cmd_bench_latency(args)
+
+    pipe = VarGenPipeline.load(args.model, device=args.device)
+    if args.compile:
+        pipe.enable_compile(args.compile)
+    methods, options = bench_methods(args)
+    report = bench_speed(pipe, methods, n=args.n, seed=args.seed, batch_size=args.batch_size,
+                         sampling=sampling(args), method_options=options)
+    report["model"] = args.model or "default"
+    print(f"model {report['model']}, {report['device']}, n={args.n}, seed={args.seed}, batch {args.batch_size}, "
+          f"{report['tokens']} tokens, sampling {report['sampling']}")
+    print(format_table(report))
+    write_report(report, args.json, args.plot, pipe.gpt.grid)
+    for path in (args.json, args.plot):
+        if path:
+            print(f"wrote {path}")
+    return 0
+
+
