@@ -96,15 +96,20 @@ class VarGenPipeline(DiffusionPipeline):
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, name_or_path: Optional[str] = None, device=None) -> "VarGenPipeline":
+    def load(cls, name_or_path: Optional[str] = None, device=None, torch_dtype=None) -> "VarGenPipeline":
         """Load an embedded model (``"scenes-t2i"``, ``"cifar10-c2i"``), a saved pipeline folder,
         ``"hf:DIR"`` (a Hugging Face Janus / Emu3 / Chameleon checkpoint folder, see
         :class:`vargen.hf_pipeline.HFImagePipeline`) or ``"tiny-random"`` (random weights, for smoke
         tests). ``None`` picks :func:`default_model`.
 
-        vargen's weights are stored in fp16 and loaded as fp32 (CPU-friendly); move with ``.to()``.
-        Hugging Face models keep their checkpoint's dtype (several GB in fp32 would not be CPU-friendly).
+        ``torch_dtype`` (diffusers' name): the AR generator's weights and activations: fp32 by default (as
+        diffusers), ``"auto"`` (bf16 where the hardware runs it natively, this project's AVX-512 BF16 CPU and
+        CUDA GPUs; fp32 elsewhere: the CLI's default), ``"bf16"``, ``"fp16"``, ``"fp32"`` or a ``torch.dtype``. Logits become fp32 before probabilities, acceptance and
+        sampling, whatever the dtype. The tokenizer and text encoder stay fp32 (one call per image or prompt).
+        Hugging Face models keep their checkpoint's dtype under ``"auto"``.
         """
+        from .precision import resolve_dtype
+
         from .hf_pipeline import HF_PREFIX, HFImagePipeline, read_reference
 
         name_or_path = name_or_path or default_model()
@@ -129,6 +134,9 @@ class VarGenPipeline(DiffusionPipeline):
         if device:
             with quiet_loading():
                 pipe = pipe.to(device)
+        if torch_dtype is not None and not (torch_dtype == "auto" and isinstance(pipe, HFImagePipeline)):
+            dtype = resolve_dtype(torch_dtype, device or "cpu")
+            torch.nn.Module.to(pipe.gpt, dtype=dtype)  # a plain cast: diffusers' would warn about fp32 modules
         return pipe
 
     @classmethod
@@ -255,10 +263,7 @@ class VarGenPipeline(DiffusionPipeline):
         tokens, images, parts = [], [], []
         for a in range(0, len(cond), per_call):
             b = min(a + per_call, len(cond))
-            callback = None
-            if callback_on_step_end is not None:
-                def callback(step, toks, committed, a=a):
-                    callback_on_step_end(self, step, None, {"tokens": toks, "committed": committed, "first_image": a})
+            callback = None if callback_on_step_end is None else self._step_callback(callback_on_step_end, a)
             t, stats = decode(model, cond[a:b], sampling, seeds[a:b],
                               cond_mask=None if cond_mask is None else cond_mask[a:b], progress=progress,
                               callback=callback)
@@ -278,6 +283,12 @@ class VarGenPipeline(DiffusionPipeline):
         if not return_dict:
             return images, tokens, stats
         return VarGenPipelineOutput(images=images, tokens=tokens, stats=stats)
+
+    def _step_callback(self, user_callback, first_image: int):
+        """diffusers' ``callback_on_step_end(pipe, step, timestep, kwargs)`` for the chunk starting at ``first_image``."""
+        def callback(step, tokens, committed):
+            user_callback(self, step, None, {"tokens": tokens, "committed": committed, "first_image": first_image})
+        return callback
 
     def _method(self, name: str, options: dict):
         """The decode function of ``name`` with ``options``, built once per pipeline (LANTERN's neighbour table

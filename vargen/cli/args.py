@@ -139,6 +139,7 @@ def add_bench_args(parser: argparse.ArgumentParser, methods: str, n: int, batch_
     parser.add_argument("-n", "--n", type=positive_int, default=n, help="images per method")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i for every method")
     parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per decoding call")
+    add_dtype_arg(parser)
     add_decode_option_flags(parser)
     add_sampling_args(parser)
 
@@ -162,3 +163,12 @@ def int_list(text: str, flag: str) -> list:
     return values
 
 
+
+
+def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    from ..precision import DTYPE_CHOICES
+
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="the generator's weights and activations: auto (default: bf16 where the hardware runs "
+                             "it natively, e.g. AVX-512 BF16 CPUs and CUDA GPUs; else fp32), bf16, fp16 (GPU) or "
+                             "fp32; probabilities, acceptance and sampling stay fp32")

@@ -22,7 +22,6 @@ def add_bench_parser(sub) -> None:
     latency.add_argument("--sizes", default=None, help="comma-separated GPT sizes, e.g. GPT-B,GPT-XL")
     latency.add_argument("--tokens", default="256,1024", help="image tokens per sample (square grids)")
     latency.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
-    latency.add_argument("--dtype", default=None, help="weights dtype: bf16 (default on cuda), fp16, fp32 (cpu)")
     latency.add_argument("--reps", type=positive_int, default=2, help="timed decodes per cell (median)")
     latency.add_argument("--compression-json", default=None,
                          help="step compression from a previous `bench speed --json` instead of measuring it")
@@ -52,7 +51,7 @@ def cmd_bench_report(args) -> int:
     from ..eval.report import bench_report, format_report, write_report
     from ..pipeline import VarGenPipeline
 
-    pipe = VarGenPipeline.load(args.model, device=args.device)
+    pipe = VarGenPipeline.load(args.model, device=args.device, torch_dtype=args.dtype)
     pipe.check_decodes_images()  # the report scores images
     methods, options = bench_methods(args)
     extractor = None
@@ -100,12 +99,14 @@ def cmd_bench_latency(args) -> int:
     elif need:
         from ..pipeline import VarGenPipeline
 
-        pipe = VarGenPipeline.load(args.model, device=args.device)
+        pipe = VarGenPipeline.load(args.model, device=args.device, torch_dtype=args.dtype)
         measured = bench_speed(pipe, need, n=args.n, seed=args.seed, batch_size=args.batch_size,
                                sampling=sampling(args), method_options=options)
         compression = {r["method"]: r["step_compression"] for r in measured["results"]}
         source = f"{args.model or 'the default model'} ({measured['tokens']} tokens, n={args.n}, seed {args.seed})"
-    dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    from ..precision import dtype_name, resolve_dtype
+
+    dtype = dtype_name(resolve_dtype(args.dtype, args.device))
     report = bench_latency(sizes, batches, tokens, methods, compression, device=args.device, dtype=dtype,
                            sampling=sampling(args), method_options=options, compile_mode=args.compile,
                            reps=args.reps, compression_source=source)
@@ -123,7 +124,7 @@ def cmd_bench_speed(args) -> int:
     if args.sizes:
         return cmd_bench_latency(args)
 
-    pipe = VarGenPipeline.load(args.model, device=args.device)
+    pipe = VarGenPipeline.load(args.model, device=args.device, torch_dtype=args.dtype)
     if args.compile:
         pipe.enable_compile(args.compile)
     methods, options = bench_methods(args)

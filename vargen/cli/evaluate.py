@@ -6,7 +6,7 @@ import os
 import sys
 
 from ..errors import load_local
-from .args import add_method_args, add_sampling_args, method_options, positive_int, sampling
+from .args import add_dtype_arg, add_method_args, add_sampling_args, method_options, positive_int, sampling
 
 
 def add_eval_parser(sub) -> None:
@@ -21,6 +21,7 @@ def add_eval_parser(sub) -> None:
     add_sampling_args(scenes)
     scenes.add_argument("--out", default="outputs/eval_scenes", help="folder for scores.json and grid.png")
     scenes.add_argument("--device", default="cpu", help="torch device")
+    add_dtype_arg(scenes)
     scenes.set_defaults(func=cmd_eval_scenes, output_dirs=("out",))
 
     sr = eval_sub.add_parser("sr", help="arbitrary-scale decoding: LIIF against bicubic, Y-PSNR per scale",
@@ -85,6 +86,7 @@ def add_eval_parser(sub) -> None:
     geneval.add_argument("--results", default=None, help="evaluator output (default OUT/results.jsonl)")
     geneval.add_argument("--device", default="cpu", help="torch device")
     geneval.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_dtype_arg(geneval)
     geneval.set_defaults(func=cmd_eval_geneval, output_dirs=("out",))
 
     fid = eval_sub.add_parser("fid", help="FID (clean-fid), precision/recall and IS of an image folder",
@@ -177,7 +179,7 @@ def cmd_eval_scenes(args) -> int:
     from ..hf_pipeline import HFImagePipeline
     from ..pipeline import VarGenPipeline
 
-    pipe = VarGenPipeline.load(args.model, device=args.device)
+    pipe = VarGenPipeline.load(args.model, device=args.device, torch_dtype=args.dtype)
     if isinstance(pipe, HFImagePipeline):
         raise ValueError("scene evaluation scores models trained on vargen's rendered scenes against their tokenizer; "
                          f"{args.model} is a Hugging Face model: use `vargen eval geneval` or `vargen bench report`")
@@ -267,7 +269,7 @@ def cmd_eval_geneval(args) -> int:
     from ..pipeline import VarGenPipeline
 
     metadata = read_metadata(args.metadata)  # a wrong path fails before a model is loaded
-    pipe = VarGenPipeline.load(args.model, device=args.device)
+    pipe = VarGenPipeline.load(args.model, device=args.device, torch_dtype=args.dtype)
     if not pipe.takes_text:
         raise ValueError("GenEval needs a text-to-image model (e.g. scenes-t2i); "
                          f"{args.model or 'the default model'} is class-conditional")

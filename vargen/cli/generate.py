@@ -7,7 +7,7 @@ import time
 
 from ..errors import UsageError
 from ..memory import parse_bytes
-from .args import (add_compile_arg, add_method_args, add_sampling_args, image_size, method_options,
+from .args import (add_dtype_arg, add_compile_arg, add_method_args, add_sampling_args, image_size, method_options,
                    positive_float, positive_int, sampling)
 
 
@@ -44,6 +44,7 @@ def add_generate_parser(sub) -> None:
                           "request whose output alone cannot fit is refused")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     add_compile_arg(gen)
+    add_dtype_arg(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate, output_files=("output", "stats"))
 
@@ -64,7 +65,7 @@ def cmd_generate(args) -> int:
         args.model = default_model()
         note = " (random weights: the images are noise)" if args.model == TINY_RANDOM else ""
         print(f"vargen: using the default model {args.model!r}{note}", file=sys.stderr)
-    pipe = VarGenPipeline.load(args.model, device=args.device)
+    pipe = VarGenPipeline.load(args.model, device=args.device, torch_dtype=args.dtype)
     pipe.set_progress_bar_config(disable=args.quiet)
     if args.compile:
         pipe.enable_compile(args.compile)

@@ -1,7 +1,7 @@
 """`vargen sample`: numbered PNG sets for FID and benchmarks (sharded, resumable)."""
 from __future__ import annotations
 
-from .args import add_method_args, add_sampling_args, method_options, positive_int, sampling
+from .args import add_dtype_arg, add_method_args, add_sampling_args, method_options, positive_int, sampling
 
 
 def add_sample_parser(sub) -> None:
@@ -21,6 +21,7 @@ def add_sample_parser(sub) -> None:
     sample.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     sample.add_argument("--batch-size", type=positive_int, default=16, help="images per decoding call")
     add_method_args(sample)
+    add_dtype_arg(sample)
     add_sampling_args(sample)
     sample.add_argument("--npz", action="store_true", help="also pack samples_N.npz (arr_0, ADM / LlamaGen format)")
     sample.add_argument("--device", default=None, help="torch device (default: the accelerate process's device)")
@@ -38,14 +39,15 @@ def cmd_sample(args) -> int:
 
     # without CUDA the processes are CPU workers (gloo); accelerate only sets that up when told
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    pipe = VarGenPipeline.load(args.model, device=args.device or state.device)
+    pipe = VarGenPipeline.load(args.model, device=args.device or state.device, torch_dtype=args.dtype)
     pipe.check_decodes_images()  # before any decoding, not after the first batch
     items, _ = plan_for_pipeline(pipe, args.n, args.seed, prompts=read_prompts(args.prompts) if args.prompts else None,
                                  classes=args.classes, scene_seed=args.scene_seed)
     from ..pipeline import default_model
 
     settings = {"model": args.model or default_model(), "n": args.n, "seed": args.seed, "method": args.method,
-                "method_options": method_options(args), "sampling": sampling(args)}
+                "method_options": method_options(args), "sampling": sampling(args),
+                "dtype": str(next(pipe.gpt.parameters()).dtype).replace("torch.", "")}
     if state.is_main_process:
         start_run(args.out, settings, items)
     state.wait_for_everyone()
