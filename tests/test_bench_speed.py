@@ -1,5 +1,7 @@
 import json
 
+import torch
+
 from vargen.cli import main
 from vargen.eval.speed import bench_speed, format_table
 from vargen.pipeline import tiny_random_pipeline
@@ -31,3 +33,14 @@ def test_bench_speed_cli_writes_json_and_plot(tmp_path, capsys):
     assert png.stat().st_size > 0 and "step compr." in capsys.readouterr().out
     assert main(["bench", "speed", "--model", "tiny-random", "--methods", "ar,warp", "-n", "1"]) == 2
     assert "unknown decoding method 'warp'" in capsys.readouterr().err
+
+
+def test_op_counter_sees_ops_and_host_syncs_per_pass(c2i):
+    from vargen.decoding import SamplingConfig, decode_ar, decode_sjd
+    from vargen.eval.opcount import count_ops
+
+    cond, sampling = torch.arange(2), SamplingConfig()
+    ar = count_ops(decode_ar, c2i, cond, sampling, [0, 1])
+    sjd = count_ops(decode_sjd, c2i, cond, sampling, [0, 1])
+    assert ar["syncs_per_pass"] < 0.5 <= 1 <= sjd["syncs_per_pass"]  # AR: none per token; SJD: one per verify step
+    assert sjd["ops_per_pass"] > ar["ops_per_pass"] > 10

@@ -1,6 +1,7 @@
 """`vargen bench speed` and `vargen bench report`: every method against plain AR, same seeds."""
 from __future__ import annotations
 
+from ..errors import UsageError
 from .args import add_bench_args, add_compile_arg, bench_methods, int_list, positive_int, sampling
 
 
@@ -21,7 +22,9 @@ def add_bench_parser(sub) -> None:
                          "trained step compression (or --compression-json)")
     latency.add_argument("--sizes", default=None, help="comma-separated GPT sizes, e.g. GPT-B,GPT-XL")
     latency.add_argument("--tokens", default="256,1024", help="image tokens per sample (square grids)")
-    latency.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
+    speed.add_argument("--batch-sizes", default=None,
+                       help="comma-separated batch sizes: a sweep (e.g. 1,4,16) with images/s and latency per image "
+                            "per method; with --sizes, the latency table's batches (default 1,8)")
     latency.add_argument("--reps", type=positive_int, default=2, help="timed decodes per cell (median)")
     latency.add_argument("--compression-json", default=None,
                          help="step compression from a previous `bench speed --json` instead of measuring it")
@@ -87,7 +90,7 @@ def cmd_bench_latency(args) -> int:
     tokens = int_list(args.tokens, "--tokens")
     if any(int(t ** 0.5) ** 2 != t for t in tokens):
         raise ValueError(f"--tokens must be square numbers (a square grid), got {args.tokens}")
-    batches = int_list(args.batch_sizes, "--batch-sizes")
+    batches = int_list(args.batch_sizes or "1,8", "--batch-sizes")
     methods, options = bench_methods(args)
     need = [m for m in methods if depends_on_acceptance(m)]
     compression, source = {}, ""
@@ -128,6 +131,8 @@ def cmd_bench_speed(args) -> int:
     if args.compile:
         pipe.enable_compile(args.compile)
     methods, options = bench_methods(args)
+    if args.batch_sizes:
+        return _batch_sweep(args, pipe, methods, options)
     report = bench_speed(pipe, methods, n=args.n, seed=args.seed, batch_size=args.batch_size,
                          sampling=sampling(args), method_options=options)
     report["model"] = args.model or "default"
@@ -141,3 +146,27 @@ def cmd_bench_speed(args) -> int:
     return 0
 
 
+
+
+def _batch_sweep(args, pipe, methods, options) -> int:
+    """``bench speed --batch-sizes 1,4,16``: the same images and seeds at each batch size; a user's question is
+    how long one image takes and how many come out per second, next to plain AR at the same batch size."""
+    import json
+
+    from ..atomic import write_atomic
+    from ..eval.speed import bench_speed, format_sweep
+
+    sweep = []
+    for batch in int_list(args.batch_sizes, "--batch-sizes"):
+        report = bench_speed(pipe, methods, n=max(args.n, batch), seed=args.seed, batch_size=batch,
+                             sampling=sampling(args), method_options=options)
+        sweep.append(report)
+    print(f"model {args.model or 'default'}, {sweep[0]['device']}, {sweep[0]['dtype']}, seed={args.seed}, "
+          f"{sweep[0]['tokens']} tokens")
+    print(format_sweep(sweep))
+    if args.json:
+        write_atomic(args.json, json.dumps({"sweep": sweep}, indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        raise UsageError("--plot draws one batch size's report: drop --batch-sizes, or --plot")
+    return 0

@@ -64,7 +64,8 @@ def fill_fresh(canvas: torch.Tensor, start: torch.Tensor, drafts: torch.Tensor, 
                 d = torch.where(cell % width > 0, left, above)
             else:  # above
                 d = torch.where(cell >= width, above, left)
-            qj = torch.nn.functional.one_hot(d, V).to(q.dtype)
+            # a deterministic draft's q is one-hot (one_hot() would check d's range: two host syncs per cell)
+            qj = torch.zeros(B, V, dtype=q.dtype, device=q.device).scatter_(1, d[:, None], 1.0)
         f = fresh[:, j]
         drafts[:, j] = torch.where(f, d, drafts[:, j])
         q[:, j] = torch.where(f[:, None], qj, q[:, j])

@@ -22,6 +22,7 @@ import torch
 from ..atomic import write_atomic
 
 from ..decoding import SamplingConfig, get_method, logits_to_probs
+from .opcount import count_ops
 
 
 def _sync(device) -> None:
@@ -88,7 +89,7 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
     runs: Dict[str, dict] = {}
     for name in methods:
         decode = get_method(name, codebook=pipe.vq.codebook_embeddings, **(method_options or {}).get(name, {}))
-        tokens, passes, latencies, hist, cells = [], [], [], {}, []
+        tokens, passes, latencies, hist, cells, batch_passes = [], [], [], {}, [], []
         if pipe.decode_model is not pipe.gpt or torch.device(pipe.device).type == "cuda":
             # untimed first call: compilation / CUDA-graph capture and allocator warm-up are not decoding cost
             _, cond, cond_mask, seeds = batches[0]
@@ -99,6 +100,7 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
             out, stats = decode(pipe.decode_model, cond, sampling_cfg, seeds, cond_mask=cond_mask)
             _sync(pipe.device)  # kernels still queued belong to this decode
             latencies.append(time.perf_counter() - t0)
+            batch_passes.append(stats.forward_passes)
             tokens.append(out)
             passes += stats.per_sample_forward_passes or [stats.forward_passes] * len(cond)
             for k, v in stats.accepted_hist.items():
@@ -107,8 +109,12 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
         tokens = torch.cat(tokens)
         ll = torch.cat([sample_log_likelihood(pipe.gpt, tokens[start:start + len(cond)], cond, sampling_cfg, cond_mask)
                         for start, cond, cond_mask, _ in batches])
+        # one more, untimed decode of the first batch under the op counter (counting slows every op down)
+        _, cond, cond_mask, seeds = batches[0]
+        counted = count_ops(decode, pipe.decode_model, cond, sampling_cfg, seeds, cond_mask=cond_mask)
         runs[name] = {"tokens": tokens, "passes": passes, "latencies": latencies, "hist": hist,
-                      "accepted_cells": (torch.stack(cells).sum(0) / n).tolist(), "log_likelihood": ll}
+                      "accepted_cells": (torch.stack(cells).sum(0) / n).tolist(), "log_likelihood": ll,
+                      "ms_per_pass": 1000 * sum(latencies) / max(1, sum(batch_passes)), **counted}
     N = pipe.gpt.num_tokens
     ar = runs["ar"]
     ar_latency = statistics.median(ar["latencies"])
@@ -120,6 +126,8 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
             "method": name, "forward_passes_mean": fp, "step_compression": N / fp,
             "accepted_mean": sum(k * v for k, v in run["hist"].items()) / max(1, sum(run["hist"].values())),
             "latency_s_median": lat, "speedup": ar_latency / lat,
+            "ms_per_pass": run["ms_per_pass"], "ops_per_pass": run["ops_per_pass"],
+            "syncs_per_pass": run["syncs_per_pass"],
             "log_likelihood_mean": float(run["log_likelihood"].mean()),
             "log_likelihood_sem": float(run["log_likelihood"].std() / max(1, n) ** 0.5),
             "token_tv_vs_ar": token_histogram_tv(run["tokens"], ar["tokens"], pipe.gpt.vocab_size),
@@ -139,6 +147,7 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
     floor = {"token_tv_ar_other_seeds": token_histogram_tv(torch.cat(other), ar["tokens"], pipe.gpt.vocab_size)}
     return {"model": getattr(pipe, "name_or_path", None), "device": _device_name(pipe.device), "n": n,
             "seed": seed, "batch_size": batch_size, "tokens": N, "sampling": sampling_cfg.to_dict(),
+            "dtype": str(next(pipe.gpt.parameters()).dtype).replace("torch.", ""),
             "results": results, "noise_floor": floor}
 
 
@@ -152,18 +161,37 @@ def _device_name(device) -> str:
 def format_table(report: dict) -> str:
     """The report as a Markdown table (one row per method)."""
     scene = any("scene_score" in r for r in report["results"])
-    head = ["method", "passes", "step compr.", "accepted", "latency s", "speedup", "log-lik", "token TV vs AR"]
+    head = ["method", "passes", "step compr.", "accepted", "latency s", "speedup", "ms / pass", "ops / pass",
+            "syncs / pass", "log-lik", "token TV vs AR"]
     head += ["scene score"] if scene else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["results"]:
         cells = [r["method"], f"{r['forward_passes_mean']:.1f}", f"{r['step_compression']:.2f}x",
                  f"{r['accepted_mean']:.2f}", f"{r['latency_s_median']:.3f}", f"{r['speedup']:.2f}x",
+                 f"{r['ms_per_pass']:.2f}", f"{r['ops_per_pass']:.0f}", f"{r['syncs_per_pass']:.2f}",
                  f"{r['log_likelihood_mean']:.1f} ± {r['log_likelihood_sem']:.1f}", f"{r['token_tv_vs_ar']:.3f}"]
         cells += [f"{r['scene_score']:.2f}"] if scene else []
         lines.append("| " + " | ".join(cells) + " |")
     if "noise_floor" in report:
         lines.append(f"\nnoise floor: token TV between AR on these seeds and AR on {report['n']} other seeds = "
                      f"{report['noise_floor']['token_tv_ar_other_seeds']:.3f}")
+    return "\n".join(lines)
+
+
+def format_sweep(reports: list) -> str:
+    """Reports of the same images at several batch sizes as one table: per method and batch size, latency per
+    image, images/s and the speedup over AR at that batch size (ratios from one run each)."""
+    head = ["method", "batch", "passes / image", "ms / image", "images / s", "speedup vs AR", "ms / pass",
+            "ops / pass", "syncs / pass"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for report in reports:
+        B = report["batch_size"]
+        for r in report["results"]:
+            per_image = r["latency_s_median"] / B
+            lines.append("| " + " | ".join([
+                r["method"], str(B), f"{r['forward_passes_mean']:.1f}", f"{1000 * per_image:.1f}",
+                f"{1 / per_image:.2f}", f"{r['speedup']:.2f}x", f"{r['ms_per_pass']:.2f}",
+                f"{r['ops_per_pass']:.0f}", f"{r['syncs_per_pass']:.2f}"]) + " |")
     return "\n".join(lines)
 
 
