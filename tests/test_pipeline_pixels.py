@@ -57,3 +57,17 @@ def test_methods_are_built_once_per_pipeline(scenes, monkeypatch, one_thread):
     for seed in (0, 1):
         scenes("a photo of a red circle", seed=seed, method="sjd+lantern", output_type="latent", progress=False)
     assert len(calls) == 1  # LANTERN's neighbour table: once, not per call
+
+
+def test_a_memory_budget_set_once_chunks_every_later_call(one_thread, monkeypatch):
+    """``vargen sample`` / ``eval`` set the budget once; a small one makes the pipeline decode in more chunks."""
+    import vargen.memory as memory
+
+    pipe = VarGenPipeline.load("tiny-random")
+    calls = []
+    real = memory.per_chunk
+    monkeypatch.setattr(memory, "per_chunk", lambda total, cost, budget: calls.append(budget) or real(total, cost,
+                                                                                                       budget))
+    pipe.set_memory_budget(12345678)
+    pipe([1, 2, 3], seed=0, output_type="latent", progress=False)
+    assert calls and set(calls) == {12345678}

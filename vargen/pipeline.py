@@ -244,7 +244,7 @@ class VarGenPipeline(DiffusionPipeline):
             progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
         decode = self._method(method, method_options or {})
         size = self.output_size(height, width) if height is not None or width is not None else None
-        budget = budget_or_default(max_memory)
+        budget = budget_or_default(max_memory if max_memory is not None else self.__dict__.get("_max_memory"))
         # repeated before parsing, so any condition type (features, class ids, prompt id rows) works alike
         inputs = [item for item in inputs for _ in range(num_images_per_prompt)]
         cond, cond_mask = self.parse_conditions(inputs, unconditional)
@@ -283,6 +283,12 @@ class VarGenPipeline(DiffusionPipeline):
         if not return_dict:
             return images, tokens, stats
         return VarGenPipelineOutput(images=images, tokens=tokens, stats=stats)
+
+    def set_memory_budget(self, max_memory: Optional[int]) -> "VarGenPipeline":
+        """The working-memory budget (bytes) every later call decodes and renders within, unless a call passes its
+        own ``max_memory``; ``None`` restores the default (:func:`vargen.memory.default_budget`)."""
+        self.__dict__["_max_memory"] = max_memory
+        return self
 
     def _step_callback(self, user_callback, first_image: int):
         """diffusers' ``callback_on_step_end(pipe, step, timestep, kwargs)`` for the chunk starting at ``first_image``."""
@@ -386,7 +392,8 @@ class VarGenPipeline(DiffusionPipeline):
             tokens = tokens.view(-1, *self.gpt.grid)
         size = self.image_size
         channels = getattr(self.vq.config, "ch", None) or self.vq.config.width
-        group = per_chunk(len(tokens), vq_decode_bytes(channels, *size), budget_or_default(max_memory))
+        budget = budget_or_default(max_memory if max_memory is not None else self.__dict__.get("_max_memory"))
+        group = per_chunk(len(tokens), vq_decode_bytes(channels, *size), budget)
         return torch.cat([((self.vq.decode(t).float() + 1) / 2).clamp(0, 1) for t in tokens.split(group)])
 
     @property

@@ -78,10 +78,10 @@ def _check_args(args) -> None:
     for attr in getattr(args, "output_files", ()):
         if getattr(args, attr, None):
             writable_file(getattr(args, attr), f"--{attr}")
+    if getattr(args, "max_memory", None) is not None:
+        parse_bytes(args.max_memory)  # a bad size is refused before any model loads
     if getattr(args, "func", None) is cmd_generate:
         image_format(args.output)
-        if args.max_memory is not None:
-            parse_bytes(args.max_memory)
         if args.unconditional and args.conditions:
             raise UsageError("--unconditional draws without a prompt: drop the prompt(s), or drop --unconditional")
         if not args.unconditional and not args.conditions:

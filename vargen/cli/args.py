@@ -172,3 +172,16 @@ def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
                         help="the generator's weights and activations: auto (default: bf16 where the hardware runs "
                              "it natively, e.g. AVX-512 BF16 CPUs and CUDA GPUs; else fp32), bf16, fp16 (GPU) or "
                              "fp32; probabilities, acceptance and sampling stay fp32")
+
+
+def add_max_memory_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                        help="memory budget for decoding and rendering images, e.g. 2G (default: a quarter of the "
+                             "available RAM, at most 1G); images and pixels are processed in chunks that fit")
+
+
+def memory_budget(args):
+    """``--max-memory`` in bytes, or ``None`` for the default."""
+    from ..memory import parse_bytes
+
+    return parse_bytes(args.max_memory) if getattr(args, "max_memory", None) else None

@@ -6,7 +6,8 @@ import os
 import sys
 
 from ..errors import load_local
-from .args import add_dtype_arg, add_method_args, add_sampling_args, method_options, positive_int, sampling
+from .args import (add_dtype_arg, add_max_memory_arg, add_method_args, add_sampling_args, memory_budget,
+                   method_options, positive_int, sampling)
 
 
 def add_eval_parser(sub) -> None:
@@ -22,6 +23,7 @@ def add_eval_parser(sub) -> None:
     scenes.add_argument("--out", default="outputs/eval_scenes", help="folder for scores.json and grid.png")
     scenes.add_argument("--device", default="cpu", help="torch device")
     add_dtype_arg(scenes)
+    add_max_memory_arg(scenes)
     scenes.set_defaults(func=cmd_eval_scenes, output_dirs=("out",))
 
     sr = eval_sub.add_parser("sr", help="arbitrary-scale decoding: LIIF against bicubic, Y-PSNR per scale",
@@ -87,6 +89,7 @@ def add_eval_parser(sub) -> None:
     geneval.add_argument("--device", default="cpu", help="torch device")
     geneval.add_argument("--quiet", action="store_true", help="no progress bar")
     add_dtype_arg(geneval)
+    add_max_memory_arg(geneval)
     geneval.set_defaults(func=cmd_eval_geneval, output_dirs=("out",))
 
     fid = eval_sub.add_parser("fid", help="FID (clean-fid), precision/recall and IS of an image folder",
@@ -180,6 +183,7 @@ def cmd_eval_scenes(args) -> int:
     from ..pipeline import VarGenPipeline
 
     pipe = VarGenPipeline.load(args.model, device=args.device, torch_dtype=args.dtype)
+    pipe.set_memory_budget(memory_budget(args))
     if isinstance(pipe, HFImagePipeline):
         raise ValueError("scene evaluation scores models trained on vargen's rendered scenes against their tokenizer; "
                          f"{args.model} is a Hugging Face model: use `vargen eval geneval` or `vargen bench report`")
@@ -270,6 +274,7 @@ def cmd_eval_geneval(args) -> int:
 
     metadata = read_metadata(args.metadata)  # a wrong path fails before a model is loaded
     pipe = VarGenPipeline.load(args.model, device=args.device, torch_dtype=args.dtype)
+    pipe.set_memory_budget(memory_budget(args))
     if not pipe.takes_text:
         raise ValueError("GenEval needs a text-to-image model (e.g. scenes-t2i); "
                          f"{args.model or 'the default model'} is class-conditional")

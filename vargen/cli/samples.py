@@ -1,7 +1,8 @@
 """`vargen sample`: numbered PNG sets for FID and benchmarks (sharded, resumable)."""
 from __future__ import annotations
 
-from .args import add_dtype_arg, add_method_args, add_sampling_args, method_options, positive_int, sampling
+from .args import (add_dtype_arg, add_max_memory_arg, add_method_args, add_sampling_args, memory_budget,
+                   method_options, positive_int, sampling)
 
 
 def add_sample_parser(sub) -> None:
@@ -26,6 +27,7 @@ def add_sample_parser(sub) -> None:
     sample.add_argument("--npz", action="store_true", help="also pack samples_N.npz (arr_0, ADM / LlamaGen format)")
     sample.add_argument("--device", default=None, help="torch device (default: the accelerate process's device)")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_max_memory_arg(sample)
     sample.set_defaults(func=cmd_sample, output_dirs=("out",))
 
 
@@ -40,6 +42,7 @@ def cmd_sample(args) -> int:
     # without CUDA the processes are CPU workers (gloo); accelerate only sets that up when told
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     pipe = VarGenPipeline.load(args.model, device=args.device or state.device, torch_dtype=args.dtype)
+    pipe.set_memory_budget(memory_budget(args))
     pipe.check_decodes_images()  # before any decoding, not after the first batch
     items, _ = plan_for_pipeline(pipe, args.n, args.seed, prompts=read_prompts(args.prompts) if args.prompts else None,
                                  classes=args.classes, scene_seed=args.scene_seed)
