@@ -185,3 +185,10 @@ def memory_budget(args):
     from ..memory import parse_bytes
 
     return parse_bytes(args.max_memory) if getattr(args, "max_memory", None) else None
+
+
+def add_run_args(parser: argparse.ArgumentParser, device: str = "cpu") -> None:
+    """Where and how a command that runs the generator runs it: device, precision, memory budget."""
+    parser.add_argument("--device", default=device, help="torch device")
+    add_dtype_arg(parser)
+    add_max_memory_arg(parser)

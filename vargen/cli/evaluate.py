@@ -6,7 +6,7 @@ import os
 import sys
 
 from ..errors import load_local
-from .args import (add_dtype_arg, add_max_memory_arg, add_method_args, add_sampling_args, memory_budget,
+from .args import (add_method_args, add_run_args, add_sampling_args, memory_budget,
                    method_options, positive_int, sampling)
 
 
@@ -21,9 +21,7 @@ def add_eval_parser(sub) -> None:
     scenes.add_argument("--seed", type=int, default=999, help="scene seed (training used 0 and 1)")
     add_sampling_args(scenes)
     scenes.add_argument("--out", default="outputs/eval_scenes", help="folder for scores.json and grid.png")
-    scenes.add_argument("--device", default="cpu", help="torch device")
-    add_dtype_arg(scenes)
-    add_max_memory_arg(scenes)
+    add_run_args(scenes)
     scenes.set_defaults(func=cmd_eval_scenes, output_dirs=("out",))
 
     sr = eval_sub.add_parser("sr", help="arbitrary-scale decoding: LIIF against bicubic, Y-PSNR per scale",
@@ -86,10 +84,8 @@ def add_eval_parser(sub) -> None:
     geneval.add_argument("--clip", default=None, help="open_clip ViT-L-14 'openai' weights file (or 'openai')")
     geneval.add_argument("--geneval-repo", default=None, help="a checkout of djghosh13/geneval")
     geneval.add_argument("--results", default=None, help="evaluator output (default OUT/results.jsonl)")
-    geneval.add_argument("--device", default="cpu", help="torch device")
     geneval.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_dtype_arg(geneval)
-    add_max_memory_arg(geneval)
+    add_run_args(geneval)
     geneval.set_defaults(func=cmd_eval_geneval, output_dirs=("out",))
 
     fid = eval_sub.add_parser("fid", help="FID (clean-fid), precision/recall and IS of an image folder",
