@@ -10,6 +10,7 @@ from .nar import decode_nar
 from .sampling import SamplingConfig
 from .options import RELAXATION_OPTIONS
 from .speculative import COUPLING_SUFFIX, decode_jacobi, decode_sjd, sjd_method_name
+from .pjd import decode_pjd
 from .zipar import decode_zipar
 from .zipar_adaptive import decode_zipar_adaptive
 
@@ -29,6 +30,7 @@ METHODS = {
     "sjd+coupling+pac+lantern": (decode_sjd, {"coupling": "maximal", "pac": True, "acceptance": "lantern"}),
     "gsd": (decode_sjd, {"coupling": "none", "acceptance": "gsd", "init": "random"}),
     "zipar": (decode_zipar, {}),
+    "pjd": (decode_pjd, {}),
     "zipar-adaptive": (decode_zipar_adaptive, {}),
     "lpd": (decode_lpd, {}),
     "nar": (decode_nar, {}),
