@@ -63,6 +63,9 @@ def test_the_tree_is_the_window_plus_k_ary_branches():
     assert all(depth[children[v, k] - 1] == 2 for v in children[0].tolist() for k in range(3))
     q = torch.tensor([[[0.15, 0.5, 0.3, 0.05]]])
     assert sibling_drafts(q, torch.tensor([[1]]), 3).tolist() == [[[2, 0]]]  # most likely others, not the draft
+    q_prev = torch.tensor([[[0.15, 0.6, 0.2, 0.05]]])  # token 2 gained the most, then token 0 and 3 tie at 0
+    assert sibling_drafts(q, torch.tensor([[1]]), 3, q_prev).tolist() == [[[2, 0]]]
+    assert sibling_drafts(q, torch.tensor([[2]]), 3, q_prev).tolist() == [[[1, 0]]]
 
 
 def test_pac_passes_fewer_and_names_compose(one_thread):

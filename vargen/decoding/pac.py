@@ -51,10 +51,12 @@ def pac_layout(L: int, K: int, T: int) -> tuple:
     return torch.tensor(parents), torch.tensor(depth), torch.tensor(cand), table
 
 
-def sibling_drafts(q: torch.Tensor, drafts: torch.Tensor, K: int) -> torch.Tensor:
-    """``[B, T, K-1]`` the ``K - 1`` most likely tokens of ``q`` ``[B, T, V]`` other than ``drafts`` ``[B, T]``."""
-    masked = q.scatter(-1, drafts[..., None], -1.0)
-    return masked.topk(K - 1, dim=-1).indices
+def sibling_drafts(q: torch.Tensor, drafts: torch.Tensor, K: int, q_prev=None) -> torch.Tensor:
+    """``[B, T, K-1]`` sibling tokens other than ``drafts`` ``[B, T]``: the tokens that gained the most mass from
+    the previous draft distribution ``q_prev`` to ``q`` (``[B, T, V]``; where the context change points, as the
+    paper's residual draws do), ties and no change broken by ``q``; without ``q_prev`` the most likely tokens."""
+    score = q if q_prev is None else (q - q_prev).clamp_min(0) + 1e-3 * q
+    return score.scatter(-1, drafts[..., None], -1.0).topk(K - 1, dim=-1).indices
 
 
 def node_tokens(drafts: torch.Tensor, siblings: torch.Tensor, depth: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
@@ -114,7 +116,7 @@ def walk_pac_tree(acceptance, probs, q, drafts, node_tok, children, valid, coins
     return cur, path, accepted, stopped, final
 
 
-def verify_with_tree(session, acceptance, last, n, drafts, q, active, K: int, T: int):
+def verify_with_tree(session, acceptance, last, n, drafts, q, active, K: int, T: int, q_prev=None):
     """One SJD-PAC verify pass: the window plus its tree in one tree-masked forward, the walk, and the accepted
     path's keys and values moved to contiguous slots.
 
@@ -128,7 +130,8 @@ def verify_with_tree(session, acceptance, last, n, drafts, q, active, K: int, T:
     dev, gens, N = q.device, session.generators, session.model.num_tokens
     parents, depth, cand, children = (t.to(dev) for t in pac_layout(L, K, T))
     M = parents.shape[0]
-    tok = torch.cat([last[:, None], node_tokens(drafts, sibling_drafts(q[:, :T], drafts[:, :T], K), depth, cand)], 1)
+    tok = torch.cat([last[:, None], node_tokens(drafts, sibling_drafts(q[:, :T], drafts[:, :T], K,
+                                                                       None if q_prev is None else q_prev[:, :T]), depth, cand)], 1)
     depth_all = torch.cat([depth.new_zeros(1), depth])
     pos = (n - 1)[:, None] + depth_all
     vslots = (n - 1)[:, None] + torch.arange(M + 1, device=dev)
