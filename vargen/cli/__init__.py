@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         if hasattr(args, "relax"):  # --method sjd --coupling maximal --relax lantern -> sjd+coupling+lantern
             from ..decoding.methods import compose_method
 
-            args.method = compose_method(args.method, args.coupling, args.relax)
+            args.method = compose_method(args.method, args.coupling, args.relax, args.pac)
         _check_args(args)
         return args.func(args)
     except USER_ERRORS as err:

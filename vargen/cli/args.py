@@ -60,12 +60,15 @@ def add_lantern_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lantern-delta", type=float, default=None, help="LANTERN pooled-mass budget (default 0.1)")
     parser.add_argument("--lantern-lambda", type=float, default=None, help="LANTERN++ lambda mode instead of delta")
     parser.add_argument("--lantern-k", type=positive_int, default=None, help="LANTERN neighbours per code (1000)")
+    parser.add_argument("--pac-width", type=positive_int, default=None, help="SJD-PAC tree width K (3)")
+    parser.add_argument("--pac-depth", type=int, default=None, help="SJD-PAC tree levels below the root (2)")
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="ar", help="decoding method: " + ", ".join(method_names()))
     parser.add_argument("--coupling", default="none", help="with --method sjd: none, maximal or gumbel redraws")
     parser.add_argument("--relax", default="none", help="with --method sjd: none, lantern or gsd acceptance")
+    parser.add_argument("--pac", action="store_true", help="with --method sjd: SJD-PAC (draft tree + continuation)")
     add_decode_option_flags(parser)
 
 

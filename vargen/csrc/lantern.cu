@@ -1,5 +1,5 @@
 // LANTERN's pooled neighbour mass: S_m = the largest prefix sum of the draft's neighbours' masses
-// (nearest first) that stays within the budget (delta, or (lambda - 1) * p(d)).
+// (nearest first) that stays within the budget (delta, or (lambda - 1) * p(d)); 0 when p(d) == 0.
 //
 // One block per row. The prefix sums are accumulated sequentially in double and rounded to float
 // at each step, which is exactly what torch's CPU cumsum does for float32, so S_m matches the
@@ -29,6 +29,10 @@ lantern_pooled_mass_kernel(const float* __restrict__ p, int64_t stride_b, int64_
   const float* row = p + (m / T) * stride_b + (m % T) * stride_t;
   const int64_t d = drafts[m];
   if (d < 0 || d >= V) {  // the reference would raise on the gather; report no pooled mass
+    if (threadIdx.x == 0) out[m] = 0.f;
+    return;
+  }
+  if (!(row[d] > 0.f)) {  // outside the top-k / top-p support: pool nothing (the reference's p(d) > 0 test)
     if (threadIdx.x == 0) out[m] = 0.f;
     return;
   }

@@ -125,7 +125,9 @@ class LanternAcceptance(ExactAcceptance):
     ``S_m <= delta`` (delta mode) or ``S_m <= (lambda - 1) p(x)`` (lambda mode). Visually
     interchangeable codes then stop rejecting each other. Not lossless: ``TV(p, p~) = S_m
     <= delta`` for every draft, and with a deterministic (one-hot) draft the committed
-    token's distribution is within that distance of ``p`` (tested). With stochastic
+    token's distribution is within that distance of ``p`` (tested). A draft outside the
+    sampling support (``p(x) == 0`` after top-k / top-p) pools nothing and is never accepted;
+    resamples and bonuses come from ``p``, so no output leaves the support (tested). With stochastic
     drafts the bound does not carry over to the committed token: every token with
     ``q > p`` may gain up to ``delta`` (tested: 0.63 total variation at delta 0.1 for
     random ``p, q`` over 32 codes), so the cost is measured per model in the benchmark.
@@ -187,7 +189,8 @@ class GroupedAcceptance(ExactAcceptance):
     in the verifier's ranking whose probability is within ``prob_gap`` of ``p(x)`` and whose
     input embedding is within squared distance ``emb_dist`` of ``x``'s; accept with
     ``min(1, sum_G p / sum_G q)``. Lossy (the group's mass is credited to ``x``); the
-    residual is SJD's. With ``prob_gap = 0`` the group is ``{x}`` and the rule is exact.
+    residual is SJD's. With ``prob_gap = 0`` the group is ``{x}`` and the rule is exact. A draft that
+    top-k / top-p removed (``p(x) == 0``) is never accepted, whatever its group's mass.
 
     Args:
         embeddings: ``[V, D]`` the AR model's input token embeddings.
@@ -220,4 +223,5 @@ class GroupedAcceptance(ExactAcceptance):
         members, in_group = self.group(p, drafts)
         mass_p = (p.gather(-1, members) * in_group).sum(-1)
         mass_q = (q.gather(-1, members) * in_group).sum(-1)
-        return coins * mass_q < mass_p
+        in_support = gather_prob(p, drafts) > 0  # a token top-k / top-p removed is never accepted
+        return (coins * mass_q < mass_p) & in_support

@@ -10,6 +10,7 @@ from .nar import decode_nar
 from .sampling import SamplingConfig
 from .options import RELAXATION_OPTIONS
 from .speculative import COUPLING_SUFFIX, decode_jacobi, decode_sjd, sjd_method_name
+from .pjd import decode_pjd
 from .zipar import decode_zipar
 from .zipar_adaptive import decode_zipar_adaptive
 
@@ -22,8 +23,14 @@ METHODS = {
     "sjd+gumbel": (decode_sjd, {"coupling": "gumbel"}),
     "sjd+lantern": (decode_sjd, {"coupling": "none", "acceptance": "lantern"}),
     "sjd+coupling+lantern": (decode_sjd, {"coupling": "maximal", "acceptance": "lantern"}),
+    "sjd+pac": (decode_sjd, {"coupling": "none", "pac": True}),
+    "sjd+coupling+pac": (decode_sjd, {"coupling": "maximal", "pac": True}),
+    "sjd+gumbel+pac": (decode_sjd, {"coupling": "gumbel", "pac": True}),
+    "sjd+pac+lantern": (decode_sjd, {"coupling": "none", "pac": True, "acceptance": "lantern"}),
+    "sjd+coupling+pac+lantern": (decode_sjd, {"coupling": "maximal", "pac": True, "acceptance": "lantern"}),
     "gsd": (decode_sjd, {"coupling": "none", "acceptance": "gsd", "init": "random"}),
     "zipar": (decode_zipar, {}),
+    "pjd": (decode_pjd, {}),
     "zipar-adaptive": (decode_zipar_adaptive, {}),
     "lpd": (decode_lpd, {}),
     "nar": (decode_nar, {}),
@@ -35,20 +42,20 @@ METHODS = {
 RELAXATIONS = ("none", "lantern", "gsd")
 
 
-def compose_method(method: str, coupling: str = "none", relax: str = "none") -> str:
-    """The method name for ``--method sjd --coupling maximal --relax lantern`` style flags
-    (``"sjd+coupling+lantern"``); a combination vargen does not define raises ``ValueError``."""
+def compose_method(method: str, coupling: str = "none", relax: str = "none", pac: bool = False) -> str:
+    """The method name for ``--method sjd --coupling maximal --relax lantern [--pac]`` style flags
+    (``"sjd+coupling+lantern"``, ``"sjd+coupling+pac"``); a combination vargen does not define raises ``ValueError``."""
     if coupling not in COUPLING_SUFFIX:
         raise ValueError(f"unknown coupling {coupling!r}; choose from {sorted(COUPLING_SUFFIX)}")
     if relax not in RELAXATIONS:
         raise ValueError(f"unknown relaxation {relax!r}; choose from {sorted(RELAXATIONS)}")
-    if coupling == "none" and relax == "none":
+    if coupling == "none" and relax == "none" and not pac:
         return method
     if method != "sjd":
-        raise ValueError(f"--coupling and --relax apply to --method sjd, not {method!r}")
+        raise ValueError(f"--coupling, --relax and --pac apply to --method sjd, not {method!r}")
     if relax == "gsd" and coupling != "none":
         raise ValueError("GSD's grouped acceptance is defined for plain SJD drafts; use --coupling none")
-    name = sjd_method_name(coupling, "exact" if relax == "none" else relax)
+    name = sjd_method_name(coupling, "exact" if relax == "none" else relax, pac)
     if name not in METHODS:
         raise ValueError(f"{name!r} is not a defined combination; choose from {sorted(METHODS)}")
     return name

@@ -25,6 +25,7 @@ FLAGS = {
     "mulo_rounds": ("max_rounds", "mulo"), "mulo_finish": ("finish", "mulo"),
     "lantern_delta": ("lantern_delta", None), "lantern_lambda": ("lantern_lambda", None),
     "lantern_k": ("lantern_k", None),
+    "pac_width": ("pac_width", None), "pac_depth": ("pac_depth", None),
 }
 RELAXATION_OPTIONS = ("lantern_delta", "lantern_lambda", "lantern_k")
 # methods that decode with a model of their own (resolved from the model folder), which --compile does not reach
@@ -43,6 +44,8 @@ def method_options(name: str) -> set:
     fn, fixed = METHODS[name]
     own = set(inspect.signature(fn).parameters) - set(fixed) - {
         "model", "cond", "sampling", "seeds", "cond_mask", "progress", "callback", "acceptance"}
+    if "pac" in own:  # SJD-PAC is chosen by name (sjd+pac); its knobs belong to the +pac methods only
+        own -= {"pac", "pac_width", "pac_depth"}
     return own | (set(RELAXATION_OPTIONS) if fixed.get("acceptance") == "lantern" else set())
 
 

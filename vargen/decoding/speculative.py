@@ -7,6 +7,19 @@ resamples at the first rejection; the cache rolls back by moving its length poin
 the drafts after the rejection become this pass's samples (Jacobi iteration, ``q := p``)
 and fresh drafts fill the window. Each sample advances by its own accepted length.
 
+SJD-PAC (``pac=True``, Kang et al., CVPR 2026) adds proactive drafting (a K-ary tree at the head of the
+window, :mod:`vargen.decoding.pac`) and adaptive continuation. Continuation, read naively ("keep the drafts
+after the rejection as they are, verified next pass against their old ``q``") is not lossless in one
+respect: a draft that already passed or failed a test against this pass's ``p`` is no longer a fresh ``q``
+sample if the outcome decides whether it is kept. The lossless version (the paper's code): each draft
+``d_j`` after the committed path is tested against this pass's ``p_j`` (stale context, ``u_j q_j(d) <
+p_j(d)``) and kept if it passes, else replaced by a draw from ``norm(max(p_j - q_j, 0))``; the new draft
+is then an exact ``p_j`` sample (speculative sampling's marginal) and its ``q`` becomes ``p_j``, exactly as
+in SJD's Jacobi step. ``u_j`` is the window's own coin, unused because the committed path stopped before
+``j``. That is the maximal coupling of the redraw below, with the verification coin: so ``sjd+pac`` and
+``sjd+coupling+pac`` draw their chains from the same distribution, and PAC's gain over coupling comes from
+the tree.
+
 With ``coupling="maximal"`` a redrawn draft keeps its old token with probability
 ``min(1, q_new / q_old)`` (else it comes from the residual); with ``"gumbel"`` every
 cell keeps one Exp(1) noise vector and drafts are ``argmax(q / E)``. Either way each draft
@@ -23,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .acceptance import ExactAcceptance, couple
 from .drafts import check_init, fill_fresh
+from .pac import pac_layout, verify_with_tree
 from .sampling import SamplingConfig, exponential_noise, sample_categorical, uniform_noise
 from .session import DecodeSession
 
@@ -30,12 +44,14 @@ COUPLINGS = ("none", "maximal", "gumbel")
 COUPLING_SUFFIX = {"none": "", "maximal": "+coupling", "gumbel": "+gumbel"}
 
 
-def sjd_method_name(coupling: str = "none", acceptance: str = "exact") -> str:
-    """The registry name of an SJD variant, e.g. ``"sjd+coupling+lantern"``; GSD (grouped acceptance on plain
-    SJD drafts) is ``"gsd"``. The one definition the decode loop, the CLI flags and ``METHODS`` share."""
-    if acceptance == "gsd" and coupling == "none":
+def sjd_method_name(coupling: str = "none", acceptance: str = "exact", pac: bool = False) -> str:
+    """The registry name of an SJD variant, e.g. ``"sjd+coupling+lantern"`` or ``"sjd+coupling+pac"``; GSD
+    (grouped acceptance on plain SJD drafts) is ``"gsd"``. The one definition the decode loop, the CLI flags and
+    ``METHODS`` share."""
+    if acceptance == "gsd" and coupling == "none" and not pac:
         return "gsd"
-    return "sjd" + COUPLING_SUFFIX[coupling] + ("" if acceptance == "exact" else f"+{acceptance}")
+    return "sjd" + COUPLING_SUFFIX[coupling] + ("+pac" if pac else "") + \
+        ("" if acceptance == "exact" else f"+{acceptance}")
 
 
 def commit_accepted(canvas: torch.Tensor, from_draft: torch.Tensor, n: torch.Tensor, drafts: torch.Tensor,
@@ -62,7 +78,8 @@ def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: Optional[Sequence[int]] = None,
                cond_mask: Optional[torch.Tensor] = None, window: int = 16, init: str = "left",
-               coupling: str = "none", acceptance=None, progress: bool = False, callback=None):
+               coupling: str = "none", acceptance=None, pac: bool = False, pac_width: int = 3, pac_depth: int = 2,
+               progress: bool = False, callback=None):
     """Generate all image tokens with Speculative Jacobi Decoding.
 
     Args:
@@ -71,6 +88,11 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         init: draft initialisation for new window positions, see :mod:`vargen.decoding.drafts`.
         coupling: ``"none"`` (SJD), ``"maximal"`` or ``"gumbel"`` (lossless coupled redraws).
         acceptance: the acceptance rule (default :class:`ExactAcceptance`, lossless).
+        pac: SJD-PAC. Proactive drafting: the window's first ``pac_depth`` levels become a ``pac_width``-ary
+            tree verified in the same pass (:mod:`vargen.decoding.pac`; the paper's K = 3, D = 3 counting the
+            root). Adaptive continuation: the drafts after the accepted path are kept where they pass the
+            speculative test against this pass's ``p`` (with their own, so far unused, coins) and redrawn from
+            ``norm(max(p - q, 0))`` where they fail (module docstring: this is the maximal coupling).
         progress: tqdm bar over the least advanced sample's committed tokens.
         callback: optional ``callback(step, tokens, committed)`` after each verify pass
             (``tokens [B, N]``; cells past ``committed[b]`` hold drafts).
@@ -86,9 +108,11 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         raise ValueError(f"unknown coupling {coupling!r}; choose from {COUPLINGS}")
     acceptance = acceptance or ExactAcceptance()
     N, V, L, width = model.num_tokens, model.vocab_size, window, model.grid[1]
-    name = sjd_method_name(coupling, acceptance.name)
+    name = sjd_method_name(coupling, acceptance.name, pac)
+    K, T = min(pac_width, V), (min(pac_depth, L - 1) if pac else 0)  # T tree levels, always < L
+    extra_nodes = len(pac_layout(L, K, T)[0]) - L if pac else 0
     session = DecodeSession(model, cond, sampling, seeds, cond_mask, method=name,
-                            max_len=model.prefix_len + N + L)
+                            max_len=model.prefix_len + N + L + extra_nodes + 1)
     B, dev, gens = session.batch, session.device, session.generators
     canvas = torch.zeros(B, N + L + 1, dtype=torch.long, device=dev)  # committed tokens, then drafts
     from_draft = torch.zeros(B, N + L + 1, dtype=torch.bool, device=dev)  # cells committed as accepted drafts
@@ -101,24 +125,30 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     drafts, q = fill_fresh(canvas, n, torch.zeros(B, L, dtype=torch.long, device=dev),
                            torch.zeros(B, L, V, device=dev), torch.ones(B, L, dtype=torch.bool, device=dev),
                            first, init, gens, width)
+    q_prev = None
     step_i = 0
     bar = tqdm(total=N, disable=not progress, desc=name, leave=False)
     while True:
         active = n < N
         if not bool(active.any()):  # one host sync per verify step, none per token
             break
-        # verify: the last committed token and L drafts, at their true raster positions
-        pos = (n - 1)[:, None] + steps
-        inputs = torch.cat([canvas.gather(1, (n - 1)[:, None]), drafts], dim=1)
-        probs = session.forward(inputs, positions=pos.clamp(max=N - 1), slots=pos)  # [B, L+1, V]
-        valid = (pos[:, 1:] < N) & active[:, None]
-        coins = uniform_noise((L,), gens, dev)
-        noise = exponential_noise((V,), gens, dev)  # the resample's Exp(1) draw, made explicit for the fused op
-        # r: drafts accepted before the first rejection; x: the residual (or bonus) token at n + r
-        r, x = acceptance.verify_window(probs, q, drafts, coins, valid, noise)
+        last = canvas.gather(1, (n - 1)[:, None])
+        if pac:  # the window plus a K-ary tree on its first T levels; the accepted path may leave the window
+            probs, r, x, path, coins = verify_with_tree(session, acceptance, last[:, 0], n, drafts, q, active, K, T,
+                                                          q_prev)
+        else:
+            # verify: the last committed token and L drafts, at their true raster positions
+            pos = (n - 1)[:, None] + steps
+            probs = session.forward(torch.cat([last, drafts], 1), positions=pos.clamp(max=N - 1), slots=pos)
+            valid = (pos[:, 1:] < N) & active[:, None]
+            coins = uniform_noise((L,), gens, dev)
+            noise = exponential_noise((V,), gens, dev)  # the resample's Exp(1) draw, made explicit for the fused op
+            # r: drafts accepted before the first rejection; x: the residual (or bonus) token at n + r
+            r, x = acceptance.verify_window(probs, q, drafts, coins, valid, noise)
+            path = drafts
         p_r = _rows(probs, r[:, None])[:, 0]
-        # commit the accepted drafts at n .. n+r-1 and the resampled (or bonus) token at n+r
-        _, n_new = commit_accepted(canvas, from_draft, n, drafts, r, x, active, N)
+        # commit the accepted path at n .. n+r-1 and the resampled (or bonus) token at n+r
+        _, n_new = commit_accepted(canvas, from_draft, n, path, r, x, active, N)
         session.advance(n_new)
         session.rollback(n_new - 1)  # the newest token has no KV yet
         # next window: this pass's distributions where they reach (Jacobi), fresh drafts after
@@ -129,12 +159,16 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         else:
             noise = exponential_noise((L, V), gens, dev)
         new_d = sample_categorical(new_q, noise=noise)
-        if coupling == "maximal":
+        if coupling == "maximal" or (pac and coupling == "none"):
+            # continuation (pac) reuses the kept drafts' own coins, unused so far; the coupling draws fresh ones
             old = src.clamp(max=L - 1)
-            coupled = couple(new_q, _rows(q, old), drafts.gather(1, old), uniform_noise((L,), gens, dev),
+            keep_coins = uniform_noise((L,), gens, dev) if coupling == "maximal" else coins.gather(1, old)
+            coupled = couple(new_q, _rows(q, old), drafts.gather(1, old), keep_coins,
                              exponential_noise((L, V), gens, dev))
             new_d = torch.where(src <= L - 1, coupled, new_d)
         n = n_new
+        if pac:  # the distributions the kept cells had before this pass, for the tree's siblings
+            q_prev = torch.where((src <= L - 1)[..., None], _rows(q, src.clamp(max=L - 1)), 0.0)
         drafts, q = fill_fresh(canvas, n, new_d, new_q, src > L, p_r, init, gens, width)
         if callback is not None:
             callback(step_i, canvas[:, :N], n)
@@ -144,7 +178,7 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
             bar.refresh()
     bar.close()
     stats = session.finish()
-    stats.extra.update(window=L, init=init, coupling=coupling, acceptance=acceptance.name,
+    stats.extra.update(window=L, init=init, coupling=coupling, acceptance=acceptance.name, pac=pac,
                        accepted_cells=from_draft[:, :N].float().mean(0).tolist())
     return canvas[:, :N], stats
 

@@ -115,11 +115,15 @@ def lantern_pooled_mass(p: torch.Tensor, drafts: torch.Tensor, neighbours: torch
 def lantern_pooled_set(p: torch.Tensor, drafts: torch.Tensor, neighbours: torch.Tensor,
                        delta: Optional[float] = None, lam: Optional[float] = None) -> tuple:
     """``(neighbour ids [..., k], their cumulative mass [..., k], pooled [..., k] bool)`` per draft: the
-    pooled neighbours are the prefix whose cumulative mass stays within LANTERN's budget."""
+    pooled neighbours are the prefix whose cumulative mass stays within LANTERN's budget.
+
+    A draft outside the sampling support (``p(d) == 0`` after top-k / top-p) pools nothing: the user's
+    filter is a hard limit, so such a draft must never be accepted through its neighbours' mass."""
     nb = neighbours.to(drafts.device)[drafts]  # [..., k]
     cum = p.gather(-1, nb).cumsum(-1)
-    budget = (lam - 1) * gather_prob(p, drafts) if lam is not None else torch.full_like(cum[..., 0], delta)
-    return nb, cum, cum <= budget[..., None]
+    p_d = gather_prob(p, drafts)
+    budget = (lam - 1) * p_d if lam is not None else torch.full_like(cum[..., 0], delta)
+    return nb, cum, (cum <= budget[..., None]) & (p_d > 0)[..., None]
 
 
 # --------------------------------------------------------------------------------------------- LIIF

@@ -1,0 +1,81 @@
+"""SJD-PAC (proactive draft tree + adaptive continuation) is lossless, with and without coupling."""
+import pytest
+import torch
+from conftest import make_gpt
+from test_speculative import N_SAMPLES, SHARP, chi_square_p, exact_distribution
+
+import vargen.decoding.speculative as speculative
+from vargen.decoding import SamplingConfig, get_method
+from vargen.decoding.acceptance import ExactAcceptance, gather_prob
+from vargen.decoding.methods import compose_method
+from vargen.decoding.pac import pac_layout, sibling_drafts
+from vargen.decoding.speculative import decode_sjd
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_gpt("c2i", vocab=4, block=4, seed=3)
+
+
+def sample(model, sampling, **options):
+    return decode_sjd(model, torch.full((N_SAMPLES,), 1), sampling, seeds=range(N_SAMPLES), pac=True, **options)
+
+
+@pytest.mark.parametrize("init,coupling,window,width,depth,sampling", [
+    ("random", "none", 3, 3, 2, SHARP), ("left", "maximal", 3, 3, 2, SHARP), ("random", "gumbel", 4, 2, 2, SHARP),
+    ("left-dist", "none", 2, 3, 1, SamplingConfig(cfg_scale=2.0, temperature=0.8, top_k=3)),
+    ("left", "maximal", 4, 3, 2, SamplingConfig(temperature=0.9, top_p=0.9)),
+])
+def test_pac_samples_follow_the_exact_ar_distribution(one_thread, small, init, coupling, window, width, depth,
+                                                      sampling):
+    expected = exact_distribution(small, 1, sampling)
+    tokens, stats = sample(small, sampling, window=window, init=init, coupling=coupling, pac_width=width,
+                           pac_depth=depth)
+    assert chi_square_p(tokens, expected, 4) > 1e-3
+    assert stats.method == speculative.sjd_method_name(coupling, "exact", True) and stats.extra["pac"]
+    assert len(set(stats.per_sample_forward_passes)) > 1  # samples advance by different lengths in one batch
+
+
+class NoDrop(ExactAcceptance):
+    """Broken: a rejected tree sibling stays in the target, so the final draw can repeat it."""
+
+    def verify_token(self, p, x, coins):
+        return coins < gather_prob(p, x), p
+
+
+def test_the_chi_square_test_catches_a_broken_tree_walk(one_thread, small):
+    tokens, _ = sample(small, SHARP, window=3, init="random", acceptance=NoDrop())
+    assert chi_square_p(tokens, exact_distribution(small, 1, SHARP), 4) < 1e-6
+
+
+def test_naive_continuation_that_keeps_drafts_untested_is_not_lossless(one_thread, small, monkeypatch):
+    """The naive reading of continuation: keep every later draft as it is, judged next pass against this pass's p."""
+    monkeypatch.setattr(speculative, "couple", lambda new_q, old_q, old_draft, coins, noise: old_draft)
+    tokens, _ = sample(small, SHARP, window=3, init="left")
+    assert chi_square_p(tokens, exact_distribution(small, 1, SHARP), 4) < 1e-6
+
+
+def test_the_tree_is_the_window_plus_k_ary_branches():
+    parents, depth, cand, children = pac_layout(5, 3, 2)
+    assert parents[:5].tolist() == [0, 1, 2, 3, 4] and depth[:5].tolist() == [1, 2, 3, 4, 5]  # the window first
+    assert len(parents) == 5 + 2 + 8  # level 1: 3 nodes (1 in the window), level 2: 9 (1 in the window)
+    assert children[0].tolist() == [1, 6, 7] and children[1, 0] == 2  # root's candidates; main child = window
+    assert all(depth[children[v, k] - 1] == 2 for v in children[0].tolist() for k in range(3))
+    q = torch.tensor([[[0.15, 0.5, 0.3, 0.05]]])
+    assert sibling_drafts(q, torch.tensor([[1]]), 3).tolist() == [[[2, 0]]]  # most likely others, not the draft
+    q_prev = torch.tensor([[[0.15, 0.6, 0.2, 0.05]]])  # token 2 gained the most, then token 0 and 3 tie at 0
+    assert sibling_drafts(q, torch.tensor([[1]]), 3, q_prev).tolist() == [[[2, 0]]]
+    assert sibling_drafts(q, torch.tensor([[2]]), 3, q_prev).tolist() == [[[1, 0]]]
+
+
+def test_pac_passes_fewer_and_names_compose(one_thread):
+    model = make_gpt("c2i", vocab=16, block=16, seed=2)
+    cond, sampling = torch.arange(32) % 5, SamplingConfig(top_k=8, temperature=0.5)
+    _, plain = decode_sjd(model, cond, sampling, seeds=range(32), window=6, coupling="maximal")
+    _, pac = get_method("sjd+coupling+pac", window=6)(model, cond, sampling, seeds=range(32))
+    assert pac.method == "sjd+coupling+pac"
+    assert sum(pac.per_sample_forward_passes) < sum(plain.per_sample_forward_passes)  # 226 vs 236
+    assert compose_method("sjd", "maximal", pac=True) == "sjd+coupling+pac"
+    assert compose_method("sjd", "none", "lantern", pac=True) == "sjd+pac+lantern"
+    with pytest.raises(ValueError):
+        compose_method("sjd", "gumbel", "lantern", pac=True)

@@ -1,0 +1,162 @@
+"""SJD-PAC's proactive drafting (Kang et al., CVPR 2026), vargen's lossless version: a shallow K-ary draft tree
+at the head of the SJD window, verified in the same pass under a tree mask.
+
+Layout of one verify pass (``M + 1`` inputs, index 0 = the last committed token, the root):
+nodes ``1 .. L`` are the SJD window (the main path: node ``j`` sits at depth ``j``), so a pass that stays on
+the main path is exactly an SJD pass; nodes ``L+1 ..`` are the extra branches of the tree's first ``T`` levels.
+At level ``l`` every parent offers the same ``K`` candidates: the window's draft ``d_l ~ q_l`` first, then the
+``K - 1`` most likely other tokens of ``q_l`` (deterministic drafts). Drawn from the cached ``q``: no extra pass.
+
+Lossless: at each level the walk is recursive rejection with proposals that do not depend on the coins.
+``d_l`` is judged by speculative sampling (``u q_l(d) < p(d)``, else ``p := norm(max(p - q_l, 0))``), each
+sibling ``s`` (a token fixed before its coin is drawn) as a one-hot proposal (``u < p(s)``, else drop ``s``
+and renormalise). Each step outputs its current target exactly, so the committed token at every level is
+distributed as the verifier's ``p`` given the accepted path; ``d_l`` is an exact ``q_l`` draw whatever the
+parent, because the tree's candidates at a level are the same for every parent.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from .sampling import sample_categorical
+
+
+@lru_cache(maxsize=None)
+def pac_layout(L: int, K: int, T: int) -> tuple:
+    """``(parents [M], depth [M], candidate [M], children [M+1, K])`` of the window plus tree (module docstring):
+    node ``i + 1``'s parent is ``parents[i]`` (0 = root), its depth ``depth[i]``, and its token is candidate
+    ``candidate[i]`` of its level (0 = the window draft); ``children[v, k]`` is node ``v``'s ``k``-th candidate
+    (``-1`` past the tree)."""
+    parents, depth, cand = list(range(L)), list(range(1, L + 1)), [0] * L
+    children = {(j, 0): j + 1 for j in range(L)}
+    level_nodes = [0]
+    for level in range(1, T + 1):
+        nxt = []
+        for parent in level_nodes:
+            for k in range(K):
+                if (parent, k) not in children:
+                    parents.append(parent)
+                    depth.append(level)
+                    cand.append(k)
+                    children[(parent, k)] = len(parents)
+                nxt.append(children[(parent, k)])
+        level_nodes = nxt
+    M = len(parents)
+    table = torch.full((M + 1, K), -1, dtype=torch.long)
+    for (v, k), c in children.items():
+        if k < K:
+            table[v, k] = c
+    return torch.tensor(parents), torch.tensor(depth), torch.tensor(cand), table
+
+
+def sibling_drafts(q: torch.Tensor, drafts: torch.Tensor, K: int, q_prev=None) -> torch.Tensor:
+    """``[B, T, K-1]`` sibling tokens other than ``drafts`` ``[B, T]``: the tokens that gained the most mass from
+    the previous draft distribution ``q_prev`` to ``q`` (``[B, T, V]``; where the context change points, as the
+    paper's residual draws do), ties and no change broken by ``q``; without ``q_prev`` the most likely tokens."""
+    score = q if q_prev is None else (q - q_prev).clamp_min(0) + 1e-3 * q
+    return score.scatter(-1, drafts[..., None], -1.0).topk(K - 1, dim=-1).indices
+
+
+def node_tokens(drafts: torch.Tensor, siblings: torch.Tensor, depth: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """``[B, M]`` node tokens: candidate 0 is the window draft at the node's depth, candidate ``k`` sibling ``k``."""
+    L = drafts.shape[1]
+    from_draft = drafts[:, (depth - 1).clamp(max=L - 1)]
+    if siblings.shape[1] == 0 or siblings.shape[2] == 0:
+        return from_draft
+    T = siblings.shape[1]
+    sib = siblings[:, (depth - 1).clamp(max=T - 1), (cand - 1).clamp(min=0)]
+    return torch.where(cand > 0, sib, from_draft)
+
+
+def walk_pac_tree(acceptance, probs, q, drafts, node_tok, children, valid, coins, sib_coins, noise, active, T):
+    """The tree's first ``T`` levels, vectorised over the batch (module docstring).
+
+    Args:
+        probs: ``[B, M+1, V]`` verifier rows (root and nodes); q, drafts: the window's ``[B, L, V]``, ``[B, L]``.
+        node_tok: ``[B, M+1]`` input tokens; children: ``[M+1, K]``; valid: ``[B, M+1]`` nodes inside the grid.
+        coins: ``[B, L]`` the window drafts' coins; sib_coins ``[B, T, K]``; noise ``[B, V]`` Exp(1).
+
+    Returns:
+        ``(cur [B] node reached, path [B, T] nodes accepted per level, accepted [B], stopped [B], final [B])``:
+        ``stopped`` samples rejected every candidate at level ``accepted + 1`` and drew ``final`` from what was left.
+    """
+    B, K = drafts.shape[0], children.shape[1]
+    rows = torch.arange(B, device=drafts.device)
+    cur = torch.zeros(B, dtype=torch.long, device=drafts.device)
+    path = torch.zeros(B, T, dtype=torch.long, device=drafts.device)
+    accepted = torch.zeros_like(cur)
+    alive, stopped = active.clone(), torch.zeros_like(active)
+    final = torch.zeros_like(cur)
+    for level in range(T):
+        p = probs[rows, cur]
+        moved = torch.zeros_like(alive)
+        nxt = cur
+        for k in range(K):
+            child = children[cur, k]
+            has = alive & ~moved & (child >= 0) & valid[rows, child.clamp(min=0)]
+            if k == 0:  # the window draft d ~ q: speculative sampling, residual on rejection
+                q_l = q[:, level]
+                ok = acceptance.accept(p, q_l, drafts[:, level], coins[:, level])
+                p_rej = acceptance.resample(p, q_l)
+            else:  # a sibling fixed before its coin: one-hot proposal, dropped on rejection
+                ok, p_rej = acceptance.verify_token(p, node_tok[rows, child.clamp(min=0)], sib_coins[:, level, k])
+            ok = ok & has
+            moved |= ok
+            nxt = torch.where(ok, child, nxt)
+            p = torch.where((has & ~ok)[:, None], p_rej, p)
+        stop = alive & ~moved
+        final = torch.where(stop, sample_categorical(p, noise=noise), final)
+        stopped |= stop
+        path[:, level] = torch.where(moved, nxt, path[:, level])
+        accepted += moved.long()
+        alive &= moved
+        cur = nxt
+    return cur, path, accepted, stopped, final
+
+
+def verify_with_tree(session, acceptance, last, n, drafts, q, active, K: int, T: int, q_prev=None):
+    """One SJD-PAC verify pass: the window plus its tree in one tree-masked forward, the walk, and the accepted
+    path's keys and values moved to contiguous slots.
+
+    Returns ``(probs [B, L+1, V] along the window, accepted [B], final [B], path_tokens [B, L], coins [B, L])``;
+    ``coins`` are the window drafts' coins (those past the accepted path are unused, free for continuation).
+    """
+    from .eagle import tree_ancestors
+    from .sampling import exponential_noise, uniform_noise
+
+    B, L, V = q.shape
+    dev, gens, N = q.device, session.generators, session.model.num_tokens
+    parents, depth, cand, children = (t.to(dev) for t in pac_layout(L, K, T))
+    M = parents.shape[0]
+    tok = torch.cat([last[:, None], node_tokens(drafts, sibling_drafts(q[:, :T], drafts[:, :T], K,
+                                                                       None if q_prev is None else q_prev[:, :T]), depth, cand)], 1)
+    depth_all = torch.cat([depth.new_zeros(1), depth])
+    pos = (n - 1)[:, None] + depth_all
+    vslots = (n - 1)[:, None] + torch.arange(M + 1, device=dev)
+    mask = session.cache.visible[:B, None, :].expand(-1, M + 1, -1).clone()
+    ancestors = tree_ancestors((parents - 1).expand(B, -1), L)
+    mask.scatter_(2, (session.prefix_len + vslots)[:, None, :].expand(-1, M + 1, -1), ancestors)
+    probs = session.forward(tok, positions=pos.clamp(max=N - 1), slots=vslots, mask=mask)  # [B, M+1, V]
+    valid = (pos < N) & active[:, None]
+    coins, sib_coins = uniform_noise((L,), gens, dev), uniform_noise((max(T, 1), K), gens, dev)
+    noise = exponential_noise((V,), gens, dev)
+    rows = torch.arange(B, device=dev)
+    cur, path, acc_tree, stopped, final_tree = walk_pac_tree(acceptance, probs, q, drafts, tok, children, valid,
+                                                             coins, sib_coins, noise, active, T)
+    # past the tree: the main path goes on as an SJD window; an off-main leaf draws its bonus from its own row
+    window = probs[:, :L + 1]
+    r, x = acceptance.verify_window(window[:, T:], q[:, T:], drafts[:, T:], coins[:, T:], valid[:, T + 1:L + 1],
+                                    noise)
+    on_main = ~stopped & (cur == T)
+    bonus = sample_categorical(acceptance.target(probs[rows, cur]), noise=noise)
+    accepted = torch.where(on_main, T + r, acc_tree)
+    final = torch.where(on_main, x, torch.where(stopped, final_tree, bonus))
+    path_nodes = torch.cat([path, torch.arange(T + 1, L + 1, device=dev).expand(B, -1)], 1)  # [B, L]
+    steps = torch.arange(L, device=dev)
+    keep = (steps[None] < accepted[:, None]) & active[:, None]
+    P = session.prefix_len
+    src = torch.where(keep, P + (n - 1)[:, None] + path_nodes, P + n[:, None] + steps)
+    session.cache.copy_slots(session._double(src), session._double(P + n[:, None] + steps))
+    return window, accepted, final, tok.gather(1, path_nodes), coins
