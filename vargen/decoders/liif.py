@@ -465,9 +465,10 @@ class LIIFTokenDecoder(nn.Module):
         if chunk is not None and chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         H, W = output_size(self.native_size(tokens), size, scale)
-        budget = budget_or_default(max_memory)
-        chunk = chunk or per_chunk(len(tokens) * H * W, liif_query_bytes(self.liif), budget)
-        group = per_chunk(len(tokens), vq_decode_bytes(self.trunk.out_dim, *self.native_size(tokens)), budget)
+        # a group's trunk features and a chunk of queries are alive together: half the budget each
+        half = budget_or_default(max_memory) // 2
+        chunk = chunk or per_chunk(len(tokens) * H * W, liif_query_bytes(self.liif), half)
+        group = per_chunk(len(tokens), vq_decode_bytes(self.trunk.out_dim, *self.native_size(tokens)), half)
         with tqdm(total=len(tokens) * H * W, desc=f"rendering {W}x{H} (LIIF)", unit="px", unit_scale=True,
                   disable=not progress) as bar:
             return torch.cat([render_feat(self.liif, self.trunk(t), H, W, chunk, bar=bar)
