@@ -16,6 +16,12 @@ DRAFT_INITS = ("random", "left", "above", "left-dist")
 INIT_ALIASES = {"up": "above", "sample": "left-dist"}  # the names SJD's paper and code use
 
 
+def one_hot_q(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[..., vocab]`` fp32 one-hot draft distributions of deterministic drafts. ``F.one_hot`` would check the
+    tokens' range on the host (two syncs per call) inside the decode loop."""
+    return torch.zeros(*tokens.shape, vocab, device=tokens.device).scatter_(-1, tokens[..., None], 1.0)
+
+
 def check_init(init: str) -> str:
     """The canonical name of a draft initialisation (aliases ``up``, ``sample`` accepted)."""
     init = INIT_ALIASES.get(init, init)
@@ -66,8 +72,7 @@ def fill_fresh(canvas: torch.Tensor, start: torch.Tensor, drafts: torch.Tensor, 
                 d = torch.where(cell % width > 0, left, above)
             else:  # above
                 d = torch.where(cell >= width, above, left)
-            # a deterministic draft's q is one-hot (one_hot() would check d's range: two host syncs per cell)
-            qj = torch.zeros(B, V, dtype=q.dtype, device=q.device).scatter_(1, d[:, None], 1.0)
+            qj = one_hot_q(d, V).to(q.dtype)
         f = fresh[:, j]
         drafts[:, j] = torch.where(f, d, drafts[:, j])
         q[:, j] = torch.where(f[:, None], qj, q[:, j])
@@ -96,5 +101,4 @@ def _copy_neighbours(canvas: torch.Tensor, start: torch.Tensor, drafts: torch.Te
     source = torch.where(anchor, steps + 1, 0).cummax(1).values  # 0: the committed cell before the window
     window = values.gather(1, source)
     canvas.scatter_(1, cells, window)
-    one_hot = torch.zeros_like(q).scatter_(2, window[..., None], 1.0)
-    return window, torch.where(fresh[..., None], one_hot, q)
+    return window, torch.where(fresh[..., None], one_hot_q(window, q.shape[-1]).to(q.dtype), q)

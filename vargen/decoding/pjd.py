@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .acceptance import ExactAcceptance
+from .drafts import one_hot_q
 from .sampling import SamplingConfig, exponential_noise, sample_categorical, uniform_noise
 from .session import DecodeSession
 
@@ -31,7 +32,7 @@ def row_windows(f: torch.Tensor, base: torch.Tensor, R: int, L: int, H: int, W: 
     """Cells of each active row's pass: ``(row [B, R], in0 [B, R] input-0 cell or -1 at a row start,
     cells [B, R, L], inside [B, R, L] the cell lies in its row, valid [B, R, L] it may be drafted now)`` for row
     frontiers ``f [B, H]`` and first unfinished rows ``base [B]``."""
-    B, dev = f.shape[0], f.device
+    dev = f.device
     row = base[:, None] + torch.arange(R, device=dev)  # [B, R]
     live = row < H
     rc = row.clamp(max=H - 1)
@@ -77,7 +78,7 @@ def decode_pjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     acceptance = acceptance or ExactAcceptance()
     (H, W), N, V, L, R = model.grid, model.num_tokens, model.vocab_size, window, rows
     session = DecodeSession(model, cond, sampling, seeds, cond_mask, method="pjd", max_len=model.prefix_len + N + R + R * window)
-    B, dev, gens, P = session.batch, session.device, session.generators, session.prefix_len
+    B, dev, gens = session.batch, session.device, session.generators
     canvas = torch.zeros(B, N, dtype=torch.long, device=dev)
     committed = torch.zeros(B, N, dtype=torch.bool, device=dev)
     drafts = torch.zeros(B, N, dtype=torch.long, device=dev)  # the current draft of every cell, and its q
@@ -100,7 +101,7 @@ def decode_pjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         seed_cell = torch.where(cells >= W, cells - W, (cells - 1).clamp(min=0))
         init = canvas.gather(1, seed_cell.view(B, -1)).view(B, R, L)
         d = torch.where(fresh, init, drafts.gather(1, cells.view(B, -1)).view(B, R, L))
-        q_win = torch.where(fresh[..., None], torch.nn.functional.one_hot(init, V).float(), q[b_idx, cells])
+        q_win = torch.where(fresh[..., None], one_hot_q(init, V), q[b_idx, cells])
         # input 0: the row's last committed token at its slot; at a row start the row above's latest, at a scratch
         above_last = (row - 1).clamp(min=0) * W + (f.gather(1, (row - 1).clamp(min=0)) - 1).clamp(min=0)
         tok0 = canvas.gather(1, torch.where(in0 >= 0, in0, above_last))
