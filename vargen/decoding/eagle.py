@@ -140,27 +140,36 @@ def tree_children(parents: torch.Tensor, width: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- acceptance walk
 def walk_tree(acceptance, probs: torch.Tensor, tokens: torch.Tensor, children: torch.Tensor, valid: torch.Tensor,
-              coins: torch.Tensor, noise: torch.Tensor, active: torch.Tensor) -> tuple:
-    """Accept a path down the verified tree (module docstring, step 4), vectorised over the batch.
+              coins: torch.Tensor, noise: torch.Tensor, active: torch.Tensor, first=None) -> tuple:
+    """Accept a path down the verified tree (module docstring, step 4), vectorised over the batch: at each level
+    the children of the current node are tried in rank order, each a token fixed before its coin (a one-hot
+    proposal, :meth:`~vargen.decoding.acceptance.ExactAcceptance.verify_token`; a rejected one is dropped from
+    ``p``), until one is accepted; if none is, the final token is drawn from what is left of ``p``.
 
     Args:
         probs: ``[B, M+1, V]`` target distributions at the root (0) and every node.
-        tokens: ``[B, M+1]`` node tokens (entry 0 unused); children ``[B, M+1, K]`` (:func:`tree_children`).
-        valid: ``[B, M+1]`` nodes inside the grid; coins ``[B, D+1, K]`` U(0, 1); noise ``[B, V]`` Exp(1).
+        tokens: ``[B, M+1]`` node tokens (entry 0 unused); children ``[B, M+1, K]`` (:func:`tree_children`) or
+            ``[M+1, K]`` shared by the batch.
+        valid: ``[B, M+1]`` nodes inside the grid; coins ``[B, levels, K]`` U(0, 1); noise ``[B, V]`` Exp(1).
+        first: ``(q [B, >=levels, V], drafts, coins [B, >=levels])`` when every node's first child at level ``l``
+            is the sampled draft ``drafts[:, l] ~ q[:, l]`` (SJD-PAC's window): it is judged by speculative
+            sampling (:meth:`accept`, :meth:`resample`) with its own coin.
 
     Returns:
-        ``(path [B, D] accepted node indices, accepted [B] path length, final [B] token after the path)``.
+        ``(cur [B] node reached, path [B, levels] accepted node per level, accepted [B] path length, stopped [B]
+        every candidate was rejected at the level after the path, final [B] token drawn there)``.
     """
-    B, _, K = children.shape
-    D = coins.shape[1] - 1
+    B, levels, K = coins.shape
+    if children.dim() == 2:
+        children = children.expand(B, -1, -1)
     dev = probs.device
     rows = torch.arange(B, device=dev)
     cur = torch.zeros(B, dtype=torch.long, device=dev)
-    alive = active.clone()
+    alive, stopped = active.clone(), torch.zeros_like(active)
     accepted = torch.zeros(B, dtype=torch.long, device=dev)
-    path = torch.zeros(B, max(D, 1), dtype=torch.long, device=dev)
+    path = torch.zeros(B, levels, dtype=torch.long, device=dev)
     final = torch.zeros(B, dtype=torch.long, device=dev)
-    for level in range(D + 1):
+    for level in range(levels):
         p = probs[rows, cur]
         moved = torch.zeros(B, dtype=torch.bool, device=dev)
         nxt = cur
@@ -168,20 +177,24 @@ def walk_tree(acceptance, probs: torch.Tensor, tokens: torch.Tensor, children: t
             child = children[rows, cur, r]
             has = (child >= 0) & alive & ~moved
             has &= valid[rows, child.clamp(min=0)]
-            x = tokens[rows, child.clamp(min=0)]
-            passed, p_rejected = acceptance.verify_token(p, x, coins[:, level, r])
+            if first is not None and r == 0:
+                q, drafts, first_coins = first
+                passed = acceptance.accept(p, q[:, level], drafts[:, level], first_coins[:, level])
+                p_rejected = acceptance.resample(p, q[:, level])
+            else:
+                passed, p_rejected = acceptance.verify_token(p, tokens[rows, child.clamp(min=0)], coins[:, level, r])
             ok = has & passed
             moved |= ok
             nxt = torch.where(ok, child, nxt)
             p = torch.where((has & ~ok)[:, None], p_rejected, p)  # the next sibling is judged against the rest
         stop = alive & ~moved
         final = torch.where(stop, sample_categorical(p, noise=noise), final)
-        if level < D:
-            path[:, level] = torch.where(moved, nxt, path[:, level])
+        stopped |= stop
+        path[:, level] = torch.where(moved, nxt, path[:, level])
         accepted += moved.long()
         alive &= moved
         cur = nxt
-    return path, accepted, final
+    return cur, path, accepted, stopped, final
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -437,7 +450,7 @@ class _EagleRun:
 
     # ---- 3-4. one target pass over the whole tree (tree mask), then the acceptance walk
     def verify(self, node_tok, parents, node_depth, active):
-        """``(inputs [B, M+1], probs, hidden, path [B, D], accepted [B], final [B])``: the target's distributions
+        """``(inputs [B, M+1], probs, hidden, path [B, D+1], accepted [B], final [B])``: the target's distributions
         at the last committed token (tree index 0) and every node, and the path the rule accepts."""
         B, dev, n, N, M, D, K, V = self.B, self.dev, self.n, self.N, self.shape.M, self.shape.D, self.shape.K, self.V
         ancestors = tree_ancestors(parents, D)  # [B, M+1, M+1]
@@ -449,7 +462,7 @@ class _EagleRun:
         mask.scatter_(2, (self.P + vslots)[:, None, :].expand(-1, M + 1, -1), ancestors)
         probs, hid = self.session.forward(inputs, pos, vslots, mask, return_hidden=True)  # [B, M+1, V], [R, M+1, dim]
         valid = (n[:, None] - 1 + depth_all) <= N - 1
-        path, acc, final = walk_tree(self.acceptance, probs, inputs, tree_children(parents, K), valid,
+        _, path, acc, _, final = walk_tree(self.acceptance, probs, inputs, tree_children(parents, K), valid,
                                      uniform_noise((D + 1, K), self.gens, dev), exponential_noise((V,), self.gens, dev),
                                      active)
         return inputs, probs, hid, path, acc, final

@@ -223,7 +223,6 @@ def _finish_ar(session: DecodeSession, tokens: torch.Tensor, changed: torch.Tens
     """Resample every cell from the first pending one on by plain AR (one pass per cell, each recorded in
     ``session``); returns the tokens."""
     B, N = tokens.shape
-    dev = tokens.device
     first = _first(pending, N)  # N where nothing is pending
     todo = first < N
     # the cache is valid before the first cell changed in the last round: re-feed from there to the first pending

@@ -70,52 +70,6 @@ def node_tokens(drafts: torch.Tensor, siblings: torch.Tensor, depth: torch.Tenso
     return torch.where(cand > 0, sib, from_draft)
 
 
-def walk_pac_tree(acceptance, probs, q, drafts, node_tok, children, valid, coins, sib_coins, noise, active, T):
-    """The tree's first ``T`` levels, vectorised over the batch (module docstring).
-
-    Args:
-        probs: ``[B, M+1, V]`` verifier rows (root and nodes); q, drafts: the window's ``[B, L, V]``, ``[B, L]``.
-        node_tok: ``[B, M+1]`` input tokens; children: ``[M+1, K]``; valid: ``[B, M+1]`` nodes inside the grid.
-        coins: ``[B, L]`` the window drafts' coins; sib_coins ``[B, T, K]``; noise ``[B, V]`` Exp(1).
-
-    Returns:
-        ``(cur [B] node reached, path [B, T] nodes accepted per level, accepted [B], stopped [B], final [B])``:
-        ``stopped`` samples rejected every candidate at level ``accepted + 1`` and drew ``final`` from what was left.
-    """
-    B, K = drafts.shape[0], children.shape[1]
-    rows = torch.arange(B, device=drafts.device)
-    cur = torch.zeros(B, dtype=torch.long, device=drafts.device)
-    path = torch.zeros(B, T, dtype=torch.long, device=drafts.device)
-    accepted = torch.zeros_like(cur)
-    alive, stopped = active.clone(), torch.zeros_like(active)
-    final = torch.zeros_like(cur)
-    for level in range(T):
-        p = probs[rows, cur]
-        moved = torch.zeros_like(alive)
-        nxt = cur
-        for k in range(K):
-            child = children[cur, k]
-            has = alive & ~moved & (child >= 0) & valid[rows, child.clamp(min=0)]
-            if k == 0:  # the window draft d ~ q: speculative sampling, residual on rejection
-                q_l = q[:, level]
-                ok = acceptance.accept(p, q_l, drafts[:, level], coins[:, level])
-                p_rej = acceptance.resample(p, q_l)
-            else:  # a sibling fixed before its coin: one-hot proposal, dropped on rejection
-                ok, p_rej = acceptance.verify_token(p, node_tok[rows, child.clamp(min=0)], sib_coins[:, level, k])
-            ok = ok & has
-            moved |= ok
-            nxt = torch.where(ok, child, nxt)
-            p = torch.where((has & ~ok)[:, None], p_rej, p)
-        stop = alive & ~moved
-        final = torch.where(stop, sample_categorical(p, noise=noise), final)
-        stopped |= stop
-        path[:, level] = torch.where(moved, nxt, path[:, level])
-        accepted += moved.long()
-        alive &= moved
-        cur = nxt
-    return cur, path, accepted, stopped, final
-
-
 def verify_with_tree(session, acceptance, last, n, drafts, q, active, K: int, T: int, q_prev=None):
     """One SJD-PAC verify pass: the window plus its tree in one tree-masked forward, the walk, and the accepted
     path's keys and values moved to contiguous slots.
@@ -123,7 +77,7 @@ def verify_with_tree(session, acceptance, last, n, drafts, q, active, K: int, T:
     Returns ``(probs [B, L+1, V] along the window, accepted [B], final [B], path_tokens [B, L], coins [B, L])``;
     ``coins`` are the window drafts' coins (those past the accepted path are unused, free for continuation).
     """
-    from .eagle import tree_ancestors
+    from .eagle import tree_ancestors, walk_tree
     from .sampling import exponential_noise, uniform_noise
 
     B, L, V = q.shape
@@ -143,8 +97,9 @@ def verify_with_tree(session, acceptance, last, n, drafts, q, active, K: int, T:
     coins, sib_coins = uniform_noise((L,), gens, dev), uniform_noise((max(T, 1), K), gens, dev)
     noise = exponential_noise((V,), gens, dev)
     rows = torch.arange(B, device=dev)
-    cur, path, acc_tree, stopped, final_tree = walk_pac_tree(acceptance, probs, q, drafts, tok, children, valid,
-                                                             coins, sib_coins, noise, active, T)
+    # the tree's first T levels: the window draft first (speculative sampling), then the fixed siblings
+    cur, path, acc_tree, stopped, final_tree = walk_tree(acceptance, probs, tok, children, valid, sib_coins[:, :T],
+                                                         noise, active, first=(q, drafts, coins))
     # past the tree: the main path goes on as an SJD window; an off-main leaf draws its bonus from its own row
     window = probs[:, :L + 1]
     r, x = acceptance.verify_window(window[:, T:], q[:, T:], drafts[:, T:], coins[:, T:], valid[:, T + 1:L + 1],
