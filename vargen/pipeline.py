@@ -299,11 +299,14 @@ class VarGenPipeline(DiffusionPipeline):
     def _method(self, name: str, options: dict):
         """The decode function of ``name`` with ``options``, built once per pipeline (LANTERN's neighbour table
         over a 16,384-code codebook takes seconds) and reused by every later call with the same settings."""
-        key = (name, tuple(sorted((k, repr(v)) for k, v in options.items())))
+        # plain values by value; objects (a drafter module, a folder's model) by identity: two modules with the
+        # same architecture print the same, and the entry keeps them alive so an id is never reused
+        key = (name, tuple(sorted((k, v if isinstance(v, (str, int, float, bool, type(None))) else id(v))
+                                  for k, v in options.items())))
         built = self.__dict__.setdefault("_built_methods", {})
         if key not in built:
-            built[key] = get_method(name, codebook=self.vq.codebook_embeddings, **options)
-        return built[key]
+            built[key] = (get_method(name, codebook=self.vq.codebook_embeddings, **options), dict(options))
+        return built[key][0]
 
     # ------------------------------------------------------------------------------- tokens to pixels
     def output_size(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple:
