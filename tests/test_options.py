@@ -50,3 +50,8 @@ def test_compile_is_refused_where_it_would_not_reach_the_steps(capsys):
         check_compile(["sjd", "lpd", "eagle"], "reduce-overhead")
     assert main(["bench", "speed", "--model", "tiny-random", "--methods", "ar,nar", "--compile"]) == 2
     assert "nar decode with a model of their own" in capsys.readouterr().err
+
+
+def test_latency_table_flags_without_sizes_are_refused(capsys):
+    assert main(["bench", "speed", "--model", "tiny-random", "--methods", "ar", "--reps", "3"]) == 2
+    assert "--reps belong to the latency table: give --sizes" in capsys.readouterr().err

@@ -21,11 +21,11 @@ def add_bench_parser(sub) -> None:
                          "against AR and the memory-bandwidth floor; SJD-family step counts come from --model's "
                          "trained step compression (or --compression-json)")
     latency.add_argument("--sizes", default=None, help="comma-separated GPT sizes, e.g. GPT-B,GPT-XL")
-    latency.add_argument("--tokens", default="256,1024", help="image tokens per sample (square grids)")
+    latency.add_argument("--tokens", default=None, help="image tokens per sample (square grids; default 256,1024)")
     speed.add_argument("--batch-sizes", default=None,
                        help="comma-separated batch sizes: a sweep (e.g. 1,4,16) with images/s and latency per image "
                             "per method; with --sizes, the latency table's batches (default 1,8)")
-    latency.add_argument("--reps", type=positive_int, default=2, help="timed decodes per cell (median)")
+    latency.add_argument("--reps", type=positive_int, default=None, help="timed decodes per cell (median; default 2)")
     latency.add_argument("--compression-json", default=None,
                          help="step compression from a previous `bench speed --json` instead of measuring it")
     speed.set_defaults(func=cmd_bench_speed, output_files=("json", "plot"))
@@ -87,7 +87,7 @@ def cmd_bench_latency(args) -> int:
     unknown = [s for s in sizes if s not in GPT_SIZES]
     if unknown:
         raise ValueError(f"unknown GPT size(s) {unknown}; choose from {', '.join(GPT_SIZES)}")
-    tokens = int_list(args.tokens, "--tokens")
+    tokens = int_list(args.tokens or "256,1024", "--tokens")
     if any(int(t ** 0.5) ** 2 != t for t in tokens):
         raise ValueError(f"--tokens must be square numbers (a square grid), got {args.tokens}")
     batches = int_list(args.batch_sizes or "1,8", "--batch-sizes")
@@ -112,7 +112,7 @@ def cmd_bench_latency(args) -> int:
     dtype = dtype_name(resolve_dtype(args.dtype, args.device))
     report = bench_latency(sizes, batches, tokens, methods, compression, device=args.device, dtype=dtype,
                            sampling=sampling(args), method_options=options, compile_mode=args.compile,
-                           reps=args.reps, compression_source=source)
+                           reps=args.reps or 2, compression_source=source)
     print(format_latency_table(report))
     if args.json:
         write_atomic(args.json, json.dumps(report, indent=2))
@@ -126,6 +126,10 @@ def cmd_bench_speed(args) -> int:
 
     if args.sizes:
         return cmd_bench_latency(args)
+    latency_only = [f for f, v in (("--tokens", args.tokens), ("--reps", args.reps),
+                                   ("--compression-json", args.compression_json)) if v is not None]
+    if latency_only:
+        raise UsageError(f"{', '.join(latency_only)} belong to the latency table: give --sizes, or drop them")
 
     pipe = VarGenPipeline.load(args.model, device=args.device, torch_dtype=args.dtype)
     if args.compile:
