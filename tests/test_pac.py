@@ -36,16 +36,24 @@ def test_pac_samples_follow_the_exact_ar_distribution(one_thread, small, init, c
     assert len(set(stats.per_sample_forward_passes)) > 1  # samples advance by different lengths in one batch
 
 
-class NoDrop(ExactAcceptance):
-    """Broken: a rejected tree sibling stays in the target, so the final draw can repeat it."""
+class KeepsRejected(ExactAcceptance):
+    """Broken: a rejected tree candidate stays in the target (no residual), so the next sibling or the final draw
+    can repeat it; the window past the tree keeps the exact rule, so only the tree walk is wrong."""
 
-    def verify_token(self, p, x, coins):
-        return coins < gather_prob(p, x), p
+    def resample(self, p, q):
+        return p
+
+    def verify_window(self, *args):
+        return ExactAcceptance().verify_window(*args)
 
 
-def test_the_chi_square_test_catches_a_broken_tree_walk(one_thread, small):
-    tokens, _ = sample(small, SHARP, window=3, init="random", acceptance=NoDrop())
-    assert chi_square_p(tokens, exact_distribution(small, 1, SHARP), 4) < 1e-6
+def test_the_chi_square_test_catches_a_broken_tree_walk(one_thread):
+    model, sharp = make_gpt("c2i", vocab=4, block=4, seed=5), SamplingConfig(temperature=0.3)
+    expected = exact_distribution(model, 1, sharp)
+    for acceptance, passes in ((ExactAcceptance(), True), (KeepsRejected(), False)):
+        tokens, _ = sample(model, sharp, window=3, init="random", pac_width=2, pac_depth=2, acceptance=acceptance)
+        p_value = chi_square_p(tokens, expected, 4)
+        assert (p_value > 1e-3) if passes else (p_value < 1e-6), (acceptance, p_value)
 
 
 def test_naive_continuation_that_keeps_drafts_untested_is_not_lossless(one_thread, small, monkeypatch):
@@ -61,11 +69,17 @@ def test_the_tree_is_the_window_plus_k_ary_branches():
     assert len(parents) == 5 + 2 + 8  # level 1: 3 nodes (1 in the window), level 2: 9 (1 in the window)
     assert children[0].tolist() == [1, 6, 7] and children[1, 0] == 2  # root's candidates; main child = window
     assert all(depth[children[v, k] - 1] == 2 for v in children[0].tolist() for k in range(3))
-    q = torch.tensor([[[0.15, 0.5, 0.3, 0.05]]])
-    assert sibling_drafts(q, torch.tensor([[1]]), 3).tolist() == [[[2, 0]]]  # most likely others, not the draft
-    q_prev = torch.tensor([[[0.15, 0.6, 0.2, 0.05]]])  # token 2 gained the most, then token 0 and 3 tie at 0
-    assert sibling_drafts(q, torch.tensor([[1]]), 3, q_prev).tolist() == [[[2, 0]]]
-    assert sibling_drafts(q, torch.tensor([[2]]), 3, q_prev).tolist() == [[[1, 0]]]
+
+
+def test_siblings_are_draws_from_q_without_replacement():
+    q = torch.tensor([0.15, 0.5, 0.3, 0.05, 0.0]).expand(1, 20000, 5)
+    drafts = torch.ones(1, 20000, dtype=torch.long)
+    sib = sibling_drafts(q, drafts, 3, torch.empty(1, 20000, 5).exponential_(generator=torch.Generator().manual_seed(0)))
+    assert sib.shape == (1, 20000, 2)
+    assert (sib != 1).all() and (sib != 4).all() and (sib[..., 0] != sib[..., 1]).all()  # not the draft, q > 0, distinct
+    first = torch.bincount(sib[0, :, 0], minlength=5).double() / 20000
+    expected = torch.tensor([0.3, 0.0, 0.6, 0.1, 0.0], dtype=torch.double)  # q without the draft, renormalised
+    assert (first - expected).abs().max() < 0.015
 
 
 def test_pac_passes_fewer_and_names_compose(one_thread):

@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.eagle import TRAIN_HINT, EagleDrafter, load_eagle
-from .acceptance import ExactAcceptance
+from .acceptance import ExactAcceptance, drop_tokens, gather_prob
 from .sampling import SamplingConfig, exponential_noise, logits_to_probs, sample_categorical, uniform_noise
 from .session import DecodeSession
 from .speculative import commit_accepted
@@ -151,9 +151,10 @@ def walk_tree(acceptance, probs: torch.Tensor, tokens: torch.Tensor, children: t
         tokens: ``[B, M+1]`` node tokens (entry 0 unused); children ``[B, M+1, K]`` (:func:`tree_children`) or
             ``[M+1, K]`` shared by the batch.
         valid: ``[B, M+1]`` nodes inside the grid; coins ``[B, levels, K]`` U(0, 1); noise ``[B, V]`` Exp(1).
-        first: ``(q [B, >=levels, V], drafts, coins [B, >=levels])`` when every node's first child at level ``l``
-            is the sampled draft ``drafts[:, l] ~ q[:, l]`` (SJD-PAC's window): it is judged by speculative
-            sampling (:meth:`accept`, :meth:`resample`) with its own coin.
+        first: ``(q [B, >=levels, V], drafts, coins [B, >=levels])`` when a level's candidates are draws from
+            ``q[:, l]`` without replacement, the sampled draft ``drafts[:, l]`` first (SJD-PAC's tree): candidate
+            ``r`` is judged by speculative sampling (:meth:`accept`, :meth:`resample`) against ``q[:, l]`` with
+            candidates ``0 .. r-1`` removed, the draft with its own coin (recursive rejection without replacement).
 
     Returns:
         ``(cur [B] node reached, path [B, levels] accepted node per level, accepted [B] path length, stopped [B]
@@ -177,10 +178,13 @@ def walk_tree(acceptance, probs: torch.Tensor, tokens: torch.Tensor, children: t
             child = children[rows, cur, r]
             has = (child >= 0) & alive & ~moved
             has &= valid[rows, child.clamp(min=0)]
-            if first is not None and r == 0:
-                q, drafts, first_coins = first
-                passed = acceptance.accept(p, q[:, level], drafts[:, level], first_coins[:, level])
-                p_rejected = acceptance.resample(p, q[:, level])
+            if first is not None:  # candidate r ~ q_l without candidates 0 .. r-1: speculative sampling
+                tok_r = tokens[rows, child.clamp(min=0)]
+                q_r = q_left if r > 0 else first[0][:, level]
+                has &= gather_prob(q_r, tok_r) > 0
+                passed = acceptance.accept(p, q_r, tok_r, first[2][:, level] if r == 0 else coins[:, level, r])
+                p_rejected = acceptance.resample(p, q_r)
+                q_left = drop_tokens(q_r, tok_r[:, None])
             else:
                 passed, p_rejected = acceptance.verify_token(p, tokens[rows, child.clamp(min=0)], coins[:, level, r])
             ok = has & passed

@@ -4,15 +4,19 @@ at the head of the SJD window, verified in the same pass under a tree mask.
 Layout of one verify pass (``M + 1`` inputs, index 0 = the last committed token, the root):
 nodes ``1 .. L`` are the SJD window (the main path: node ``j`` sits at depth ``j``), so a pass that stays on
 the main path is exactly an SJD pass; nodes ``L+1 ..`` are the extra branches of the tree's first ``T`` levels.
-At level ``l`` every parent offers the same ``K`` candidates: the window's draft ``d_l ~ q_l`` first, then the
-``K - 1`` most likely other tokens of ``q_l`` (deterministic drafts). Drawn from the cached ``q``: no extra pass.
+At level ``l`` every parent offers the same ``K`` candidates: the window's draft ``d_l ~ q_l`` first, then
+``K - 1`` more tokens drawn from ``q_l`` without replacement (the paper draws its siblings from the cached,
+possibly stale distributions; Gumbel top-k on the same ``q``). Drawn before any coin, with no extra pass.
 
-Lossless: at each level the walk is recursive rejection with proposals that do not depend on the coins.
-``d_l`` is judged by speculative sampling (``u q_l(d) < p(d)``, else ``p := norm(max(p - q_l, 0))``), each
-sibling ``s`` (a token fixed before its coin is drawn) as a one-hot proposal (``u < p(s)``, else drop ``s``
-and renormalise). Each step outputs its current target exactly, so the committed token at every level is
-distributed as the verifier's ``p`` given the accepted path; ``d_l`` is an exact ``q_l`` draw whatever the
-parent, because the tree's candidates at a level are the same for every parent.
+Lossless: at each level the walk is recursive rejection sampling without replacement (Yang et al., 2024,
+multi-candidate speculative decoding). Candidate ``k`` is a draw from ``q_l^k`` = ``q_l`` with candidates
+``0 .. k-1`` removed and renormalised, judged by speculative sampling against the current target
+(``u q_l^k(s) < p(s)``, else ``p := norm(max(p - q_l^k, 0))``). Speculative sampling outputs its target
+exactly for any proposal drawn independently of its coin, and the residual after a rejection does not
+depend on which token was rejected, so each stage outputs the previous stage's residual exactly and the
+committed token at every level is distributed as the verifier's ``p`` given the accepted path. ``d_l`` and
+its siblings are exact ``q_l`` draws whatever the parent, because a level's candidates are the same for
+every parent.
 """
 from __future__ import annotations
 
@@ -51,12 +55,13 @@ def pac_layout(L: int, K: int, T: int) -> tuple:
     return torch.tensor(parents), torch.tensor(depth), torch.tensor(cand), table
 
 
-def sibling_drafts(q: torch.Tensor, drafts: torch.Tensor, K: int, q_prev=None) -> torch.Tensor:
-    """``[B, T, K-1]`` sibling tokens other than ``drafts`` ``[B, T]``: the tokens that gained the most mass from
-    the previous draft distribution ``q_prev`` to ``q`` (``[B, T, V]``; where the context change points, as the
-    paper's residual draws do), ties and no change broken by ``q``; without ``q_prev`` the most likely tokens."""
-    score = q if q_prev is None else (q - q_prev).clamp_min(0) + 1e-3 * q
-    return score.scatter(-1, drafts[..., None], -1.0).topk(K - 1, dim=-1).indices
+def sibling_drafts(q: torch.Tensor, drafts: torch.Tensor, K: int, noise: torch.Tensor) -> torch.Tensor:
+    """``[B, T, K-1]`` siblings of ``drafts`` ``[B, T]``: ``K - 1`` tokens drawn from ``q`` (``[B, T, V]``)
+    without replacement and other than the draft, by Gumbel top-k (``log q - log E``, ``E ~ Exp(1)`` ``noise``).
+    A sibling past ``q``'s support (``q = 0``) is never tried (:func:`vargen.decoding.eagle.walk_tree`)."""
+    score = q.clamp_min(1e-38).log() - noise.log()
+    score = torch.where(q > 0, score, float("-inf"))
+    return score.scatter(-1, drafts[..., None], float("-inf")).topk(K - 1, dim=-1).indices
 
 
 def node_tokens(drafts: torch.Tensor, siblings: torch.Tensor, depth: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
@@ -70,7 +75,7 @@ def node_tokens(drafts: torch.Tensor, siblings: torch.Tensor, depth: torch.Tenso
     return torch.where(cand > 0, sib, from_draft)
 
 
-def verify_with_tree(session, acceptance, last, n, drafts, q, active, K: int, T: int, q_prev=None):
+def verify_with_tree(session, acceptance, last, n, drafts, q, active, K: int, T: int):
     """One SJD-PAC verify pass: the window plus its tree in one tree-masked forward, the walk, and the accepted
     path's keys and values moved to contiguous slots.
 
@@ -84,8 +89,8 @@ def verify_with_tree(session, acceptance, last, n, drafts, q, active, K: int, T:
     dev, gens, N = q.device, session.generators, session.model.num_tokens
     parents, depth, cand, children = (t.to(dev) for t in pac_layout(L, K, T))
     M = parents.shape[0]
-    tok = torch.cat([last[:, None], node_tokens(drafts, sibling_drafts(q[:, :T], drafts[:, :T], K,
-                                                                       None if q_prev is None else q_prev[:, :T]), depth, cand)], 1)
+    siblings = sibling_drafts(q[:, :T], drafts[:, :T], K, exponential_noise((T, V), gens, dev))
+    tok = torch.cat([last[:, None], node_tokens(drafts, siblings, depth, cand)], 1)
     depth_all = torch.cat([depth.new_zeros(1), depth])
     pos = (n - 1)[:, None] + depth_all
     vslots = (n - 1)[:, None] + torch.arange(M + 1, device=dev)

@@ -125,7 +125,6 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     drafts, q = fill_fresh(canvas, n, torch.zeros(B, L, dtype=torch.long, device=dev),
                            torch.zeros(B, L, V, device=dev), torch.ones(B, L, dtype=torch.bool, device=dev),
                            first, init, gens, width)
-    q_prev = None
     step_i = 0
     bar = tqdm(total=N, disable=not progress, desc=name, leave=False)
     while True:
@@ -134,8 +133,7 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
             break
         last = canvas.gather(1, (n - 1)[:, None])
         if pac:  # the window plus a K-ary tree on its first T levels; the accepted path may leave the window
-            probs, r, x, path, coins = verify_with_tree(session, acceptance, last[:, 0], n, drafts, q, active, K, T,
-                                                          q_prev)
+            probs, r, x, path, coins = verify_with_tree(session, acceptance, last[:, 0], n, drafts, q, active, K, T)
         else:
             # verify: the last committed token and L drafts, at their true raster positions
             pos = (n - 1)[:, None] + steps
@@ -167,8 +165,6 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
                              exponential_noise((L, V), gens, dev))
             new_d = torch.where(src <= L - 1, coupled, new_d)
         n = n_new
-        if pac:  # the distributions the kept cells had before this pass, for the tree's siblings
-            q_prev = torch.where((src <= L - 1)[..., None], _rows(q, src.clamp(max=L - 1)), 0.0)
         drafts, q = fill_fresh(canvas, n, new_d, new_q, src > L, p_r, init, gens, width)
         if callback is not None:
             callback(step_i, canvas[:, :N], n)
