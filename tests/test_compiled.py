@@ -96,3 +96,19 @@ def test_cuda_graphs_match_eager_logits_and_decode(fresh_dynamo):
         for _ in range(2):
             out, stats = decode(compiled, cond, SAMPLING, seeds=[3, 4], **kw)
             assert out.shape == (2, model.num_tokens) and int(out.max()) < model.vocab_size
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="weight prepacking needs oneDNN")
+def test_inductor_on_cpu_prepacks_the_weights(fresh_dynamo):
+    """On a CPU the compiled step freezes the weights so inductor runs its linears on prepacked oneDNN weights
+    (the batch-1 speed lever; fp32 tokens equal eager's, test above)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = make_gpt("c2i").to(torch.bfloat16)
+    compiled = compile_model(model, "default")
+    cond = torch.tensor([0, 4])
+    decode_ar(compiled, cond, SAMPLING, seeds=[3, 4])  # compiles
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        decode_ar(compiled, cond, SAMPLING, seeds=[3, 4])
+    names = {e.key for e in prof.key_averages()}
+    assert "mkldnn::_linear_pointwise" in names, sorted(n for n in names if "mm" in n or "linear" in n)

@@ -31,7 +31,9 @@ class CompiledModel:
 
     Args:
         model: the model to compile (weights are shared, not copied).
-        mode: ``torch.compile`` mode; ``"reduce-overhead"`` uses CUDA graphs on a GPU.
+        mode: ``torch.compile`` mode; ``"reduce-overhead"`` uses CUDA graphs on a GPU. On a CPU, inductor also
+            freezes the weights (prepacked for oneDNN; a second copy of them in memory, and changes to the
+            module's weights after the first call are not seen).
         backend: ``"inductor"`` (default); ``"eager"`` / ``"aot_eager"`` trace without code
             generation (tests use them to check graph breaks and recompilations on CPU).
         fullgraph: fail on a graph break instead of silently running pieces eagerly.
@@ -43,6 +45,10 @@ class CompiledModel:
         self.model, self.mode, self.backend = model, mode, backend
         self._cache_pool = {}
         options = {"mode": mode} if backend == "inductor" else {}
+        # on a CPU, freezing folds the weights into the graph as constants, which lets inductor prepack them for
+        # oneDNN: the matrix-vector products of a batch-1 step run about 1.7x faster (GPT-B, bf16). Inductor
+        # reads the flag when it compiles, i.e. inside the first call of each shape.
+        self._freeze = backend == "inductor" and next(model.parameters()).device.type == "cpu"
         self._step = torch.compile(self._image_step, backend=backend, fullgraph=fullgraph, dynamic=False, **options)
 
     def __getattr__(self, name):
@@ -76,6 +82,9 @@ class CompiledModel:
         if self.backend == "inductor" and self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         # a CUDA-graph output is overwritten by the next replay; the loops may keep probabilities a step longer
+        if self._freeze:
+            with torch._inductor.config.patch(freezing=True):
+                return self._step(tokens, positions, slots, mask, cache).clone()
         return self._step(tokens, positions, slots, mask, cache).clone()
 
     forward = __call__
