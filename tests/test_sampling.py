@@ -19,6 +19,17 @@ def test_exact_categorical_sampler_passes_chi_square():
     assert pvalue > 1e-3
 
 
+def test_exponential_noise_is_exp1_and_never_zero():
+    """The Exp(1) noise behind every draw (``-log(1 - U)``): a Kolmogorov-Smirnov test against Exp(1) passes,
+    and fails for Exp(1.1) noise (the control); no value is 0, so ``p / E`` is never 0 / 0."""
+    from vargen.decoding.sampling import exponential_noise
+
+    noise = exponential_noise((50000,), make_generators([7]))[0].double().numpy()
+    assert stats.kstest(noise, "expon").pvalue > 1e-3
+    assert stats.kstest(noise / 1.1, "expon").pvalue < 1e-6
+    assert noise.min() > 0
+
+
 def test_chi_square_detects_a_wrong_sampler():
     """Power check: the same test rejects draws from a slightly different distribution."""
     probs = torch.tensor([0.5, 0.25, 0.15, 0.1])

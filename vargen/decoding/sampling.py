@@ -100,9 +100,15 @@ def make_generators(seeds: Sequence[int], device=None) -> list:
 def exponential_noise(shape_per_sample: Sequence[int], generators: Sequence[torch.Generator],
                       device=None) -> torch.Tensor:
     """``[B, *shape]`` i.i.d. Exp(1) noise, row b drawn from ``generators[b]``."""
-    return torch.stack([
-        torch.empty(*shape_per_sample, device=device or g.device).exponential_(generator=g) for g in generators
-    ])
+    return torch.stack([_exp_from_uniform(torch.rand(*shape_per_sample, device=device or g.device, generator=g))
+                        for g in generators])
+
+
+def _exp_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    """Exp(1) as ``-log(1 - U)`` in place: on a CPU about 5x faster than ``Tensor.exponential_`` (a window's
+    ``L x V`` redraw noise was a third of an SJD pass on the default model). ``U = 0`` gives 0, kept just
+    above it so that ``p / E`` never divides 0 by 0."""
+    return u.neg_().log1p_().neg_().clamp_min_(1e-30)
 
 
 def uniform_noise(shape_per_sample: Sequence[int], generators: Sequence[torch.Generator], device=None) -> torch.Tensor:
@@ -121,7 +127,7 @@ def sample_categorical(probs: torch.Tensor, generators: Optional[Sequence[torch.
     """
     if noise is None:
         if generators is None:
-            noise = torch.empty_like(probs).exponential_()
+            noise = _exp_from_uniform(torch.rand_like(probs))
         else:
             if len(generators) != probs.shape[0]:
                 raise ValueError(f"need one generator per sample: {len(generators)} for batch {probs.shape[0]}")
