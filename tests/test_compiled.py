@@ -35,6 +35,22 @@ def test_steps_compile_once_per_shape_and_never_recompile(fresh_dynamo):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_many_methods_share_one_compiled_model_without_falling_back_to_eager(fresh_dynamo):
+    """Every method and step shape gets its own graph: more than dynamo's default limit of 8, after which it
+    would silently run the rest eagerly (here: an error instead)."""
+    from vargen.decoding import get_method
+    from vargen.decoding.options import method_options
+
+    compiled = CompiledModel(make_gpt("c2i"), backend="eager")
+    cond, codebook = torch.tensor([0, 1]), torch.randn(compiled.vocab_size, 4)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for name in ("ar", "sjd", "sjd+coupling", "sjd+pac", "zipar", "zipar-adaptive", "pjd", "sjd+lantern"):
+            for window in (2, 3) if "window" in method_options(name) else (None,):
+                options = {} if window is None else {"window": window}
+                get_method(name, codebook=codebook, **options)(compiled, cond, SAMPLING, seeds=[0, 1])
+    assert counters["stats"]["unique_graphs"] > 8
+
+
 def test_cache_buffers_are_reused_and_reset():
     compiled = CompiledModel(make_gpt("c2i"), backend="eager")
     a = compiled.new_cache(2, 20)
