@@ -44,3 +44,21 @@ def test_op_counter_sees_ops_and_host_syncs_per_pass(c2i):
     sjd = count_ops(decode_sjd, c2i, cond, sampling, [0, 1])
     assert ar["syncs_per_pass"] < 0.5 <= 1 <= sjd["syncs_per_pass"]  # AR: none per token; SJD: one per verify step
     assert sjd["ops_per_pass"] > ar["ops_per_pass"] > 10
+
+
+def test_ops_are_counted_eagerly_after_timing_so_a_compiled_pipeline_is_not_slowed():
+    """Counting runs under a dispatch mode, which makes a compiled model recompile: the report counts with the
+    eager model, after every method was timed, so a compiled pipeline's counts equal the eager one's and the
+    compiled model never ran under the counter."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    eager = bench_speed(tiny_random_pipeline(), ["sjd"], n=2, batch_size=2, progress=False)
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = tiny_random_pipeline().enable_compile(backend="eager")
+    compiled = bench_speed(pipe, ["sjd"], n=2, batch_size=2, progress=False)
+    for a, b in zip(eager["results"], compiled["results"]):
+        assert a["ops_per_pass"] == b["ops_per_pass"] and a["syncs_per_pass"] == b["syncs_per_pass"]
+    assert counters["stats"]["unique_graphs"] == 2  # the AR step and the verify window, nothing under the counter
+    torch._dynamo.reset()
