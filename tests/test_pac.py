@@ -86,11 +86,12 @@ def test_siblings_are_draws_from_q_without_replacement():
 
 def test_pac_passes_fewer_and_names_compose(one_thread):
     model = make_gpt("c2i", vocab=16, block=16, seed=2)
-    cond, sampling = torch.arange(32) % 5, SamplingConfig(top_k=8, temperature=0.5)
-    _, plain = decode_sjd(model, cond, sampling, seeds=range(32), window=6, coupling="maximal")
-    _, pac = get_method("sjd+coupling+pac", window=6)(model, cond, sampling, seeds=range(32))
+    n = 256  # the tree saves a few percent of the passes here: enough samples to see it (1821 vs 1887)
+    cond, sampling = torch.arange(n) % 5, SamplingConfig(top_k=8, temperature=0.5)
+    _, plain = decode_sjd(model, cond, sampling, seeds=range(n), window=6, coupling="maximal")
+    _, pac = get_method("sjd+coupling+pac", window=6)(model, cond, sampling, seeds=range(n))
     assert pac.method == "sjd+coupling+pac"
-    assert sum(pac.per_sample_forward_passes) < sum(plain.per_sample_forward_passes)  # 226 vs 236
+    assert sum(pac.per_sample_forward_passes) < sum(plain.per_sample_forward_passes)
     assert compose_method("sjd", "maximal", pac=True) == "sjd+coupling+pac"
     assert compose_method("sjd", "none", "lantern", pac=True) == "sjd+pac+lantern"
     with pytest.raises(ValueError):

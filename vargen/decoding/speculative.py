@@ -161,8 +161,8 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
             # continuation (pac) reuses the kept drafts' own coins, unused so far; the coupling draws fresh ones
             old = src.clamp(max=L - 1)
             keep_coins = uniform_noise((L,), gens, dev) if coupling == "maximal" else coins.gather(1, old)
-            coupled = couple(new_q, _rows(q, old), drafts.gather(1, old), keep_coins,
-                             exponential_noise((L, V), gens, dev))
+            # a cell takes either the coupled redraw or the fresh draw above, never both: one noise serves both
+            coupled = couple(new_q, _rows(q, old), drafts.gather(1, old), keep_coins, noise)
             new_d = torch.where(src <= L - 1, coupled, new_d)
         n = n_new
         drafts, q = fill_fresh(canvas, n, new_d, new_q, src > L, p_r, init, gens, width)
