@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
+from .precision import DTYPE_CHOICES, DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def add_convert_parser(sub) -> None:
@@ -53,7 +52,6 @@ def add_convert_parser(sub) -> None:
     _add_out(lg)
     lg.set_defaults(func=cmd_convert)
 
-    from .hf_pipeline import DTYPES as HF_DTYPES
 
     hf = kinds.add_parser("hf", help="a Hugging Face Janus-Pro / Emu3 / Chameleon (Lumina-mGPT, Anole) folder",
                           description="Write a pipeline folder that references DIR (its weights are not copied); "
@@ -67,7 +65,7 @@ def add_convert_parser(sub) -> None:
                     help="Chameleon only: the token after every image row (lumina: Lumina-mGPT's <reserved08799>; "
                          "default none, as Anole)")
     hf.add_argument("--max-prompt-len", type=int, default=256, help="longest prompt in tokens (sizes the caches)")
-    hf.add_argument("--dtype", choices=list(HF_DTYPES), default="auto",
+    hf.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="auto",
                     help="dtype the model loads in (auto: the checkpoint's own, e.g. bf16 for Janus-Pro)")
     _add_out(hf)
     hf.set_defaults(func=cmd_convert_hf)

@@ -16,14 +16,13 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .errors import UsageError
+from .precision import DTYPE_CHOICES, DTYPES
 from .models.hf import FAMILY_NAMES, hf_model_type, load_hf_image_model
 from .models.hf_base import prompt_rows
 from .pipeline import VarGenPipeline
 
 HF_PREFIX = "hf:"
 REFERENCE_CLASS = "HFImagePipeline"
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def read_reference(folder: str) -> Optional[dict]:
@@ -70,8 +69,8 @@ class HFImagePipeline(VarGenPipeline):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no Hugging Face folder at {path!r}: download the checkpoint folder (config.json, "
                                     "weights, tokenizer / processor files) and pass its path; nothing is downloaded")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
         family = hf_model_type(path)  # an unsupported model_type fails here, before any weights are read
         _check_options(family, grid, row_separator)
         adapter_kwargs = {"max_prompt_len": max_prompt_len}
@@ -82,7 +81,7 @@ class HFImagePipeline(VarGenPipeline):
         from .loading import quiet_loading
 
         with quiet_loading():
-            model = load_hf_image_model(path, local_files_only=True, dtype=_TORCH_DTYPES.get(dtype, "auto"),
+            model = load_hf_image_model(path, local_files_only=True, dtype=DTYPES.get(dtype, "auto"),
                                         **adapter_kwargs)
             processor = _load_processor(path, family)
         options = {"hf_folder": os.path.abspath(path), "model_type": family, "grid": list(model.grid),

@@ -22,9 +22,9 @@ from ..decoding.methods import METHODS
 from ..decoding.speculative import decode_jacobi, decode_sjd
 from ..decoding.zipar_adaptive import decode_zipar_adaptive
 from ..models import LlamaGen
+from ..precision import DTYPES
 from .speed import _device_name, _sync
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def copy_bandwidth(device, megabytes: int = 1024, reps: int = 10) -> float:

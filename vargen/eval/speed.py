@@ -87,8 +87,9 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
         cond, cond_mask = pipe.parse_conditions(inputs[start:start + batch_size])
         batches.append((start, cond, cond_mask, [seed + i for i in range(start, start + len(cond))]))
     runs: Dict[str, dict] = {}
+    decoders = {}
     for name in methods:
-        decode = get_method(name, codebook=pipe.vq.codebook_embeddings, **(method_options or {}).get(name, {}))
+        decode = decoders[name] = get_method(name, codebook=pipe.vq.codebook_embeddings, **(method_options or {}).get(name, {}))
         tokens, passes, latencies, hist, cells, batch_passes = [], [], [], {}, [], []
         if pipe.decode_model is not pipe.gpt or torch.device(pipe.device).type == "cuda":
             # untimed first call: compilation / CUDA-graph capture and allocator warm-up are not decoding cost
@@ -111,12 +112,12 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
                         for start, cond, cond_mask, _ in batches])
         runs[name] = {"tokens": tokens, "passes": passes, "latencies": latencies, "hist": hist,
                       "accepted_cells": (torch.stack(cells).sum(0) / n).tolist(), "log_likelihood": ll,
-                      "ms_per_pass": 1000 * sum(latencies) / max(1, sum(batch_passes)), "decode": decode}
-    for run in runs.values():
+                      "ms_per_pass": 1000 * sum(latencies) / max(1, sum(batch_passes))}
+    for name, run in runs.items():
         # after all timing, one more decode of the first batch under the op counter, eagerly: counting slows every
         # op down, and a compiled model run under the counter's dispatch mode recompiles and slows later methods
         _, cond, cond_mask, seeds = batches[0]
-        run.update(count_ops(run.pop("decode"), pipe.gpt, cond, sampling_cfg, seeds, cond_mask=cond_mask))
+        run.update(count_ops(decoders[name], pipe.gpt, cond, sampling_cfg, seeds, cond_mask=cond_mask))
     N = pipe.gpt.num_tokens
     ar = runs["ar"]
     ar_latency = statistics.median(ar["latencies"])

@@ -13,6 +13,7 @@ a time (the decoding methods never interleave two sessions).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -86,10 +87,8 @@ class CompiledModel:
         if self.backend == "inductor" and self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         # a CUDA-graph output is overwritten by the next replay; the loops may keep probabilities a step longer
-        if self._freeze:
-            with torch._inductor.config.patch(freezing=True):
-                return self._step(tokens, positions, slots, mask, cache).clone()
-        return self._step(tokens, positions, slots, mask, cache).clone()
+        with torch._inductor.config.patch(freezing=True) if self._freeze else contextlib.nullcontext():
+            return self._step(tokens, positions, slots, mask, cache).clone()
 
     forward = __call__
 
