@@ -190,6 +190,33 @@ def test_tree_children_lists_siblings_in_rank_order():
                                 [-1, -1, -1]]
 
 
+
+def test_closed_form_sibling_tries_equal_the_sequential_rule():
+    """Exact acceptance tries a node's siblings in one pass (accept sibling r with p(t_r) / (1 - S), S the elder
+    siblings' mass); it must pick the same sibling and leave the same final distribution as K calls of
+    verify_token with their renormalisations (the rule LANTERN and test rules still run)."""
+
+    class Sequential(ExactAcceptance):  # same rule, forced through the generic loop
+        def verify_token(self, p, x, coins):
+            return super().verify_token(p, x, coins)
+
+    g = torch.Generator().manual_seed(0)
+    B, K, V = 4000, 4, 12
+    p = torch.rand(B, V, generator=g).pow(3)
+    p[:, :3] *= 20  # a few heavy tokens, so siblings are often accepted after a rejection
+    p /= p.sum(-1, keepdim=True)
+    tokens = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(B)])
+    tried = torch.rand(B, K, generator=g) < 0.8
+    coins = torch.rand(B, K, generator=g)
+    fast, fast_left = ExactAcceptance().try_siblings(p, tokens, tried, coins)
+    slow, slow_left = Sequential().try_siblings(p, tokens, tried, coins)
+    assert torch.equal(fast, slow) and 0.2 < fast.any(1).float().mean() < 0.95
+    assert (fast.sum(1) <= 1).all() and not (fast & ~tried).any()
+    none = ~fast.any(1)  # where no sibling is accepted, the final draw's distributions agree
+    norm = lambda x: x / x.sum(-1, keepdim=True)
+    torch.testing.assert_close(norm(fast_left[none]), norm(slow_left[none]))
+    assert (fast_left[none].gather(1, tokens[none]) * tried[none] == 0).all()
+
 # ----------------------------------------------------------------------------- decoding
 @pytest.mark.parametrize("model_type", ["c2i", "t2i"])
 def test_greedy_eagle_is_greedy_ar_for_every_tree(one_thread, model_type):

@@ -79,6 +79,34 @@ class ExactAcceptance:
         p_x = gather_prob(p, x)
         return coins < (p_x if extra is None else p_x + extra), drop_tokens(p, x[:, None])
 
+    def try_siblings(self, p: torch.Tensor, tokens: torch.Tensor, tried: torch.Tensor,
+                     coins: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Deterministic sibling drafts ``tokens`` ``[B, K]`` tried in rank order against ``p`` ``[B, V]`` until one
+        is accepted (SpecInfer's multi-draft rejection; EAGLE trees): each by :meth:`verify_token` against what
+        its rejected elder siblings left. ``tried`` ``[B, K]`` marks real candidates. Returns ``(accepted [B, K]``,
+        at most one True per row, ``p_left [B, V]``, ``p`` after every rejection: the final draw's distribution
+        where none is accepted, unnormalised).
+
+        Exact acceptance has a closed form, one pass over the ``K`` siblings instead of ``K`` renormalisations:
+        after the elder siblings' mass ``S`` is dropped, sibling ``r`` is accepted with ``p(t_r) / (1 - S)``."""
+        if type(self).verify_token is ExactAcceptance.verify_token:
+            p_t = p.gather(1, tokens) * tried
+            left = p.sum(-1, keepdim=True) - (p_t.cumsum(1) - p_t)  # mass not yet dropped when r is tried
+            passed = tried & (coins * left < p_t)
+            accepted = passed & (passed.long().cumsum(1) == 1)
+            dropped = p.scatter_reduce(1, tokens, (~tried).to(p.dtype), reduce="prod")  # duplicates: harmless
+            # a row whose tried siblings held all the mass (then the last one is always accepted) keeps p
+            return accepted, torch.where(dropped.sum(-1, keepdim=True) > 1e-30, dropped, p)
+        accepted = torch.zeros_like(tried)
+        done = torch.zeros_like(tried[:, 0])
+        for r in range(tokens.shape[1]):
+            has = tried[:, r] & ~done
+            passed, p_rejected = self.verify_token(p, tokens[:, r], coins[:, r])
+            accepted[:, r] = has & passed
+            done |= has & passed
+            p = torch.where((has & ~passed)[:, None], p_rejected, p)  # the next sibling is judged against the rest
+        return accepted, p
+
 
 def drop_tokens(p: torch.Tensor, ids: torch.Tensor, drop: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``p`` with the tokens ``ids`` (``[B, k]``; where ``drop`` is True, all by default) set to 0, renormalised;

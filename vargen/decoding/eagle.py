@@ -172,25 +172,30 @@ def walk_tree(acceptance, probs: torch.Tensor, tokens: torch.Tensor, children: t
     final = torch.zeros(B, dtype=torch.long, device=dev)
     for level in range(levels):
         p = probs[rows, cur]
-        moved = torch.zeros(B, dtype=torch.bool, device=dev)
-        nxt = cur
-        for r in range(K):
-            child = children[rows, cur, r]
-            has = (child >= 0) & alive & ~moved
-            has &= valid[rows, child.clamp(min=0)]
-            if first is not None:  # candidate r ~ q_l without candidates 0 .. r-1: speculative sampling
+        kids = children[rows, cur]  # [B, K]
+        has = (kids >= 0) & alive[:, None]
+        has &= valid.gather(1, kids.clamp(min=0))
+        if first is None:  # one-hot drafts: the acceptance rule's sibling tries
+            ok, p = acceptance.try_siblings(p, tokens.gather(1, kids.clamp(min=0)), has, coins[:, level])
+            moved = ok.any(1)
+            nxt = torch.where(moved, kids.gather(1, ok.long().argmax(1, keepdim=True))[:, 0], cur)
+        else:
+            moved = torch.zeros(B, dtype=torch.bool, device=dev)
+            nxt = cur
+            q_r = first[0][:, level]
+            for r in range(K):
+                child = kids[:, r]
+                has_r = has[:, r] & ~moved
+                # candidate r ~ q_l without candidates 0 .. r-1: speculative sampling
                 tok_r = tokens[rows, child.clamp(min=0)]
-                q_r = q_left if r > 0 else first[0][:, level]
-                has &= gather_prob(q_r, tok_r) > 0
+                has_r &= gather_prob(q_r, tok_r) > 0
                 passed = acceptance.accept(p, q_r, tok_r, first[2][:, level] if r == 0 else coins[:, level, r])
                 p_rejected = acceptance.resample(p, q_r)
-                q_left = drop_tokens(q_r, tok_r[:, None])
-            else:
-                passed, p_rejected = acceptance.verify_token(p, tokens[rows, child.clamp(min=0)], coins[:, level, r])
-            ok = has & passed
-            moved |= ok
-            nxt = torch.where(ok, child, nxt)
-            p = torch.where((has & ~ok)[:, None], p_rejected, p)  # the next sibling is judged against the rest
+                ok = has_r & passed
+                moved |= ok
+                nxt = torch.where(ok, child, nxt)
+                p = torch.where((has_r & ~ok)[:, None], p_rejected, p)  # the next sibling is judged against the rest
+                q_r = drop_tokens(q_r, tok_r[:, None])
         stop = alive & ~moved
         final = torch.where(stop, sample_categorical(p, noise=noise), final)
         stopped |= stop
