@@ -70,6 +70,8 @@ def _cases(models, tmp):
                                             f"{t}/blocker/samples"], "cannot write into"),
         "eval scenes into a read-only folder": (["eval", "scenes", "--model", "tiny-random", "--out",
                                                  f"{t}/blocker/scenes"], "cannot write into"),
+        "negative --colour-seeds": (["eval", "scenes", "--model", f"{t}/no-model", "--colour-seeds", "-1", "--out",
+                                     f"{t}/scenes"], "--colour-seeds takes a count of seeds >= 0"),
         "train from a missing earlier run": (["train", "tokenizer", "--config", f"{t}/init_missing.json", "--out",
                                               f"{t}/run"], "not found at"),
         "train with an invalid JSON config": (["train", "tokenizer", "--config", f"{t}/bad.json", "--out", f"{t}/run"],
@@ -89,7 +91,7 @@ CASES = ["truncated safetensors", "config does not match weights", "invalid JSON
          "output is a folder", "unknown image extension", "stats unwritable", "cuda without a GPU", "unknown device",
          "cfg inf", "temperature inf", "temperature nan", "jacobi with temperature",
          "option checked before the model loads", "sample into a read-only folder",
-         "eval scenes into a read-only folder", "train from a missing earlier run",
+         "eval scenes into a read-only folder", "negative --colour-seeds", "train from a missing earlier run",
          "train with an invalid JSON config", "export a missing run", "bad --max-memory", "-n beyond any chunking",
          "--scale 1000", "--size 100000x100000"]
 

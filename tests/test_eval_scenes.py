@@ -324,3 +324,38 @@ def test_colour_fidelity_counts_the_colours_a_tokenizer_keeps():
     grey = colour_fidelity(Greyscale(), resolution=64, shapes=("circle", "square"))
     assert grey["colours_kept"] <= 3 and grey["by_colour"]["blue"] == 0.0
     assert sum(grey["found"]["blue"].values()) == 6  # 3 backgrounds x 2 shapes
+
+
+class _ColourPipe:
+    """Renders one centred object of the prompt's colour and shape, or of ``colour`` (a generator that ignores
+    colours), or with a second object beside it."""
+
+    def __init__(self, colour=None, extra=False):
+        self.colour, self.extra, self.seeds = colour, extra, []
+
+    def __call__(self, prompts, seed, output_type, progress, **sampling):
+        from types import SimpleNamespace
+
+        self.seeds += list(seed)
+        images = []
+        for prompt in prompts:
+            colour, shape = prompt.split()[-2:]
+            objects = [SceneObject(shape, self.colour or colour, 0.5, 0.5, 0.2)]
+            if self.extra:
+                objects.append(SceneObject("circle", "black", 0.15, 0.15, 0.08))
+            images.append(render_scene(Scene("gray", objects, prompt, "colors"), 64))
+        return SimpleNamespace(images=np.stack(images).astype(np.float32) / 255)
+
+
+def test_colour_following_checks_colour_and_object_count():
+    from vargen.eval.scenes import colour_following
+
+    pipe = _ColourPipe()
+    exact = colour_following(pipe, seeds=(0, 5), shapes=("circle", "square"), batch_size=7, progress=False)
+    assert exact["right_colour"] == 1.0 and exact["one_object"] == 1.0 and exact["colours_drawn"] == 10
+    assert exact["n"] == 40 and exact["images"].shape == (40, 64, 64, 3)
+    assert pipe.seeds == [0] * 20 + [5] * 20 and exact["prompts"][0] == "a photo of a red circle"
+    red = colour_following(_ColourPipe(colour="red"), seeds=(0,), shapes=("circle",), progress=False)
+    assert red["colours_drawn"] == 1 and red["by_colour"]["red"] == 1.0 and red["right_colour"] == 0.1
+    two = colour_following(_ColourPipe(extra=True), seeds=(0,), shapes=("square",), progress=False)
+    assert two["right_colour"] >= 0.9 and two["one_object"] == 0.0

@@ -20,7 +20,11 @@ def add_eval_parser(sub) -> None:
     scenes.add_argument("-n", "--n", type=positive_int, default=100, help="number of scene prompts")
     scenes.add_argument("--seed", type=int, default=999, help="scene seed (training used 0 and 1)")
     add_sampling_args(scenes)
-    scenes.add_argument("--out", default="outputs/eval_scenes", help="folder for scores.json and grid.png")
+    scenes.add_argument("--colour-seeds", type=int, default=2, metavar="K",
+                        help="the colour check: every 'a photo of a {colour} {shape}' (10 GenEval colours x 6 shapes) "
+                             "drawn with seeds 0..K-1 (default 2; 0 skips it)")
+    scenes.add_argument("--out", default="outputs/eval_scenes",
+                        help="folder for scores.json, grid.png and colour_grid.png")
     add_run_args(scenes)
     scenes.set_defaults(func=cmd_eval_scenes, output_dirs=("out",))
 
@@ -174,10 +178,12 @@ def cmd_eval_scenes(args) -> int:
     import torch
     from torchvision.utils import save_image
 
-    from ..eval.scenes import colour_fidelity, scene_following, tokenizer_ceiling
+    from ..eval.scenes import colour_fidelity, colour_following, scene_following, tokenizer_ceiling
     from ..hf_pipeline import HFImagePipeline
     from ..pipeline import VarGenPipeline
 
+    if args.colour_seeds < 0:
+        raise ValueError(f"--colour-seeds takes a count of seeds >= 0, got {args.colour_seeds}")
     pipe = VarGenPipeline.load(args.model, device=args.device, torch_dtype=args.dtype)
     pipe.set_memory_budget(memory_budget(args))
     if isinstance(pipe, HFImagePipeline):
@@ -193,6 +199,11 @@ def cmd_eval_scenes(args) -> int:
     result.update(model=args.model, n_prompts=args.n, scene_seed=args.seed, sampling=sampling(args),
                   tokenizer_ceiling=tokenizer_ceiling(pipe.vq, n=args.n, seed=args.seed),
                   tokenizer_colours=colour_fidelity(pipe.vq))
+    if args.colour_seeds:
+        colours = colour_following(pipe, seeds=range(args.colour_seeds), **sampling(args))
+        grid = torch.from_numpy(colours.pop("images")).permute(0, 3, 1, 2).float() / 255
+        save_image(grid, os.path.join(args.out, "colour_grid.png"), nrow=12, padding=2)
+        result["colour_check"] = colours
     with open(os.path.join(args.out, "scores.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"{'task':<14} {'n':>4} {'accuracy':>9} {'exact':>6} {'count':>7} {'colour':>7} {'position':>9}")
@@ -209,7 +220,12 @@ def cmd_eval_scenes(args) -> int:
     print(f"tokenizer colours: {colours['colours_kept']} of {len(colours['by_colour'])} kept, "
           f"{colours['objects_kept']:.0%} of single objects decoded in their colour (lost: "
           + (", ".join(c for c, v in colours["by_colour"].items() if v < 0.5) or "none") + ")")
-    print(f"wrote {args.out}/scores.json and {args.out}/grid.png")
+    if args.colour_seeds:
+        c = result["colour_check"]
+        print(f"colour check ({c['n']} single-object prompts): right colour {c['right_colour']:.2f}, exactly one "
+              f"object {c['one_object']:.2f}, {c['colours_drawn']} of {len(c['by_colour'])} colours drawn (missing: "
+              + (", ".join(k for k, v in c["by_colour"].items() if v == 0) or "none") + ")")
+    print(f"wrote {args.out}/scores.json, {args.out}/grid.png" + (" and colour_grid.png" if args.colour_seeds else ""))
     return 0
 
 

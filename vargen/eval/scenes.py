@@ -461,6 +461,42 @@ def scene_following(pipe, n: int = 100, seed: int = 999, resolution: Optional[in
     return {**score_scenes(images, scenes), "images": np.stack(images), "captions": [s.caption for s in scenes]}
 
 
+def colour_prompts(shapes: Sequence[str] = SHAPES) -> List[Tuple[str, str, str]]:
+    """``(prompt, colour, shape)`` for "a photo of a {colour} {shape}", every GenEval colour x every shape."""
+    from ..data.scenes import _article
+
+    return [(f"a photo of {_article(c)} {c} {shape}", c, shape) for c in COLOR_NAMES for shape in shapes]
+
+
+def colour_following(pipe, seeds: Sequence[int] = (0, 1), shapes: Sequence[str] = SHAPES, batch_size: int = 16,
+                     progress: bool = True, **sampling) -> Dict[str, object]:
+    """Does the generator draw the colour it is asked for? :func:`colour_prompts` drawn once per seed of ``seeds``
+    (every prompt with that seed), each image checked with :func:`find_blobs`: **right colour** when its largest
+    object has the prompt's colour, **one object** when it holds exactly one object and that one has it.
+
+    Returns ``right_colour`` and ``one_object`` (shares of all images), ``by_colour`` (right-colour share per
+    colour), ``colours_drawn`` (colours right in at least one image), the ``prompts`` and the ``images``
+    (``[n, H, W, 3]`` uint8, seed-major). ``sampling`` goes to the pipeline call (``cfg_scale``, ...)."""
+    from tqdm.auto import tqdm
+
+    items = [(seed, *item) for seed in seeds for item in colour_prompts(shapes)]
+    images, right, one = [], [], []
+    for start in tqdm(range(0, len(items), batch_size), desc="colour prompts", disable=not progress):
+        chunk = items[start:start + batch_size]
+        out = pipe([prompt for _, prompt, _, _ in chunk], seed=[seed for seed, *_ in chunk], output_type="np",
+                   progress=False, **sampling)
+        for image, (_, _, colour, _) in zip((out.images * 255).round().astype(np.uint8), chunk):
+            blobs = find_blobs(image)
+            right.append(bool(blobs) and max(blobs, key=lambda b: b.area).color == colour)
+            one.append(len(blobs) == 1 and blobs[0].color == colour)
+            images.append(image)
+    by_colour = {c: float(np.mean([r for r, (_, _, colour, _) in zip(right, items) if colour == c]))
+                 for c in COLOR_NAMES}
+    return {"right_colour": float(np.mean(right)), "one_object": float(np.mean(one)), "by_colour": by_colour,
+            "colours_drawn": sum(v > 0 for v in by_colour.values()), "n": len(items),
+            "prompts": [prompt for _, prompt, _, _ in items], "images": np.stack(images)}
+
+
 def _reconstruct(vq, images: torch.Tensor) -> np.ndarray:
     """Images ``[B, 3, H, W]`` in [-1, 1] through ``vq`` (encode -> decode) as ``[B, H, W, 3]`` uint8."""
     rec = vq.decode(vq.encode(images.to(vq.device))).float().clamp(-1, 1)
