@@ -99,6 +99,32 @@ def test_ar_recipe_via_cli(tmp_path):
     assert WordTextEncoder.from_pretrained(str(tmp_path / "ar" / "text_encoder")).config.max_length == 12
 
 
+
+def test_token_cache_is_shared_and_refused_for_other_weights_or_data(tmp_path, monkeypatch):
+    import vargen.train.ar as ar
+
+    vq_dir = tmp_path / "vq_run"
+    train_tokenizer({"model": VQ_MODEL, "data": SCENES, "steps": 1, "batch_size": 4, "lr": 1e-3}, str(vq_dir))
+    shared = str(tmp_path / "shared" / "tokens.pt")
+    config = {"tokenizer": str(vq_dir / "vq"), "data": SCENES, "num_images": 6, "token_cache": shared}
+    _, made = ar.load_token_cache(config, str(tmp_path / "ar"))
+    assert made["tokens"].shape[0] == 6 and not (tmp_path / "ar" / "tokens.pt").exists()
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr(ar, "tokenize_dataset", no_tokenising)
+    _, again = ar.load_token_cache(config, str(tmp_path / "lpd"))  # another recipe's run reads the same file
+    assert torch.equal(again["tokens"], made["tokens"])
+    with pytest.raises(ValueError, match="another num_images"):
+        ar.load_token_cache({**config, "num_images": 5}, str(tmp_path / "lpd"))
+    other = VQTokenizer.from_pretrained(str(vq_dir / "vq"))
+    with torch.no_grad():
+        other.quantize.embedding.weight.mul_(2)
+    other.save_pretrained(str(tmp_path / "other_vq"))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        ar.load_token_cache({**config, "tokenizer": str(tmp_path / "other_vq")}, str(tmp_path / "lpd"))
+
 def test_missing_config_fails_clearly(tmp_path, capsys):
     assert main(["train", "tokenizer", "--config", str(tmp_path / "none.json")]) == 2
     assert "config not found" in capsys.readouterr().err

@@ -8,6 +8,7 @@ position per sequence index) that can stop after any number of tokens when gener
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Union
 
@@ -75,19 +76,40 @@ def _collate_tokens(items):
 
 def load_token_cache(config: dict, out_dir: str):
     """``(vq, cache)``: the tokenizer ``config["tokenizer"]`` (a VQ or 1D tokenizer folder, by its config or
-    ``config["tokenizer_type"]``) and ``config["data"]`` tokenised once (cached in ``out_dir/tokens.pt``;
-    ``config["num_images"]`` limits it)."""
+    ``config["tokenizer_type"]``) and ``config["data"]`` tokenised once (``config["num_images"]`` limits it).
+
+    The cache is ``config["token_cache"]`` if given (e.g. the AR run's ``tokens.pt``, so that the LPD and NAR
+    recipes on the same data skip tokenising it again), else ``out_dir/tokens.pt``. It records which tokenizer
+    weights (a fingerprint) and which data made it; a cache made by other weights or data is refused."""
     vq = load_tokenizer(config["tokenizer"], config.get("tokenizer_type"))
-    cache_path = os.path.join(out_dir, "tokens.pt")
+    source = {"tokenizer": tokenizer_fingerprint(vq), "data": config["data"],
+              "num_images": config.get("num_images", 0)}
+    cache_path = config.get("token_cache") or os.path.join(out_dir, "tokens.pt")
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(cache_path):
         cache = torch.load(cache_path)
+        made_by = cache.get("source")
+        if made_by is not None and made_by != source:
+            what = [k for k in source if made_by.get(k) != source[k]]
+            raise ValueError(f"token cache {cache_path} was made with another {' and '.join(what)} than this config "
+                             f"asks for ({config['tokenizer']}); delete it, or point \"token_cache\" at a new file")
     else:
         cache = tokenize_dataset(vq, build_dataset(config["data"]), limit=config.get("num_images", 0),
                                  num_workers=config.get("num_workers", 0))
+        cache["source"] = source
+        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         torch.save(cache, cache_path + ".tmp")
         os.replace(cache_path + ".tmp", cache_path)
     return vq, cache
+
+
+def tokenizer_fingerprint(vq) -> str:
+    """A short hash of a tokenizer's weights: the same weights give the same tokens, wherever they were loaded from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vq.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def token_batches(cache: dict, batch_size: int):
