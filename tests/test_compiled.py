@@ -128,3 +128,36 @@ def test_inductor_on_cpu_prepacks_the_weights(fresh_dynamo):
         decode_ar(compiled, cond, SAMPLING, seeds=[3, 4])
     names = {e.key for e in prof.key_averages()}
     assert "mkldnn::_linear_pointwise" in names, sorted(n for n in names if "mm" in n or "linear" in n)
+
+
+def test_sjd_steps_compile_whole_and_match_eager(fresh_dynamo):
+    """--compile captures SJD's whole verify step (forward, acceptance, commit, rollback, redraws, coupling, next
+    window) as one graph: tokens equal eager's for every coupling and LANTERN, one graph per variant, and other
+    classes and seeds reuse it without recompiling. PAC and the sampling inits draw inside the step and stay
+    eager around the compiled forward (same tokens too)."""
+    from vargen.decoding import get_method
+
+    model = make_gpt("c2i")
+    compiled = CompiledModel(model, backend="aot_eager")
+    codebook = torch.randn(model.vocab_size, 4)
+    cond, other = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 0])
+    variants = ("sjd", "sjd+coupling", "sjd+gumbel", "sjd+lantern")
+    for name in variants:
+        decode = get_method(name, codebook=codebook, window=4)
+        ref, ref_stats = decode(model, cond, SAMPLING, seeds=[0, 1, 2])
+        out, stats = decode(compiled, cond, SAMPLING, seeds=[0, 1, 2])
+        assert torch.equal(ref, out) and stats.extra["whole_step_graph"], name
+        assert stats.forward_passes == ref_stats.forward_passes and stats.per_sample_forward_passes == \
+            ref_stats.per_sample_forward_passes
+        assert not ref_stats.extra["whole_step_graph"]
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs <= len(variants) + 1  # one whole step per variant (+ at most the eager-wrapper forward)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for name in variants:
+            get_method(name, codebook=codebook, window=4)(compiled, other, SAMPLING, seeds=[7, 8, 9])
+    assert counters["stats"]["unique_graphs"] == graphs
+    for name, options in (("sjd+pac", {}), ("sjd", {"init": "random"})):
+        decode = get_method(name, codebook=codebook, window=4, **options)
+        ref, _ = decode(model, cond, SAMPLING, seeds=[0, 1, 2])
+        out, stats = decode(compiled, cond, SAMPLING, seeds=[0, 1, 2])
+        assert torch.equal(ref, out) and not stats.extra["whole_step_graph"], name

@@ -22,6 +22,23 @@ from ..ops.reference import guided_logits
 from .stats import DecodeStats
 
 
+def cfg_rows(x: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Per-sample inputs for every model row: the CFG halves share tokens, positions, slots and masks."""
+    return torch.cat([x, x]) if sampling.uses_cfg else x
+
+
+def target_pass(model, sampling: SamplingConfig, cache, prefix_len: int, tokens: torch.Tensor,
+                positions: torch.Tensor, slots: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
+    """A target pass with nothing counted: image ``tokens`` ``[B, T]`` at grid ``positions`` into image ``slots``
+    (the CFG halves share them) -> ``(probs [B, T, V] fp32, count of non-finite logits)``. The one place the
+    model's forward meets the sampling config; :meth:`DecodeSession.forward` and whole-step graphs (which count
+    passes outside the graph) both run it."""
+    logits = model(tokens=cfg_rows(tokens, sampling), positions=cfg_rows(positions, sampling),
+                   slots=cfg_rows(slots + prefix_len, sampling), mask=None if mask is None else cfg_rows(mask, sampling),
+                   cache=cache)
+    return logits_to_probs(logits, sampling, check_finite=False), (~torch.isfinite(logits)).sum()
+
+
 class DecodeSession:
     """One batch of generations in flight.
 
@@ -68,8 +85,7 @@ class DecodeSession:
 
     # ----------------------------------------------------------------------------- model calls
     def _double(self, x: torch.Tensor) -> torch.Tensor:
-        """CFG halves share tokens, positions and slots."""
-        return torch.cat([x, x]) if self.sampling.uses_cfg else x
+        return cfg_rows(x, self.sampling)
 
     @torch.no_grad()
     def prefill(self, return_hidden: bool = False):
@@ -117,6 +133,11 @@ class DecodeSession:
         ``return_hidden=True`` returns ``(probs, hidden)`` with the model's last hidden states ``[rows, T, dim]``
         of every batch row (both CFG halves, cond rows first), e.g. for an EAGLE drafter.
         """
+        if cfg_scale is None and not model_inputs and not return_hidden:
+            probs, bad = target_pass(self.model, self.sampling, self.cache, self.prefix_len, tokens, positions, slots,
+                                     mask)
+            self.count_pass(bad)
+            return probs
         slots = slots + self.prefix_len
         extra = {k: self._double(v) for k, v in (model_inputs or {}).items()}
         if return_hidden:
@@ -140,9 +161,13 @@ class DecodeSession:
         m = self._double(image_slots)
         self.cache.visible[:, self.prefix_len:self.prefix_len + m.shape[1]] &= ~m
 
-    def _probs(self, logits: torch.Tensor, cfg_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def count_pass(self, non_finite: torch.Tensor) -> None:
+        """Count one target pass and its non-finite logits (checked once, in :meth:`finish`)."""
         self.stats.forward_passes += 1
-        self._non_finite += (~torch.isfinite(logits)).sum()
+        self._non_finite += non_finite
+
+    def _probs(self, logits: torch.Tensor, cfg_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.count_pass((~torch.isfinite(logits)).sum())
         if cfg_scale is not None and self.sampling.uses_cfg:
             return logits_to_probs(guided_logits(logits, cfg_scale), replace(self.sampling, cfg_scale=1.0),
                                    check_finite=False)

@@ -38,7 +38,7 @@ from .acceptance import ExactAcceptance, couple
 from .drafts import check_init, fill_fresh
 from .pac import pac_layout, verify_with_tree
 from .sampling import SamplingConfig, exponential_noise, sample_categorical, uniform_noise
-from .session import DecodeSession
+from .session import DecodeSession, cfg_rows, target_pass
 
 COUPLINGS = ("none", "maximal", "gumbel")
 COUPLING_SUFFIX = {"none": "", "maximal": "+coupling", "gumbel": "+gumbel"}
@@ -73,6 +73,54 @@ def commit_accepted(canvas: torch.Tensor, from_draft: torch.Tensor, n: torch.Ten
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[b, index[b, j]]`` for ``x`` ``[B, T, V]`` and ``index`` ``[B, L]`` -> ``[B, L, V]``."""
     return x.gather(1, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
+def sjd_step(model, sampling: SamplingConfig, cache, prefix_len: int, acceptance, init: str, width: int,
+             canvas: torch.Tensor, from_draft: torch.Tensor, n: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor,
+             coins: torch.Tensor, noise: torch.Tensor, redraw: Optional[torch.Tensor], gumbel: Optional[torch.Tensor],
+             keep: Optional[torch.Tensor], generators=None) -> tuple:
+    """One SJD verify step as a function of its state and its random draws, so that ``--compile`` can capture it
+    whole: the target pass over the last committed token and the ``L`` drafts, the acceptance rule, the commit,
+    the cache rollback and the next window (:func:`next_window`). Draws: ``coins`` ``[B, L]`` and ``noise``
+    ``[B, V]`` for the verification, ``redraw`` ``[B, L, V]`` (or rows of the ``gumbel`` table) for the redrawn
+    window, ``keep`` ``[B, L]`` the maximal coupling's coins (``None`` without it); ``generators`` only for the
+    sampling inits. Returns ``(canvas, from_draft, n, drafts, q, non-finite logits)``; only the cache changes in
+    place."""
+    N, L = canvas.shape[1] - drafts.shape[1] - 1, drafts.shape[1]
+    canvas, from_draft = canvas.clone(), from_draft.clone()
+    active = n < N
+    pos = (n - 1)[:, None] + torch.arange(L + 1, device=n.device)
+    tokens = torch.cat([canvas.gather(1, (n - 1)[:, None]), drafts], 1)
+    probs, bad = target_pass(model, sampling, cache, prefix_len, tokens, pos.clamp(max=N - 1), pos)
+    # r: drafts accepted before the first rejection; x: the residual (or bonus) token at n + r
+    r, x = acceptance.verify_window(probs, q, drafts, coins, (pos[:, 1:] < N) & active[:, None], noise)
+    # commit the accepted drafts at n .. n+r-1 and the resampled (or bonus) token at n+r
+    _, n_new = commit_accepted(canvas, from_draft, n, drafts, r, x, active, N)
+    cache.rollback(cfg_rows(prefix_len + n_new - 1, sampling))  # the newest token has no KV yet
+    drafts, q = next_window(probs, r, n_new, q, drafts, redraw, gumbel, keep, canvas, init, generators, width)
+    return canvas, from_draft, n_new, drafts, q, bad
+
+
+def next_window(probs: torch.Tensor, r: torch.Tensor, n: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
+                redraw: Optional[torch.Tensor], gumbel: Optional[torch.Tensor], keep: Optional[torch.Tensor],
+                canvas: torch.Tensor, init: str, generators, width: int) -> tuple:
+    """The window after a pass that accepted ``r`` drafts (now ``n`` tokens committed): this pass's distributions
+    where they reach (Jacobi, ``q := p``), each cell redrawn from its new ``q`` with ``redraw`` noise (or its row
+    of the ``gumbel`` table); with ``keep`` coins a redrawn cell keeps its old draft by the maximal coupling
+    (:func:`couple`); cells past this pass's reach get fresh drafts (:func:`fill_fresh`). Returns ``(drafts, q)``."""
+    L = drafts.shape[1]
+    steps = torch.arange(L, device=n.device)
+    src = r[:, None] + 1 + steps
+    new_q = _rows(probs, src.clamp(max=L))
+    if gumbel is not None:
+        redraw = _rows(gumbel, (n[:, None] + steps).clamp(max=gumbel.shape[1] - 1))
+    new_d = sample_categorical(new_q, noise=redraw)
+    if keep is not None:
+        # a cell takes either the coupled redraw or the fresh draw above, never both: one noise serves both
+        old = src.clamp(max=L - 1)
+        coupled = couple(new_q, _rows(q, old), drafts.gather(1, old), keep, redraw)
+        new_d = torch.where(src <= L - 1, coupled, new_d)
+    return fill_fresh(canvas, n, new_d, new_q, src > L, _rows(probs, r[:, None])[:, 0], init, generators, width)
 
 
 @torch.no_grad()
@@ -125,47 +173,37 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     drafts, q = fill_fresh(canvas, n, torch.zeros(B, L, dtype=torch.long, device=dev),
                            torch.zeros(B, L, V, device=dev), torch.ones(B, L, dtype=torch.bool, device=dev),
                            first, init, gens, width)
+    # --compile: the whole verify step (forward, acceptance, commit, rollback, next window) as one graph; PAC's tree
+    # and the sampling inits draw inside the step, so they run eagerly around the compiled forward
+    whole = hasattr(model, "whole_step") and not pac and acceptance.fused and init in ("left", "above") and width >= L
+    step, target = (model.whole_step(sjd_step), model.model) if whole else (sjd_step, model)
     step_i = 0
     bar = tqdm(total=N, disable=not progress, desc=name, leave=False)
     while True:
         active = n < N
         if not bool(active.any()):  # one host sync per verify step, none per token
             break
-        last = canvas.gather(1, (n - 1)[:, None])
         if pac:  # the window plus a K-ary tree on its first T levels; the accepted path may leave the window
+            last = canvas.gather(1, (n - 1)[:, None])
             probs, r, x, path, coins = verify_with_tree(session, acceptance, last[:, 0], n, drafts, q, active, K, T)
+            _, n_new = commit_accepted(canvas, from_draft, n, path, r, x, active, N)
+            session.rollback(n_new - 1)  # the newest token has no KV yet
+            redraw = None if gumbel is not None else exponential_noise((L, V), gens, dev)
+            # continuation reuses the kept drafts' own coins, unused so far; the coupling draws fresh ones
+            keep = uniform_noise((L,), gens, dev) if coupling == "maximal" else \
+                coins.gather(1, (r[:, None] + 1 + steps[:L]).clamp(max=L - 1)) if coupling == "none" else None
+            drafts, q = next_window(probs, r, n_new, q, drafts, redraw, gumbel, keep, canvas, init, gens, width)
         else:
-            # verify: the last committed token and L drafts, at their true raster positions
-            pos = (n - 1)[:, None] + steps
-            probs = session.forward(torch.cat([last, drafts], 1), positions=pos.clamp(max=N - 1), slots=pos)
-            valid = (pos[:, 1:] < N) & active[:, None]
-            coins = uniform_noise((L,), gens, dev)
-            noise = exponential_noise((V,), gens, dev)  # the resample's Exp(1) draw, made explicit for the fused op
-            # r: drafts accepted before the first rejection; x: the residual (or bonus) token at n + r
-            r, x = acceptance.verify_window(probs, q, drafts, coins, valid, noise)
-            path = drafts
-        p_r = _rows(probs, r[:, None])[:, 0]
-        # commit the accepted path at n .. n+r-1 and the resampled (or bonus) token at n+r
-        _, n_new = commit_accepted(canvas, from_draft, n, path, r, x, active, N)
+            # the step's random draws, made here (per-sample generators cannot run inside a graph)
+            coins, noise = uniform_noise((L,), gens, dev), exponential_noise((V,), gens, dev)
+            redraw = None if gumbel is not None else exponential_noise((L, V), gens, dev)
+            keep = uniform_noise((L,), gens, dev) if coupling == "maximal" else None
+            canvas, from_draft, n_new, drafts, q, bad = step(
+                target, session.sampling, session.cache, session.prefix_len, acceptance, init, width, canvas,
+                from_draft, n, drafts, q, coins, noise, redraw, gumbel, keep, None if whole else gens)
+            session.count_pass(bad)
         session.advance(n_new)
-        session.rollback(n_new - 1)  # the newest token has no KV yet
-        # next window: this pass's distributions where they reach (Jacobi), fresh drafts after
-        src = r[:, None] + 1 + steps[:L]
-        new_q = _rows(probs, src.clamp(max=L))
-        if gumbel is not None:
-            noise = _rows(gumbel, (n_new[:, None] + steps[:L]).clamp(max=N + L))
-        else:
-            noise = exponential_noise((L, V), gens, dev)
-        new_d = sample_categorical(new_q, noise=noise)
-        if coupling == "maximal" or (pac and coupling == "none"):
-            # continuation (pac) reuses the kept drafts' own coins, unused so far; the coupling draws fresh ones
-            old = src.clamp(max=L - 1)
-            keep_coins = uniform_noise((L,), gens, dev) if coupling == "maximal" else coins.gather(1, old)
-            # a cell takes either the coupled redraw or the fresh draw above, never both: one noise serves both
-            coupled = couple(new_q, _rows(q, old), drafts.gather(1, old), keep_coins, noise)
-            new_d = torch.where(src <= L - 1, coupled, new_d)
         n = n_new
-        drafts, q = fill_fresh(canvas, n, new_d, new_q, src > L, p_r, init, gens, width)
         if callback is not None:
             callback(step_i, canvas[:, :N], n)
         step_i += 1
@@ -175,7 +213,7 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     bar.close()
     stats = session.finish()
     stats.extra.update(window=L, init=init, coupling=coupling, acceptance=acceptance.name, pac=pac,
-                       accepted_cells=from_draft[:, :N].float().mean(0).tolist())
+                       whole_step_graph=whole, accepted_cells=from_draft[:, :N].float().mean(0).tolist())
     return canvas[:, :N], stats
 
 

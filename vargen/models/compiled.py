@@ -55,6 +55,8 @@ class CompiledModel:
         # pass dynamo's default of 8, after which it would run every later step eagerly, without a word
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self._step = torch.compile(self._image_step, backend=backend, fullgraph=fullgraph, dynamic=False, **options)
+        self._compile = dict(backend=backend, fullgraph=fullgraph, dynamic=False, **options)
+        self._whole_steps = {}
 
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
@@ -91,6 +93,24 @@ class CompiledModel:
             return self._step(tokens, positions, slots, mask, cache).clone()
 
     forward = __call__
+
+    def whole_step(self, step):
+        """``step`` compiled as one graph, the wrapped model's forward inside it: a decoding method's whole step
+        (forward, acceptance, commit, rollback, next drafts), which gets the wrapped model as its first argument
+        and its random draws as tensors. One compiled function per ``step``, reused by every decode; its outputs
+        are cloned, since a CUDA-graph replay overwrites them."""
+        compiled = self._whole_steps.get(step)
+        if compiled is None:
+            compiled = self._whole_steps[step] = torch.compile(step, **self._compile)
+
+        def run(*args):
+            if self.backend == "inductor" and self.mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch._inductor.config.patch(freezing=True) if self._freeze else contextlib.nullcontext():
+                out = compiled(*args)
+            return tuple(t.clone() if torch.is_tensor(t) else t for t in out)
+
+        return run
 
 
 def compile_model(model, mode: str = "reduce-overhead", backend: str = "inductor") -> CompiledModel:

@@ -24,6 +24,8 @@ _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _kernels(*tensors: Optional[torch.Tensor]):
     """The extension if these tensors can go to a kernel, else ``None``."""
     present = [t for t in tensors if t is not None]
+    if torch.compiler.is_compiling():
+        return None  # inside a compiled graph the reference is traced (and fused by the compiler) instead
     if not all(t.is_cuda for t in present):
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
