@@ -132,16 +132,16 @@ def test_inductor_on_cpu_prepacks_the_weights(fresh_dynamo):
 
 def test_sjd_steps_compile_whole_and_match_eager(fresh_dynamo):
     """--compile captures SJD's whole verify step (forward, acceptance, commit, rollback, redraws, coupling, next
-    window) as one graph: tokens equal eager's for every coupling and LANTERN, one graph per variant, and other
-    classes and seeds reuse it without recompiling. PAC and the sampling inits draw inside the step and stay
-    eager around the compiled forward (same tokens too)."""
+    window; SJD-PAC's tree) as one graph: tokens equal eager's for every coupling, PAC and LANTERN, one graph per
+    variant, and other classes and seeds reuse it without recompiling. The sampling inits draw inside the step
+    and stay eager around the compiled forward (same tokens too)."""
     from vargen.decoding import get_method
 
     model = make_gpt("c2i")
     compiled = CompiledModel(model, backend="aot_eager")
     codebook = torch.randn(model.vocab_size, 4)
     cond, other = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 0])
-    variants = ("sjd", "sjd+coupling", "sjd+gumbel", "sjd+lantern")
+    variants = ("sjd", "sjd+coupling", "sjd+gumbel", "sjd+lantern", "sjd+pac", "sjd+coupling+pac")
     for name in variants:
         decode = get_method(name, codebook=codebook, window=4)
         ref, ref_stats = decode(model, cond, SAMPLING, seeds=[0, 1, 2])
@@ -156,7 +156,7 @@ def test_sjd_steps_compile_whole_and_match_eager(fresh_dynamo):
         for name in variants:
             get_method(name, codebook=codebook, window=4)(compiled, other, SAMPLING, seeds=[7, 8, 9])
     assert counters["stats"]["unique_graphs"] == graphs
-    for name, options in (("sjd+pac", {}), ("sjd", {"init": "random"})):
+    for name, options in (("sjd", {"init": "random"}), ("sjd+pac", {"init": "left-dist"})):
         decode = get_method(name, codebook=codebook, window=4, **options)
         ref, _ = decode(model, cond, SAMPLING, seeds=[0, 1, 2])
         out, stats = decode(compiled, cond, SAMPLING, seeds=[0, 1, 2])

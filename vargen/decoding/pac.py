@@ -75,32 +75,44 @@ def node_tokens(drafts: torch.Tensor, siblings: torch.Tensor, depth: torch.Tenso
     return torch.where(cand > 0, sib, from_draft)
 
 
-def verify_with_tree(session, acceptance, last, n, drafts, q, active, K: int, T: int):
-    """One SJD-PAC verify pass: the window plus its tree in one tree-masked forward, the walk, and the accepted
-    path's keys and values moved to contiguous slots.
-
-    Returns ``(probs [B, L+1, V] along the window, accepted [B], final [B], path_tokens [B, L], coins [B, L])``;
-    ``coins`` are the window drafts' coins (those past the accepted path are unused, free for continuation).
-    """
-    from .eagle import tree_ancestors, walk_tree
+def tree_draws(generators, L: int, K: int, T: int, V: int, device) -> dict:
+    """A PAC verify pass's random draws, in the order the pass uses them: the siblings' Exp(1) noise
+    ``[B, T, V]``, the window's coins ``[B, L]``, the siblings' coins ``[B, max(T, 1), K]``, the final draw's
+    noise ``[B, V]``."""
     from .sampling import exponential_noise, uniform_noise
 
+    return {"siblings": exponential_noise((T, V), generators, device), "coins": uniform_noise((L,), generators, device),
+            "sib_coins": uniform_noise((max(T, 1), K), generators, device),
+            "noise": exponential_noise((V,), generators, device)}
+
+
+def verify_with_tree(model, sampling, cache, prefix_len: int, acceptance, layout: tuple, last, n, drafts, q, active,
+                     K: int, T: int, N: int, draws: dict):
+    """One SJD-PAC verify pass: the window plus its tree in one tree-masked forward, the walk, and the accepted
+    path's keys and values moved to contiguous slots. ``layout`` is :func:`pac_layout` on the device, ``draws``
+    :func:`tree_draws`.
+
+    Returns ``(probs [B, L+1, V] along the window, accepted [B], final [B], path_tokens [B, L], non-finite
+    logits)``; the window drafts' coins past the accepted path are unused, free for continuation.
+    """
+    from .eagle import tree_ancestors, walk_tree
+    from .session import cfg_rows, target_pass
+
     B, L, V = q.shape
-    dev, gens, N = q.device, session.generators, session.model.num_tokens
-    parents, depth, cand, children = (t.to(dev) for t in pac_layout(L, K, T))
+    dev = q.device
+    parents, depth, cand, children = layout
     M = parents.shape[0]
-    siblings = sibling_drafts(q[:, :T], drafts[:, :T], K, exponential_noise((T, V), gens, dev))
+    siblings = sibling_drafts(q[:, :T], drafts[:, :T], K, draws["siblings"])
     tok = torch.cat([last[:, None], node_tokens(drafts, siblings, depth, cand)], 1)
     depth_all = torch.cat([depth.new_zeros(1), depth])
     pos = (n - 1)[:, None] + depth_all
     vslots = (n - 1)[:, None] + torch.arange(M + 1, device=dev)
-    mask = session.cache.visible[:B, None, :].expand(-1, M + 1, -1).clone()
+    mask = cache.visible[:B, None, :].expand(-1, M + 1, -1).clone()
     ancestors = tree_ancestors((parents - 1).expand(B, -1), L)
-    mask.scatter_(2, (session.prefix_len + vslots)[:, None, :].expand(-1, M + 1, -1), ancestors)
-    probs = session.forward(tok, positions=pos.clamp(max=N - 1), slots=vslots, mask=mask)  # [B, M+1, V]
+    mask.scatter_(2, (prefix_len + vslots)[:, None, :].expand(-1, M + 1, -1), ancestors)
+    probs, bad = target_pass(model, sampling, cache, prefix_len, tok, pos.clamp(max=N - 1), vslots, mask)
     valid = (pos < N) & active[:, None]
-    coins, sib_coins = uniform_noise((L,), gens, dev), uniform_noise((max(T, 1), K), gens, dev)
-    noise = exponential_noise((V,), gens, dev)
+    coins, sib_coins, noise = draws["coins"], draws["sib_coins"], draws["noise"]
     rows = torch.arange(B, device=dev)
     # the tree's first T levels: the window draft first (speculative sampling), then the fixed siblings
     cur, path, acc_tree, stopped, final_tree = walk_tree(acceptance, probs, tok, children, valid, sib_coins[:, :T],
@@ -116,7 +128,6 @@ def verify_with_tree(session, acceptance, last, n, drafts, q, active, K: int, T:
     path_nodes = torch.cat([path, torch.arange(T + 1, L + 1, device=dev).expand(B, -1)], 1)  # [B, L]
     steps = torch.arange(L, device=dev)
     keep = (steps[None] < accepted[:, None]) & active[:, None]
-    P = session.prefix_len
-    src = torch.where(keep, P + (n - 1)[:, None] + path_nodes, P + n[:, None] + steps)
-    session.cache.copy_slots(session._double(src), session._double(P + n[:, None] + steps))
-    return window, accepted, final, tok.gather(1, path_nodes), coins
+    src = torch.where(keep, prefix_len + (n - 1)[:, None] + path_nodes, prefix_len + n[:, None] + steps)
+    cache.copy_slots(cfg_rows(src, sampling), cfg_rows(prefix_len + n[:, None] + steps, sampling))
+    return window, accepted, final, tok.gather(1, path_nodes), bad

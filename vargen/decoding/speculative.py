@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .acceptance import ExactAcceptance, couple
 from .drafts import check_init, fill_fresh
-from .pac import pac_layout, verify_with_tree
+from .pac import pac_layout, tree_draws, verify_with_tree
 from .sampling import SamplingConfig, exponential_noise, sample_categorical, uniform_noise
 from .session import DecodeSession, cfg_rows, target_pass
 
@@ -77,28 +77,54 @@ def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def sjd_step(model, sampling: SamplingConfig, cache, prefix_len: int, acceptance, init: str, width: int,
              canvas: torch.Tensor, from_draft: torch.Tensor, n: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor,
-             coins: torch.Tensor, noise: torch.Tensor, redraw: Optional[torch.Tensor], gumbel: Optional[torch.Tensor],
-             keep: Optional[torch.Tensor], generators=None) -> tuple:
+             draws: dict, gumbel: Optional[torch.Tensor], tree: Optional[tuple] = None, generators=None) -> tuple:
     """One SJD verify step as a function of its state and its random draws, so that ``--compile`` can capture it
-    whole: the target pass over the last committed token and the ``L`` drafts, the acceptance rule, the commit,
-    the cache rollback and the next window (:func:`next_window`). Draws: ``coins`` ``[B, L]`` and ``noise``
-    ``[B, V]`` for the verification, ``redraw`` ``[B, L, V]`` (or rows of the ``gumbel`` table) for the redrawn
-    window, ``keep`` ``[B, L]`` the maximal coupling's coins (``None`` without it); ``generators`` only for the
-    sampling inits. Returns ``(canvas, from_draft, n, drafts, q, non-finite logits)``; only the cache changes in
-    place."""
+    whole: the target pass over the last committed token and the ``L`` drafts (with ``tree = (layout, K, T)``,
+    SJD-PAC's window plus tree, :func:`vargen.decoding.pac.verify_with_tree`), the acceptance rule, the commit,
+    the cache rollback and the next window (:func:`next_window`). ``draws`` (:func:`step_draws`): the coins and
+    noise of the verification, ``redraw`` ``[B, L, V]`` for the redrawn window (else rows of the ``gumbel``
+    table), ``keep`` the maximal coupling's coins; ``generators`` only for the sampling inits. Returns
+    ``(canvas, from_draft, n, drafts, q, non-finite logits)``; only the cache changes in place."""
     N, L = canvas.shape[1] - drafts.shape[1] - 1, drafts.shape[1]
     canvas, from_draft = canvas.clone(), from_draft.clone()
     active = n < N
-    pos = (n - 1)[:, None] + torch.arange(L + 1, device=n.device)
-    tokens = torch.cat([canvas.gather(1, (n - 1)[:, None]), drafts], 1)
-    probs, bad = target_pass(model, sampling, cache, prefix_len, tokens, pos.clamp(max=N - 1), pos)
-    # r: drafts accepted before the first rejection; x: the residual (or bonus) token at n + r
-    r, x = acceptance.verify_window(probs, q, drafts, coins, (pos[:, 1:] < N) & active[:, None], noise)
-    # commit the accepted drafts at n .. n+r-1 and the resampled (or bonus) token at n+r
-    _, n_new = commit_accepted(canvas, from_draft, n, drafts, r, x, active, N)
+    last = canvas.gather(1, (n - 1)[:, None])
+    if tree is not None:  # the window plus a K-ary tree on its first T levels; the accepted path may leave it
+        layout, K, T = tree
+        probs, r, x, path, bad = verify_with_tree(model, sampling, cache, prefix_len, acceptance, layout, last[:, 0],
+                                                  n, drafts, q, active, K, T, N, draws)
+    else:
+        pos = (n - 1)[:, None] + torch.arange(L + 1, device=n.device)
+        probs, bad = target_pass(model, sampling, cache, prefix_len, torch.cat([last, drafts], 1),
+                                 pos.clamp(max=N - 1), pos)
+        # r: drafts accepted before the first rejection; x: the residual (or bonus) token at n + r
+        r, x = acceptance.verify_window(probs, q, drafts, draws["coins"], (pos[:, 1:] < N) & active[:, None],
+                                        draws["noise"])
+        path = drafts
+    # commit the accepted path at n .. n+r-1 and the resampled (or bonus) token at n+r
+    _, n_new = commit_accepted(canvas, from_draft, n, path, r, x, active, N)
     cache.rollback(cfg_rows(prefix_len + n_new - 1, sampling))  # the newest token has no KV yet
-    drafts, q = next_window(probs, r, n_new, q, drafts, redraw, gumbel, keep, canvas, init, generators, width)
+    keep = draws.get("keep")
+    if tree is not None and keep is None and gumbel is None:
+        # PAC's continuation: a kept draft is judged with its own coin, unused because the path stopped before it
+        keep = draws["coins"].gather(1, (r[:, None] + 1 + torch.arange(L, device=n.device)).clamp(max=L - 1))
+    drafts, q = next_window(probs, r, n_new, q, drafts, draws.get("redraw"), gumbel, keep, canvas, init, generators,
+                            width)
     return canvas, from_draft, n_new, drafts, q, bad
+
+
+def step_draws(generators, L: int, V: int, coupling: str, tree: Optional[tuple], device) -> dict:
+    """One step's random draws for :func:`sjd_step`, made outside it (per-sample generators cannot run inside a
+    graph) and in the order the step uses them, so a compiled step samples eager's tokens."""
+    if tree is not None:
+        draws = tree_draws(generators, L, tree[1], tree[2], V, device)
+    else:
+        draws = {"coins": uniform_noise((L,), generators, device), "noise": exponential_noise((V,), generators, device)}
+    if coupling != "gumbel":
+        draws["redraw"] = exponential_noise((L, V), generators, device)
+    if coupling == "maximal":
+        draws["keep"] = uniform_noise((L,), generators, device)
+    return draws
 
 
 def next_window(probs: torch.Tensor, r: torch.Tensor, n: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
@@ -168,14 +194,14 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     canvas[:, 0] = sample_categorical(first, gens)
     n = torch.ones(B, dtype=torch.long, device=dev)  # committed tokens per sample
     session.advance(n)
-    steps = torch.arange(L + 1, device=dev)
     gumbel = exponential_noise((N + L + 1, V), gens, dev) if coupling == "gumbel" else None
     drafts, q = fill_fresh(canvas, n, torch.zeros(B, L, dtype=torch.long, device=dev),
                            torch.zeros(B, L, V, device=dev), torch.ones(B, L, dtype=torch.bool, device=dev),
                            first, init, gens, width)
-    # --compile: the whole verify step (forward, acceptance, commit, rollback, next window) as one graph; PAC's tree
-    # and the sampling inits draw inside the step, so they run eagerly around the compiled forward
-    whole = hasattr(model, "whole_step") and not pac and acceptance.fused and init in ("left", "above") and width >= L
+    # --compile: the whole verify step (forward, acceptance, commit, rollback, next window) as one graph; the
+    # sampling inits draw inside the step, so they run eagerly around the compiled forward
+    tree = (tuple(t.to(dev) for t in pac_layout(L, K, T)), K, T) if pac else None
+    whole = hasattr(model, "whole_step") and acceptance.fused and init in ("left", "above") and width >= L
     step, target = (model.whole_step(sjd_step), model.model) if whole else (sjd_step, model)
     step_i = 0
     bar = tqdm(total=N, disable=not progress, desc=name, leave=False)
@@ -183,25 +209,11 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         active = n < N
         if not bool(active.any()):  # one host sync per verify step, none per token
             break
-        if pac:  # the window plus a K-ary tree on its first T levels; the accepted path may leave the window
-            last = canvas.gather(1, (n - 1)[:, None])
-            probs, r, x, path, coins = verify_with_tree(session, acceptance, last[:, 0], n, drafts, q, active, K, T)
-            _, n_new = commit_accepted(canvas, from_draft, n, path, r, x, active, N)
-            session.rollback(n_new - 1)  # the newest token has no KV yet
-            redraw = None if gumbel is not None else exponential_noise((L, V), gens, dev)
-            # continuation reuses the kept drafts' own coins, unused so far; the coupling draws fresh ones
-            keep = uniform_noise((L,), gens, dev) if coupling == "maximal" else \
-                coins.gather(1, (r[:, None] + 1 + steps[:L]).clamp(max=L - 1)) if coupling == "none" else None
-            drafts, q = next_window(probs, r, n_new, q, drafts, redraw, gumbel, keep, canvas, init, gens, width)
-        else:
-            # the step's random draws, made here (per-sample generators cannot run inside a graph)
-            coins, noise = uniform_noise((L,), gens, dev), exponential_noise((V,), gens, dev)
-            redraw = None if gumbel is not None else exponential_noise((L, V), gens, dev)
-            keep = uniform_noise((L,), gens, dev) if coupling == "maximal" else None
-            canvas, from_draft, n_new, drafts, q, bad = step(
-                target, session.sampling, session.cache, session.prefix_len, acceptance, init, width, canvas,
-                from_draft, n, drafts, q, coins, noise, redraw, gumbel, keep, None if whole else gens)
-            session.count_pass(bad)
+        draws = step_draws(gens, L, V, coupling, tree, dev)
+        canvas, from_draft, n_new, drafts, q, bad = step(
+            target, session.sampling, session.cache, session.prefix_len, acceptance, init, width, canvas, from_draft,
+            n, drafts, q, draws, gumbel, tree, None if whole else gens)
+        session.count_pass(bad)
         session.advance(n_new)
         n = n_new
         if callback is not None:
