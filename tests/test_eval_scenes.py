@@ -359,3 +359,27 @@ def test_colour_following_checks_colour_and_object_count():
     assert red["colours_drawn"] == 1 and red["by_colour"]["red"] == 1.0 and red["right_colour"] == 0.1
     two = colour_following(_ColourPipe(extra=True), seeds=(0,), shapes=("square",), progress=False)
     assert two["right_colour"] >= 0.9 and two["one_object"] == 0.0
+
+
+def test_eval_tokenizer_cli_reports_the_ceiling(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from vargen.cli import main
+    from vargen.tokenizers import VQTokenizer
+
+    vq = VQTokenizer(codebook_size=32, ch=16, ch_mult=[1, 1, 1, 1], z_channels=16, num_res_blocks=1, norm_groups=8)
+    with torch.no_grad():  # a flat grey decoder: no objects to segment, so the checks run in seconds
+        vq.decoder.conv_out.weight.zero_()
+        vq.decoder.conv_out.bias.zero_()
+    vq.save_pretrained(str(tmp_path / "vq"))
+    out = tmp_path / "figures.json"
+    assert main(["eval", "tokenizer", "--vq", str(tmp_path / "vq"), "-n", "3", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 held-out scenes (seed 999), 128 px: reconstruction" in printed and "colours kept:" in printed
+    figures = json.loads(out.read_text())
+    assert figures["n"] == 3 and 0 < figures["psnr_db"] < 60 and figures["ceiling"]["n"] == 3
+    assert len(figures["colours"]["by_colour"]) == 10 and figures["colours"]["colours_kept"] == 0
+    assert main(["eval", "tokenizer", "--vq", str(tmp_path / "missing")]) == 2
+    assert "VQ tokenizer not found" in capsys.readouterr().err
