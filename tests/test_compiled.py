@@ -156,6 +156,11 @@ def test_sjd_steps_compile_whole_and_match_eager(fresh_dynamo):
         for name in variants:
             get_method(name, codebook=codebook, window=4)(compiled, other, SAMPLING, seeds=[7, 8, 9])
     assert counters["stats"]["unique_graphs"] == graphs
+    for name in ("sjd+coupling", "sjd+coupling+pac"):  # a window wider than a row (grid width 4) copies within it
+        decode = get_method(name, codebook=codebook, window=9)
+        ref, _ = decode(model, cond, SAMPLING, seeds=[0, 1, 2])
+        out, stats = decode(compiled, cond, SAMPLING, seeds=[0, 1, 2])
+        assert torch.equal(ref, out) and stats.extra["whole_step_graph"], name
     for name, options in (("sjd", {"init": "random"}), ("sjd+pac", {"init": "left-dist"})):
         decode = get_method(name, codebook=codebook, window=4, **options)
         ref, _ = decode(model, cond, SAMPLING, seeds=[0, 1, 2])

@@ -1,4 +1,5 @@
-"""The copying draft inits: the vectorised forward fill equals the window loop it replaces, cell for cell."""
+"""The copying draft inits: the vectorised forward fill equals the window loop it replaces, cell for cell, for
+windows narrower and wider than a row (a wide window copies from above cells inside itself)."""
 import random
 
 import torch
@@ -28,7 +29,7 @@ def test_copying_inits_match_the_window_loop():
     torch.manual_seed(0)
     for _ in range(200):
         width = rng.choice([4, 8, 16])
-        B, L, V, N = 3, rng.randint(1, width), 7, width * rng.choice([1, 2, 4])
+        B, L, V, N = 3, rng.randint(1, 4 * width), 7, width * rng.choice([1, 2, 4])
         canvas = torch.randint(0, V, (B, N + L + 1))
         start, drafts = torch.randint(1, N + 1, (B,)), torch.randint(0, V, (B, L))
         q, fresh = torch.rand(B, L, V), torch.rand(B, L) < 0.6

@@ -52,7 +52,7 @@ def fill_fresh(canvas: torch.Tensor, start: torch.Tensor, drafts: torch.Tensor, 
     """
     B, L = drafts.shape
     V = q.shape[-1]
-    if init in ("left", "above") and width >= L:
+    if init in ("left", "above"):
         return _copy_neighbours(canvas, start, drafts, q, fresh, init, width)
     rows = torch.arange(B, device=canvas.device)
     last = canvas.shape[1] - 1
@@ -86,19 +86,22 @@ def _copy_neighbours(canvas: torch.Tensor, start: torch.Tensor, drafts: torch.Te
     """:func:`fill_fresh` for the copying inits in a handful of tensor ops instead of a loop over the window.
 
     A fresh cell copies its left neighbour (which may itself be a fresh copy, so runs of fresh cells carry
-    one value forward) or, where the init says so, the cell above, which lies before the window when the
-    window is no wider than a row (``width >= L``, the caller's condition) and so is already final. So each
-    window value is the value of the nearest *anchor* at or before it: a kept draft, a cell that copies from
-    above, or the committed cell before the window: a forward fill (running maximum of anchor positions).
+    one value forward) or, where the init says so, the cell above. So each window value is the value of the
+    nearest *anchor* at or before it: a kept draft, a cell that copies from above, or the committed cell before
+    the window: a forward fill (running maximum of anchor positions). The cell above lies ``width`` cells back:
+    before the window for the first ``width`` window cells, which the first round makes final; round ``r``
+    then makes the first ``r * width`` final, so ``ceil(L / width)`` rounds serve any window (one for
+    ``L <= width``).
     """
     B, L = drafts.shape
     steps = torch.arange(L, device=canvas.device)
     cells = start[:, None] + steps
     from_above = cells % width == 0 if init == "left" else cells >= width
-    above = canvas.gather(1, (cells - width).clamp(min=0))
     anchor = ~fresh | from_above
-    values = torch.cat([canvas.gather(1, (start - 1)[:, None]), torch.where(fresh, above, drafts)], 1)  # [B, 1+L]
     source = torch.where(anchor, steps + 1, 0).cummax(1).values  # 0: the committed cell before the window
-    window = values.gather(1, source)
-    canvas.scatter_(1, cells, window)
+    for _ in range(-(-L // width)):
+        above = canvas.gather(1, (cells - width).clamp(min=0))
+        values = torch.cat([canvas.gather(1, (start - 1)[:, None]), torch.where(fresh, above, drafts)], 1)  # [B, 1+L]
+        window = values.gather(1, source)
+        canvas.scatter_(1, cells, window)
     return window, torch.where(fresh[..., None], one_hot_q(window, q.shape[-1]).to(q.dtype), q)

@@ -201,7 +201,7 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     # --compile: the whole verify step (forward, acceptance, commit, rollback, next window) as one graph; the
     # sampling inits draw inside the step, so they run eagerly around the compiled forward
     tree = (tuple(t.to(dev) for t in pac_layout(L, K, T)), K, T) if pac else None
-    whole = hasattr(model, "whole_step") and acceptance.fused and init in ("left", "above") and width >= L
+    whole = hasattr(model, "whole_step") and acceptance.fused and init in ("left", "above")
     step, target = (model.whole_step(sjd_step), model.model) if whole else (sjd_step, model)
     step_i = 0
     bar = tqdm(total=N, disable=not progress, desc=name, leave=False)
