@@ -166,3 +166,31 @@ def test_sjd_steps_compile_whole_and_match_eager(fresh_dynamo):
         ref, _ = decode(model, cond, SAMPLING, seeds=[0, 1, 2])
         out, stats = decode(compiled, cond, SAMPLING, seeds=[0, 1, 2])
         assert torch.equal(ref, out) and not stats.extra["whole_step_graph"], name
+
+
+def test_lpd_and_nar_passes_compile_whole_and_match_eager(fresh_dynamo):
+    """--compile reaches LPD's and NAR's own models: each pass (forward, ramped guidance, sampling) is one graph
+    of the companion wrapper, tokens equal eager's, the changing group / diagonal sizes become symbolic after the
+    first recompile (fewer graphs than step shapes), and other classes and seeds recompile nothing."""
+    from vargen.decoding import decode_lpd, decode_nar
+    from vargen.models.lpd import LPD
+    from vargen.models.nar import NARModel
+
+    model = make_gpt("c2i")
+    lpd, nar = LPD.from_ar(model).eval(), NARModel.from_ar(model, head_layers=1).eval()
+    compiled = CompiledModel(model, backend="aot_eager")
+    cond, other = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 0])
+    runs = ((decode_lpd, {"weights": lpd, "steps": 8}), (decode_nar, {"weights": nar}))
+    shapes = 0
+    for decode, kw in runs:
+        ref, ref_stats = decode(model, cond, SAMPLING, seeds=[0, 1, 2], **kw)
+        out, stats = decode(compiled, cond, SAMPLING, seeds=[0, 1, 2], **kw)
+        assert torch.equal(ref, out) and stats.extra["whole_step_graph"], decode.__name__
+        assert not ref_stats.extra["whole_step_graph"] and stats.forward_passes == ref_stats.forward_passes
+        shapes += stats.forward_passes - 1
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs < shapes / 2, (graphs, shapes)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for decode, kw in runs:
+            decode(compiled, other, SAMPLING, seeds=[7, 8, 9], **kw)
+    assert counters["stats"]["unique_graphs"] == graphs

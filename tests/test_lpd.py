@@ -6,7 +6,8 @@ import torch
 
 from conftest import make_gpt
 from vargen.cli import main
-from vargen.decoding import DecodeSession, SamplingConfig, decode_lpd, get_method
+import vargen.decoding.lpd as lpd_decoding
+from vargen.decoding import SamplingConfig, decode_lpd, get_method
 from vargen.decoding.lpd_order import (PAPER_SCHEDULES, group_schedule, iter_groups, locality_groups,
                                        locality_orders, order_generator)
 from vargen.models.lpd import LPD, load_lpd, lpd_attention_mask
@@ -133,8 +134,9 @@ def test_decode_step_by_step_gives_the_training_forwards_query_distributions(one
         cond_mask[0, :2] = cond_mask[1, :1] = False
     else:
         cond, cond_mask = torch.tensor([0, 3, 4]), None
-    seen, forward = [], DecodeSession.forward
-    monkeypatch.setattr(DecodeSession, "forward", lambda self, *a, **k: seen.append(forward(self, *a, **k)) or seen[-1])
+    seen, target_pass = [], lpd_decoding.target_pass  # each pass's probabilities, as the step samples them
+    monkeypatch.setattr(lpd_decoding, "target_pass",
+                        lambda *a, **k: (lambda out: seen.append(out[0]) or out)(target_pass(*a, **k)))
     tokens, stats = decode_lpd(lpd, cond, SamplingConfig(cfg_scale=cfg), seeds, cond_mask=cond_mask, steps=steps)
     sizes = group_schedule(16, steps)
     assert stats.forward_passes == steps + 1 and len(seen) == steps

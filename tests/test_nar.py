@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from conftest import make_gpt
 from vargen.cli import main
+import vargen.decoding.nar as nar_decoding
 from vargen.decoding import DecodeSession, SamplingConfig, decode_nar, get_method
 from vargen.decoding.nar_order import anti_diagonals, parents, proximity_mask, proximity_slot_mask
 from vargen.models import LlamaGen
@@ -167,8 +168,10 @@ def test_teacher_forced_loss_is_the_sum_of_per_cell_cross_entropies(one_thread, 
 def test_cached_decode_gives_the_training_forwards_logits(one_thread, monkeypatch, model_type, grid, cfg):
     _, nar = make_nar(model_type, grid=grid, head_layers=2)
     cond, cond_mask = conditions(model_type)
-    seen, forward, prefill = [], DecodeSession.forward, DecodeSession.prefill
-    monkeypatch.setattr(DecodeSession, "forward", lambda self, *a, **k: seen.append(forward(self, *a, **k)) or seen[-1])
+    seen, target_pass = [], nar_decoding.target_pass  # each pass's probabilities, as the step samples them
+    monkeypatch.setattr(nar_decoding, "target_pass",
+                        lambda *a, **k: (lambda out: seen.append(out[0]) or out)(target_pass(*a, **k)))
+    prefill = DecodeSession.prefill
     monkeypatch.setattr(DecodeSession, "prefill", lambda self: seen.append(prefill(self)[:, None]) or seen[-1][:, 0])
     tokens, stats = decode_nar(nar, cond, SamplingConfig(cfg_scale=cfg), [4, 5], cond_mask=cond_mask)
     assert stats.forward_passes == len(seen) == sum(grid) - 1

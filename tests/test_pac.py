@@ -96,13 +96,3 @@ def test_pac_passes_fewer_and_names_compose(one_thread):
     assert compose_method("sjd", "none", "lantern", pac=True) == "sjd+pac+lantern"
     with pytest.raises(ValueError):
         compose_method("sjd", "gumbel", "lantern", pac=True)
-
-
-def test_pac_methods_default_to_their_own_window():
-    """The +pac methods verify 32 drafts unless told otherwise (their continuation pays off on longer windows);
-    plain SJD keeps SJD's 16; a user's --window wins."""
-    model = make_gpt("c2i", vocab=16, block=64, seed=2)
-    cond = torch.tensor([0, 1])
-    assert get_method("sjd+coupling+pac")(model, cond, SamplingConfig(), seeds=[0, 1])[1].extra["window"] == 32
-    assert get_method("sjd+coupling")(model, cond, SamplingConfig(), seeds=[0, 1])[1].extra["window"] == 16
-    assert get_method("sjd+pac", window=8)(model, cond, SamplingConfig(), seeds=[0, 1])[1].extra["window"] == 8

@@ -76,8 +76,8 @@ def add_decode_option_flags(parser: argparse.ArgumentParser) -> None:
     """Every method's own options (routed by :func:`vargen.decoding.options.route_options`: each reaches every
     selected method that takes it, and one no selected method takes is refused)."""
     parser.add_argument("--window", type=positive_int, default=None,
-                        help="drafts per verify pass (sjd, jacobi, gsd: default 16; the +pac methods: 32) and row "
-                             "lead (zipar: default 8), for every selected method that has a window")
+                        help="drafts per verify pass (sjd, jacobi, gsd: default 16) and row lead (zipar: default 8), "
+                             "for every selected method that has a window")
     parser.add_argument("--init", default=None,
                         help="draft initialisation (sjd, jacobi): random, left, above (up), left-dist (sample)")
     parser.add_argument("--zipar-window", type=positive_int, default=None,

@@ -23,14 +23,24 @@ from tqdm.auto import tqdm
 
 from ..models.lpd import LPD, TRAIN_HINT, load_lpd
 from .lpd_order import ORDERS, group_bounds, group_schedule, iter_groups, order_generator
-from .sampling import SamplingConfig, sample_categorical
-from .session import DecodeSession
+from .sampling import SamplingConfig, exponential_noise, sample_categorical
+from .session import DecodeSession, target_pass
 from .trained import resolve_trained
 
 
 def resolve_lpd(model, weights=None) -> LPD:
     """The LPD model to decode with (see :func:`~vargen.decoding.trained.resolve_trained`)."""
     return resolve_trained(model, weights, LPD, "LPD", "lpd", "an LPD model", load_lpd, TRAIN_HINT)
+
+
+def lpd_pass(model, sampling: SamplingConfig, cache, prefix_len: int, tokens: torch.Tensor, positions: torch.Tensor,
+             slots: torch.Tensor, mask: torch.Tensor, ramp: torch.Tensor, noise: torch.Tensor) -> tuple:
+    """One LPD pass as a function of its inputs and its draws (``--compile`` captures it whole): the previous
+    group's tokens and this group's queries in, this group's tokens out, each query row guided with its ``ramp``
+    scale and sampled with its ``noise`` row (``[B, queries, V]``, drawn outside the graph in eager's order).
+    Returns ``(tokens [B, queries], count of non-finite logits)``."""
+    probs, bad = target_pass(model, sampling, cache, prefix_len, tokens, positions, slots, mask, cfg_scale=ramp)
+    return sample_categorical(probs[:, tokens.shape[1] - noise.shape[1]:], noise=noise), bad
 
 
 @torch.no_grad()
@@ -58,10 +68,13 @@ def decode_lpd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     if order not in ORDERS:
         raise ValueError(f"unknown LPD order {order!r}; choose from {ORDERS}")
     lpd = resolve_lpd(model, weights)
-    N = lpd.num_tokens
+    N, V = lpd.num_tokens, lpd.vocab_size
     sizes = group_schedule(N, steps)
     bounds = group_bounds(sizes)
-    session = DecodeSession(lpd, cond, sampling, seeds, cond_mask, method="lpd")
+    # --compile (the pipeline's GPT wrapped): LPD's own model, compiled alike, runs each pass as one graph
+    runner = model.companion(lpd) if hasattr(model, "companion") else None
+    step = runner.whole_step(lpd_pass, dynamic=None) if runner is not None else lpd_pass
+    session = DecodeSession(runner or lpd, cond, sampling, seeds, cond_mask, method="lpd")
     B, dev, P = session.batch, session.device, session.prefix_len
     seeds = list(range(B)) if seeds is None else list(seeds)
     groups = iter_groups(order, lpd.grid, sizes, [order_generator(s) for s in seeds], repulsion)
@@ -81,13 +94,15 @@ def decode_lpd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
                           (slot_ids[None, :] < limit[:, None]).expand(B, -1, -1)], 2)
         rank = torch.cat([torch.zeros(a - prev, device=dev), torch.arange(a, b, device=dev) / N])
         ramp = 1 + (sampling.cfg_scale - 1) * rank  # only the query rows' scales matter
-        probs = session.forward(tokens, orders[:, prev:b], slot_ids[prev:b].expand(B, -1), mask,
-                                cfg_scale=ramp[None, :, None])[:, a - prev:]
-        generated[:, a:b] = sample_categorical(probs, session.generators)
+        noise = exponential_noise((b - a, V), session.generators, dev)
+        generated[:, a:b], bad = step(lpd, session.sampling, session.cache, P, tokens, orders[:, prev:b],
+                                      slot_ids[prev:b].expand(B, -1), mask, ramp[None, :, None], noise)
+        session.count_pass(bad)
         session.advance(torch.full((B,), b, device=dev))
         if callback is not None:
             partial = torch.zeros_like(generated).scatter_(1, orders[:, :b], generated[:, :b])
             callback(i, partial, torch.full((B,), b, device=dev))
     stats = session.finish()
-    stats.extra.update(steps=len(sizes), group_sizes=sizes, order=order, repulsion=repulsion)
+    stats.extra.update(steps=len(sizes), group_sizes=sizes, order=order, repulsion=repulsion,
+                       whole_step_graph=runner is not None)
     return torch.zeros_like(generated).scatter_(1, orders, generated), stats

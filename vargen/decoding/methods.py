@@ -14,9 +14,6 @@ from .pjd import decode_pjd
 from .zipar import decode_zipar
 from .zipar_adaptive import decode_zipar_adaptive
 
-# SJD-PAC's window: its continuation keeps a rejected window's tail, so a longer window pays off (the paper's
-# sampler uses 64). Passes on cifar10-c2i (n = 16, K = 3, T = 2): 3.88x at 24, 4.08x at 32, 3.79x at 48, 3.95x at 64.
-PAC_WINDOW = 32
 # name -> (decode function, fixed options); user options (window, init, ...) are added per call
 METHODS = {
     "ar": (decode_ar, {}),
@@ -42,8 +39,6 @@ METHODS = {
     "mulo": (decode_mulo, {}),
     "mulo+lantern": (decode_mulo, {"acceptance": "lantern"}),
 }
-# defaults that differ from the decode function's own; a user's option overrides them
-DEFAULTS = {name: {"window": PAC_WINDOW} for name, (_, fixed) in METHODS.items() if fixed.get("pac")}
 RELAXATIONS = ("none", "lantern", "gsd")
 
 
@@ -99,7 +94,7 @@ def get_method(name: str, codebook=None, **options):
         if codebook is None:
             raise ValueError(f"method {name!r} needs the tokenizer codebook for its neighbour table")
         neighbours = codebook_neighbours(codebook, relax.get("lantern_k", 1000))
-    options = {**DEFAULTS.get(name, {}), **fixed, **{k: v for k, v in options.items() if v is not None}}
+    options = {**fixed, **{k: v for k, v in options.items() if v is not None}}
 
     def run(model, cond, sampling=SamplingConfig(), seeds=None, **kwargs):
         if kind == "lantern":

@@ -19,14 +19,25 @@ from tqdm.auto import tqdm
 
 from ..models.nar import TRAIN_HINT, NARModel, load_nar
 from .nar_order import anti_diagonals, proximity_slot_mask
-from .sampling import SamplingConfig, sample_categorical
-from .session import DecodeSession
+from .sampling import SamplingConfig, exponential_noise, sample_categorical
+from .session import DecodeSession, target_pass
 from .trained import resolve_trained
 
 
 def resolve_nar(model, weights=None) -> NARModel:
     """The NAR model to decode with (see :func:`~vargen.decoding.trained.resolve_trained`)."""
     return resolve_trained(model, weights, NARModel, "NAR", "nar", "a NAR model", load_nar, TRAIN_HINT)
+
+
+def nar_pass(model, sampling: SamplingConfig, cache, prefix_len: int, tokens: torch.Tensor, cells: torch.Tensor,
+             mask: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor) -> tuple:
+    """One NAR pass as a function of its inputs and its draws (``--compile`` captures it whole): the tokens of one
+    anti-diagonal in at their ``cells`` (position and raster slot), the next diagonal's ``targets`` sampled with
+    ``noise`` (``[B, targets, V]``, drawn outside the graph in eager's order). Returns ``(tokens [B, targets],
+    count of non-finite logits)``."""
+    probs, bad = target_pass(model, sampling, cache, prefix_len, tokens, cells, cells, mask,
+                             model_inputs={"targets": targets})
+    return sample_categorical(probs, noise=noise), bad
 
 
 @torch.no_grad()
@@ -47,8 +58,11 @@ def decode_nar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         gives cell (0, 0)); ``stats.extra["step_compression"] == N / (H + W - 1)``.
     """
     nar = resolve_nar(model, weights)
-    grid, N = nar.grid, nar.num_tokens
-    session = DecodeSession(nar, cond, sampling, seeds, cond_mask, method="nar")
+    grid, N, V = nar.grid, nar.num_tokens, nar.vocab_size
+    # --compile (the pipeline's GPT wrapped): NAR's own model, compiled alike, runs each pass as one graph
+    runner = model.companion(nar) if hasattr(model, "companion") else None
+    step = runner.whole_step(nar_pass, dynamic=None) if runner is not None else nar_pass
+    session = DecodeSession(runner or nar, cond, sampling, seeds, cond_mask, method="nar")
     B, dev, P = session.batch, session.device, session.prefix_len
     groups = anti_diagonals(grid)
     cells = [torch.tensor(g, device=dev) for g in groups]
@@ -62,13 +76,16 @@ def decode_nar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     for c in tqdm(range(1, len(groups)), disable=not progress, desc="nar", leave=False):
         parents, children = cells[c - 1].expand(B, -1), cells[c].expand(B, -1)
         mask = proximity_slot_mask(grid, c - 1, parents.shape[1], cond_visible, session.cache.max_len)
-        probs = session.forward(tokens.gather(1, parents), parents, parents, mask,
-                                model_inputs={"targets": children})
-        tokens.scatter_(1, children, sample_categorical(probs, session.generators))
+        noise = exponential_noise((children.shape[1], V), session.generators, dev)
+        new, bad = step(nar, session.sampling, session.cache, P, tokens.gather(1, parents), parents, mask, children,
+                        noise)
+        session.count_pass(bad)
+        tokens.scatter_(1, children, new)
         done += len(groups[c])
         session.advance(torch.full((B,), done, device=dev))
         if callback is not None:
             callback(c, tokens, torch.full((B,), done, device=dev))
     stats = session.finish()
-    stats.extra.update(steps=len(groups), grid=list(grid), head_layers=nar.config.head_layers)
+    stats.extra.update(steps=len(groups), grid=list(grid), head_layers=nar.config.head_layers,
+                       whole_step_graph=runner is not None)
     return tokens, stats

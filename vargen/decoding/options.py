@@ -28,8 +28,8 @@ FLAGS = {
     "pac_width": ("pac_width", None), "pac_depth": ("pac_depth", None),
 }
 RELAXATION_OPTIONS = ("lantern_delta", "lantern_lambda", "lantern_k")
-# methods that decode with a model of their own (resolved from the model folder), which --compile does not reach
-OWN_MODEL = ("lpd", "nar", "eagle")
+# methods that decode with a model of their own which --compile does not reach (LPD's and NAR's it compiles alike)
+OWN_MODEL = ("eagle",)
 
 
 def _family(name: str, family: str) -> bool:
@@ -84,5 +84,5 @@ def check_compile(methods: Iterable[str], mode: Optional[str]) -> None:
         return
     own = [m for m in methods if any(_family(m, f) for f in OWN_MODEL)]
     if own:
-        raise UsageError(f"--compile compiles the pipeline's GPT; {', '.join(own)} decode with a model of their own, "
-                         "which it does not reach: drop --compile for them")
+        raise UsageError(f"--compile compiles the pipeline's GPT (and LPD's and NAR's models); {', '.join(own)} "
+                         "decode with a drafter of their own, which it does not reach: drop --compile for them")

@@ -28,15 +28,25 @@ def cfg_rows(x: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
 
 
 def target_pass(model, sampling: SamplingConfig, cache, prefix_len: int, tokens: torch.Tensor,
-                positions: torch.Tensor, slots: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
+                positions: torch.Tensor, slots: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                cfg_scale: Optional[torch.Tensor] = None, model_inputs: Optional[dict] = None) -> tuple:
     """A target pass with nothing counted: image ``tokens`` ``[B, T]`` at grid ``positions`` into image ``slots``
     (the CFG halves share them) -> ``(probs [B, T, V] fp32, count of non-finite logits)``. The one place the
     model's forward meets the sampling config; :meth:`DecodeSession.forward` and whole-step graphs (which count
-    passes outside the graph) both run it."""
+    passes outside the graph) both run it. ``cfg_scale`` and ``model_inputs``: see :meth:`DecodeSession.forward`."""
+    extra = {k: cfg_rows(v, sampling) for k, v in (model_inputs or {}).items()}
     logits = model(tokens=cfg_rows(tokens, sampling), positions=cfg_rows(positions, sampling),
                    slots=cfg_rows(slots + prefix_len, sampling), mask=None if mask is None else cfg_rows(mask, sampling),
-                   cache=cache)
-    return logits_to_probs(logits, sampling, check_finite=False), (~torch.isfinite(logits)).sum()
+                   cache=cache, **extra)
+    return guided_probs(logits, sampling, cfg_scale), (~torch.isfinite(logits)).sum()
+
+
+def guided_probs(logits: torch.Tensor, sampling: SamplingConfig, cfg_scale: Optional[torch.Tensor] = None):
+    """fp32 probabilities of the model's ``logits`` (both CFG halves) under ``sampling``; a ``cfg_scale`` tensor
+    (broadcasting to ``[B, T, 1]``) replaces the guidance scale, e.g. for LPD's ramp."""
+    if cfg_scale is not None and sampling.uses_cfg:
+        return logits_to_probs(guided_logits(logits, cfg_scale), replace(sampling, cfg_scale=1.0), check_finite=False)
+    return logits_to_probs(logits, sampling, check_finite=False)
 
 
 class DecodeSession:
@@ -133,22 +143,16 @@ class DecodeSession:
         ``return_hidden=True`` returns ``(probs, hidden)`` with the model's last hidden states ``[rows, T, dim]``
         of every batch row (both CFG halves, cond rows first), e.g. for an EAGLE drafter.
         """
-        if cfg_scale is None and not model_inputs and not return_hidden:
+        if not return_hidden:
             probs, bad = target_pass(self.model, self.sampling, self.cache, self.prefix_len, tokens, positions, slots,
-                                     mask)
+                                     mask, cfg_scale, model_inputs)
             self.count_pass(bad)
             return probs
-        slots = slots + self.prefix_len
-        extra = {k: self._double(v) for k, v in (model_inputs or {}).items()}
-        if return_hidden:
-            extra["return_hidden"] = True
-        logits = self.model(tokens=self._double(tokens), positions=self._double(positions),
-                            slots=self._double(slots), mask=None if mask is None else self._double(mask),
-                            cache=self.cache, **extra)
-        if return_hidden:
-            logits, hidden = logits
-            return self._probs(logits, cfg_scale), hidden
-        return self._probs(logits, cfg_scale)
+        logits, hidden = self.model(tokens=self._double(tokens), positions=self._double(positions),
+                                    slots=self._double(slots + self.prefix_len),
+                                    mask=None if mask is None else self._double(mask), cache=self.cache,
+                                    return_hidden=True, **{k: self._double(v) for k, v in (model_inputs or {}).items()})
+        return self._probs(logits, cfg_scale), hidden
 
     def rollback(self, image_slots: torch.Tensor) -> None:
         """Keep the prefix and the first ``image_slots[b]`` image slots of sample ``b`` (``[B]``);
@@ -168,10 +172,7 @@ class DecodeSession:
 
     def _probs(self, logits: torch.Tensor, cfg_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.count_pass((~torch.isfinite(logits)).sum())
-        if cfg_scale is not None and self.sampling.uses_cfg:
-            return logits_to_probs(guided_logits(logits, cfg_scale), replace(self.sampling, cfg_scale=1.0),
-                                   check_finite=False)
-        return logits_to_probs(logits, self.sampling, check_finite=False)
+        return guided_probs(logits, self.sampling, cfg_scale)
 
     # ----------------------------------------------------------------------------- progress
     def advance(self, committed: torch.Tensor) -> None:

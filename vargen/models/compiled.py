@@ -94,14 +94,25 @@ class CompiledModel:
 
     forward = __call__
 
-    def whole_step(self, step):
+    def companion(self, model) -> "CompiledModel":
+        """``model`` (a method's own model, e.g. LPD's or NAR's, resolved beside this GPT) compiled with this
+        wrapper's settings; made once per model, so its graphs and static caches serve every later decode."""
+        pool = self.__dict__.setdefault("_companions", {})
+        entry = pool.get(id(model))
+        if entry is None or entry[0] is not model:
+            entry = pool[id(model)] = (model, CompiledModel(model, self.mode, self.backend, self._compile["fullgraph"]))
+        return entry[1]
+
+    def whole_step(self, step, dynamic: Optional[bool] = False):
         """``step`` compiled as one graph, the wrapped model's forward inside it: a decoding method's whole step
         (forward, acceptance, commit, rollback, next drafts), which gets the wrapped model as its first argument
         and its random draws as tensors. One compiled function per ``step``, reused by every decode; its outputs
-        are cloned, since a CUDA-graph replay overwrites them."""
+        are cloned, since a CUDA-graph replay overwrites them. ``dynamic=None`` (steps whose token count changes
+        from pass to pass: LPD's groups, NAR's diagonals) lets dynamo make those sizes symbolic at the first
+        recompile, so a decode compiles a few graphs instead of one per shape."""
         compiled = self._whole_steps.get(step)
         if compiled is None:
-            compiled = self._whole_steps[step] = torch.compile(step, **self._compile)
+            compiled = self._whole_steps[step] = torch.compile(step, **{**self._compile, "dynamic": dynamic})
 
         def run(*args):
             if self.backend == "inductor" and self.mode == "reduce-overhead":
