@@ -58,20 +58,13 @@ def fill_fresh(canvas: torch.Tensor, start: torch.Tensor, drafts: torch.Tensor, 
     last = canvas.shape[1] - 1
     drafts, q = drafts.clone(), q.clone()
     prev = prev_dist
-    for j in range(L):  # sequential: a fresh cell may copy the fresh cell before it
+    for j in range(L):  # the sampling inits, sequential: left-dist samples from the cell before's q
         cell = start + j
-        left = canvas[rows, (cell - 1).clamp(0, last)]
-        above = canvas[rows, (cell - width).clamp(0, last)]
         if init == "left-dist":
             qj = prev
             d = sample_categorical(qj, generators)
-        else:
-            if init == "random":
-                d = sample_categorical(torch.full((B, V), 1.0 / V, device=canvas.device), generators)
-            elif init == "left":
-                d = torch.where(cell % width > 0, left, above)
-            else:  # above
-                d = torch.where(cell >= width, above, left)
+        else:  # random
+            d = sample_categorical(torch.full((B, V), 1.0 / V, device=canvas.device), generators)
             qj = one_hot_q(d, V).to(q.dtype)
         f = fresh[:, j]
         drafts[:, j] = torch.where(f, d, drafts[:, j])
