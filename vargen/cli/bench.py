@@ -30,6 +30,19 @@ def add_bench_parser(sub) -> None:
                          help="step compression from a previous `bench speed --json` instead of measuring it")
     speed.set_defaults(func=cmd_bench_speed, output_files=("json", "plot"))
 
+    train = bench_sub.add_parser("train", help="seconds per training step of a recipe, fp32 against bf16 (and compiled)",
+                                 description="Run a recipe for a few steps per precision, each in a fresh process, "
+                                             "and report the median seconds per step (the first step of each run "
+                                             "left out) with the speed-up over the first precision.")
+    train.add_argument("recipe", choices=["tokenizer", "ar", "classifier", "liif", "flex1d", "lpd", "nar", "eagle", "mulo"],
+                       help="which recipe")
+    train.add_argument("--config", required=True, help="its config (JSON), e.g. configs/scenes_t2i_bf16.json")
+    train.add_argument("--steps", type=positive_int, default=4, help="steps per run (the first is not timed)")
+    train.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
+    train.add_argument("--compile", action="store_true", help="also time each precision compiled (ar only)")
+    train.add_argument("--json", default=None, help="write the table as JSON here")
+    train.set_defaults(func=cmd_bench_train, output_files=("json",))
+
     report = bench_sub.add_parser("report", help="sample every method on the same seeds; speed next to quality",
                                   description="Draw the same N images with every method (resumable PNG folders "
                                               "under OUT/<method>) and write one table: forward passes, step "
@@ -48,6 +61,22 @@ def add_bench_parser(sub) -> None:
     report.add_argument("--device", default="cpu", help="torch device")
     report.add_argument("--quiet", action="store_true", help="no progress bars")
     report.set_defaults(func=cmd_bench_report, output_dirs=("out",))
+
+
+def cmd_bench_train(args) -> int:
+    import json
+
+    from ..eval.train_speed import bench_train, format_train_bench
+    from ..train.common import load_config
+
+    report = bench_train(args.recipe, load_config(args.config), steps=args.steps,
+                         precisions=[p.strip() for p in args.precisions.split(",") if p.strip()], compile=args.compile)
+    print(format_train_bench(report))
+    if args.json:
+        from ..atomic import write_atomic
+
+        write_atomic(args.json, json.dumps(report, indent=2))
+    return 0
 
 
 def cmd_bench_report(args) -> int:

@@ -38,11 +38,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from ..train.common import load_config
+    from ..train.common import load_config, with_steps
 
     config = load_config(args.config)
     if args.steps:
-        config["steps"] = args.steps
+        config = with_steps(config, args.steps)
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     if args.what == "tokenizer":
         from ..train.tokenizer import train_tokenizer as recipe

@@ -30,6 +30,17 @@ def load_config(path: str) -> dict:
             raise UsageError(f"{path} is not valid JSON ({err}): fix it") from None
 
 
+def with_steps(config: dict, steps: int, **train_keys) -> dict:
+    """``config`` run for ``steps`` steps (with other training keys, e.g. ``log_every``), in every part a recipe
+    trains: MuLo's ``"drafter_train"`` / ``"upsampler_train"`` carry their own step counts."""
+    keys = {"steps": steps, **train_keys}
+    out = {**config, **keys}
+    for name, part in config.items():
+        if name.endswith("_train") and isinstance(part, dict):
+            out[name] = {**part, **{k: v for k, v in keys.items() if k in part or k == "steps"}}
+    return out
+
+
 def infinite(loader) -> Iterator:
     """Cycle a DataLoader forever (a new shuffle each epoch)."""
     while True:
