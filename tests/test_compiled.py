@@ -28,7 +28,7 @@ def test_steps_compile_once_per_shape_and_never_recompile(fresh_dynamo):
         out, _ = decode(compiled, cond, SAMPLING, seeds=[0, 1, 2], **kw)
         assert torch.equal(ref, out), decode.__name__
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs <= 3  # [B, 1] AR steps, [B, L + 1] verify windows, ZipAR's active-row steps
+    assert graphs <= 4  # [B, 1] AR steps, SJD's whole verify step, ZipAR's pass (its first shape, then symbolic)
     with torch._dynamo.config.patch(error_on_recompile=True):  # other classes and seeds: same graphs
         decode_ar(compiled, torch.tensor([3, 4, 0]), SAMPLING, seeds=[7, 8, 9])
         decode_sjd(compiled, torch.tensor([3, 4, 0]), SAMPLING, seeds=[7, 8, 9], window=4)
@@ -168,10 +168,11 @@ def test_sjd_steps_compile_whole_and_match_eager(fresh_dynamo):
         assert torch.equal(ref, out) and not stats.extra["whole_step_graph"], name
 
 
-def test_lpd_and_nar_passes_compile_whole_and_match_eager(fresh_dynamo):
+def test_lpd_nar_and_zipar_passes_compile_whole_and_match_eager(fresh_dynamo):
     """--compile reaches LPD's and NAR's own models: each pass (forward, ramped guidance, sampling) is one graph
-    of the companion wrapper, tokens equal eager's, the changing group / diagonal sizes become symbolic after the
-    first recompile (fewer graphs than step shapes), and other classes and seeds recompile nothing."""
+    of the companion wrapper, and ZipAR's pass one graph of the GPT's; tokens equal eager's, the changing group /
+    diagonal / active-row counts become symbolic after the first recompile (fewer graphs than step shapes), and
+    other classes and seeds recompile nothing."""
     from vargen.decoding import decode_lpd, decode_nar
     from vargen.models.lpd import LPD
     from vargen.models.nar import NARModel
@@ -180,7 +181,7 @@ def test_lpd_and_nar_passes_compile_whole_and_match_eager(fresh_dynamo):
     lpd, nar = LPD.from_ar(model).eval(), NARModel.from_ar(model, head_layers=1).eval()
     compiled = CompiledModel(model, backend="aot_eager")
     cond, other = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 0])
-    runs = ((decode_lpd, {"weights": lpd, "steps": 8}), (decode_nar, {"weights": nar}))
+    runs = ((decode_lpd, {"weights": lpd, "steps": 8}), (decode_nar, {"weights": nar}), (decode_zipar, {"window": 2}))
     shapes = 0
     for decode, kw in runs:
         ref, ref_stats = decode(model, cond, SAMPLING, seeds=[0, 1, 2], **kw)

@@ -18,8 +18,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from .sampling import SamplingConfig, sample_categorical
-from .session import DecodeSession
+from .sampling import SamplingConfig, exponential_noise, sample_categorical
+from .session import DecodeSession, target_pass
 
 Step = List[Tuple[int, int, int]]  # (input cell, slot/position cell, predicted cell or -1)
 
@@ -65,6 +65,16 @@ def zipar_schedule(height: int, width: int, window: int) -> List[Step]:
     return steps
 
 
+def zipar_pass(model, sampling: SamplingConfig, cache, prefix_len: int, tokens: torch.Tensor, positions: torch.Tensor,
+               slots: torch.Tensor, real: torch.Tensor, noise: torch.Tensor) -> tuple:
+    """One ZipAR pass as a function of its inputs and its draws (``--compile`` captures it whole): one token per
+    active row in at its raster ``slots`` and ``positions`` (padding inputs write the scratch slot), and the
+    predictions of the inputs ``real`` sampled with ``noise`` (``[B, len(real), V]``, drawn outside the graph
+    in eager's order). Returns ``(tokens [B, len(real)], count of non-finite logits)``."""
+    probs, bad = target_pass(model, sampling, cache, prefix_len, tokens, positions, slots)
+    return sample_categorical(probs[:, real], noise=noise), bad
+
+
 @torch.no_grad()
 def decode_zipar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: Optional[Sequence[int]] = None,
                  cond_mask: Optional[torch.Tensor] = None, window: int = 8, progress: bool = False, callback=None):
@@ -77,19 +87,23 @@ def decode_zipar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds
         ``(tokens [B, N], DecodeStats)``.
     """
     H, W = model.grid
-    N = model.num_tokens
+    N, V = model.num_tokens, model.vocab_size
     schedule = zipar_schedule(H, W, window)
     width = max(len(s) for s in schedule) if schedule else 1
     session = DecodeSession(model, cond, sampling, seeds, cond_mask, method="zipar",
                             max_len=model.prefix_len + N + 1)
     B, dev, gens = session.batch, session.device, session.generators
+    # --compile: each pass (forward, guidance, sampling) is one graph; the number of rows a pass predicts
+    # changes as rows start and finish, so that size becomes symbolic at the first recompile
+    whole = hasattr(model, "whole_step")
+    step, target_model = (model.whole_step(zipar_pass, dynamic=None), model.model) if whole else (zipar_pass, model)
     tokens = torch.zeros(B, N + 1, dtype=torch.long, device=dev)  # cell N: scratch for padding inputs
     tokens[:, 0] = sample_categorical(session.prefill(), gens)
     # the schedule is known up front: move it to the device once, so no pass syncs with the host
     passes = []
-    for step in schedule:
-        pad = [(N, N, -1)] * (width - len(step))  # fixed shapes: padding writes the scratch slot nobody sees
-        src, slot, target = zip(*(step + pad))
+    for entry in schedule:
+        pad = [(N, N, -1)] * (width - len(entry))  # fixed shapes: padding writes the scratch slot nobody sees
+        src, slot, target = zip(*(entry + pad))
         real = [i for i, t in enumerate(target) if t >= 0]
         passes.append((torch.tensor(src, device=dev), torch.tensor(slot, device=dev).expand(B, -1),
                        torch.tensor(real, device=dev), torch.tensor([target[i] for i in real], device=dev)))
@@ -97,12 +111,14 @@ def decode_zipar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds
     committed = torch.ones(B, dtype=torch.long, device=dev)
     session.advance(committed)
     for i, (src, slot, real, target) in enumerate(tqdm(passes, disable=not progress, desc="zipar", leave=False)):
-        probs = session.forward(tokens[:, src], positions=slot.clamp(max=N - 1), slots=slot)
-        tokens[:, target] = sample_categorical(probs[:, real], gens)
+        noise = exponential_noise((len(real), V), gens, dev)
+        tokens[:, target], bad = step(target_model, session.sampling, session.cache, session.prefix_len,
+                                      tokens[:, src], slot.clamp(max=N - 1), slot, real, noise)
+        session.count_pass(bad)
         committed += per_pass[i]
         session.advance(committed)
         if callback is not None:
             callback(i, tokens[:, :N], committed)
     stats = session.finish()
-    stats.extra.update(window=window)
+    stats.extra.update(window=window, whole_step_graph=whole)
     return tokens[:, :N], stats
