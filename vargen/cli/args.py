@@ -117,7 +117,7 @@ def add_compile_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", nargs="?", const="reduce-overhead", default=None, choices=COMPILE_MODES,
                         metavar="MODE", help="decode steps under torch.compile (default mode reduce-overhead: "
                                              "CUDA graphs on a GPU): each step of SJD (copying inits), ZipAR, "
-                                             "LPD and NAR as one graph, the forward of the other methods; the "
+                                             "PJD, LPD and NAR as one graph, the forward of the other methods; the "
                                              "first call per shape compiles")
 
 
