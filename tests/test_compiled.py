@@ -197,20 +197,27 @@ def test_lpd_nar_and_zipar_passes_compile_whole_and_match_eager(fresh_dynamo):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_pjd_steps_compile_whole_and_match_eager(fresh_dynamo):
-    """PJD's whole pass (row windows, the row-causal forward, per-row verification, commit, Jacobi refill) is one
-    fixed-shape graph: tokens and pass counts equal eager's, and other classes and seeds recompile nothing."""
-    from vargen.decoding.pjd import decode_pjd
+@pytest.mark.parametrize("method, variants", [
+    ("pjd", ({"window": 3, "rows": 2, "lead": 1}, {"window": 5, "rows": 3})),
+    ("zipar-adaptive", ({"window": 2}, {"window": 4, "min_window": 1})),
+])
+def test_pjd_and_adaptive_zipar_steps_compile_whole_and_match_eager(fresh_dynamo, method, variants):
+    """PJD's whole pass (row windows, the row-causal forward, per-row verification, commit, Jacobi refill) and
+    adaptive ZipAR's (row roles, forward, advance, start / check / restart with its cache hiding) are one
+    fixed-shape graph each: tokens and per-sample pass counts equal eager's, and other classes and seeds
+    recompile nothing."""
+    from vargen.decoding import get_method
 
     model = make_gpt("c2i")
     compiled = CompiledModel(model, backend="aot_eager")
     cond = torch.tensor([0, 1, 2])
-    for kw in ({"window": 3, "rows": 2, "lead": 1}, {"window": 5, "rows": 3}):
-        ref, ref_stats = decode_pjd(model, cond, SAMPLING, seeds=[0, 1, 2], **kw)
-        out, stats = decode_pjd(compiled, cond, SAMPLING, seeds=[0, 1, 2], **kw)
+    for kw in variants:
+        decode = get_method(method, **kw)
+        ref, ref_stats = decode(model, cond, SAMPLING, seeds=[0, 1, 2])
+        out, stats = decode(compiled, cond, SAMPLING, seeds=[0, 1, 2])
         assert torch.equal(ref, out) and stats.extra["whole_step_graph"] and not ref_stats.extra["whole_step_graph"]
         assert stats.per_sample_forward_passes == ref_stats.per_sample_forward_passes
     graphs = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):
-        decode_pjd(compiled, torch.tensor([3, 4, 0]), SAMPLING, seeds=[7, 8, 9], window=5, rows=3)
+        get_method(method, **variants[-1])(compiled, torch.tensor([3, 4, 0]), SAMPLING, seeds=[7, 8, 9])
     assert counters["stats"]["unique_graphs"] == graphs

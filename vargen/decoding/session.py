@@ -27,6 +27,13 @@ def cfg_rows(x: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     return torch.cat([x, x]) if sampling.uses_cfg else x
 
 
+def hide_slots(cache, sampling: SamplingConfig, prefix_len: int, image_slots: torch.Tensor) -> None:
+    """Make the image slots where ``image_slots`` (``[B, S]`` bool) is True invisible to later tokens, in both CFG
+    halves; the length pointer is untouched (see :meth:`DecodeSession.hide`)."""
+    m = cfg_rows(image_slots, sampling)
+    cache.visible[:, prefix_len:prefix_len + m.shape[1]] &= ~m
+
+
 def target_pass(model, sampling: SamplingConfig, cache, prefix_len: int, tokens: torch.Tensor,
                 positions: torch.Tensor, slots: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 cfg_scale: Optional[torch.Tensor] = None, model_inputs: Optional[dict] = None) -> tuple:
@@ -162,8 +169,7 @@ class DecodeSession:
     def hide(self, image_slots: torch.Tensor) -> None:
         """Make the image slots where ``image_slots`` (``[B, S]`` bool) is True invisible to later tokens
         (discarded tokens written out of order, e.g. a restarted row); the length pointer is untouched."""
-        m = self._double(image_slots)
-        self.cache.visible[:, self.prefix_len:self.prefix_len + m.shape[1]] &= ~m
+        hide_slots(self.cache, self.sampling, self.prefix_len, image_slots)
 
     def count_pass(self, non_finite: torch.Tensor) -> None:
         """Count one target pass and its non-finite logits (checked once, in :meth:`finish`)."""

@@ -29,9 +29,68 @@ from tqdm.auto import tqdm
 
 from .acceptance import ExactAcceptance
 from .sampling import SamplingConfig, exponential_noise, sample_categorical, uniform_noise
-from .session import DecodeSession
+from .session import DecodeSession, hide_slots, target_pass
 
 EXACT = ExactAcceptance()  # a row's first token is re-judged by speculative sampling, as SJD's drafts
+
+
+def zipar_adaptive_step(model, sampling: SamplingConfig, cache, prefix_len: int, shape: tuple, tokens: torch.Tensor,
+                        count: torch.Tensor, checked: torch.Tensor, fixed: torch.Tensor, q_first: torch.Tensor,
+                        draws: tuple) -> tuple:
+    """One adaptive-ZipAR pass as a function of its per-row state and its draws (``--compile`` captures it
+    whole): ``shape = (H, W, window, min_window)``; ``draws = (advance noise [B, H, V], check coins [B, H],
+    start / resample noise [B, H, V])``, drawn outside in eager's order. Returns ``(tokens, count, checked,
+    fixed, q_first, checks [B], rejections [B], count of non-finite logits)``; ``tokens`` is written in place."""
+    H, W, window, min_window = shape
+    B, N = tokens.shape[0], tokens.shape[1] - 1
+    dev = tokens.device
+    adv_noise, coins, draw_noise = draws
+    row_start = torch.arange(H, device=dev) * W
+    # what each row does in this pass (rows 0..H-2 have a row below)
+    advance = (count > 0) & (count < W)
+    below = torch.cat([count[:, 1:], torch.full_like(count[:, :1], W)], 1)  # count of the row below
+    below_checked = torch.cat([checked[:, 1:], torch.ones_like(checked[:, :1])], 1)
+    start = (below == 0) & (count >= min_window) & checked
+    check = (below > 0) & ~below_checked & (count >= window)
+    fixup = (count == W) & ~fixed
+    fixup[:, -1] = False  # nothing is generated after the last row
+    tail = start | check | fixup
+    latest = row_start + (count - 1).clamp(min=0)  # the row's newest cell (its true last cell when complete)
+    last_slot = row_start + W - 1
+    pad = torch.full_like(count, N)
+    src = torch.cat([torch.where(advance, latest, pad), torch.where(tail, latest, pad)], 1)
+    slot = torch.cat([torch.where(advance, latest, pad), torch.where(tail, last_slot, pad)], 1)
+    probs, bad = target_pass(model, sampling, cache, prefix_len, tokens.gather(1, src), slot.clamp(max=N - 1),
+                             slot)
+    p_next, p_below = probs[:, :H], probs[:, H:]  # row's next cell; first cell of the row below
+    # advance: one new token per active row
+    x = sample_categorical(p_next, noise=adv_noise)
+    target = torch.where(advance, latest + 1, pad)
+    tokens.scatter_(1, target, torch.where(advance, x, tokens.gather(1, target)))
+    new_count = count + advance.long()
+    # the row below: start it, or check its first token against the fuller context
+    q_below = torch.cat([q_first[:, 1:], q_first[:, :1]], 1)  # aligned with p_below (last row unused)
+    first_cell = (row_start + W).clamp(max=N).expand(B, H)
+    old_first = tokens.gather(1, first_cell)
+    keep = EXACT.accept(p_below, q_below, old_first, coins)  # u q(x) < p(x): speculative sampling's test
+    reject = check & ~keep
+    draw = sample_categorical(torch.where(reject[..., None], EXACT.resample(p_below, q_below), p_below),
+                              noise=draw_noise)
+    put = start | reject
+    tokens.scatter_(1, first_cell, torch.where(put, draw, old_first))
+    put_below = torch.cat([torch.zeros_like(put[:, :1]), put[:, :-1]], 1)  # indexed by the row below
+    new_count = torch.where(put_below, 1, new_count)
+    q_first = torch.where(torch.cat([torch.zeros_like(start[:, :1]), start[:, :-1]], 1)[..., None],
+                          torch.cat([p_below[:, -1:], p_below[:, :-1]], 1), q_first)
+    started_full = start & (count >= window)  # started with the full window: nothing to check
+    now_checked = torch.cat([torch.zeros_like(check[:, :1]), (check | started_full)[:, :-1]], 1)
+    checked = checked | now_checked
+    # a rejected row restarts: hide its discarded cells (the first one is rewritten next pass)
+    rejected_below = torch.cat([torch.zeros_like(reject[:, :1]), reject[:, :-1]], 1)
+    hidden = rejected_below[..., None].expand(B, H, W).reshape(B, N)  # every cell of those rows
+    hide_slots(cache, sampling, prefix_len, hidden)
+    fixed = (fixed | fixup) & ~rejected_below  # a restarted row needs its true last token written again
+    return tokens, new_count, checked, fixed, q_first, check.sum(1), reject.sum(1), bad
 
 
 @torch.no_grad()
@@ -71,63 +130,27 @@ def decode_zipar_adaptive(model, cond, sampling: SamplingConfig = SamplingConfig
     checked[:, 0] = True
     fixed = torch.zeros(B, H, dtype=torch.bool, device=dev)  # the row's last slot holds its true token
     q_first = torch.zeros(B, H, V, device=dev)  # the distribution each row's first token was drawn from
-    row_start = torch.arange(H, device=dev) * W
     session.advance(torch.ones(B, dtype=torch.long, device=dev))
     checks = torch.zeros(B, dtype=torch.long, device=dev)
     rejections = torch.zeros(B, dtype=torch.long, device=dev)
+    # --compile: the whole pass (row roles, forward, advance, start / check / restart) as one fixed-shape graph
+    whole = hasattr(model, "whole_step")
+    step_fn, target_model = ((model.whole_step(zipar_adaptive_step), model.model) if whole
+                             else (zipar_adaptive_step, model))
     bar = tqdm(total=N, disable=not progress, desc="zipar-adaptive", leave=False)
     step = 0
     while True:
         active = (count < W).any(1)
         if not bool(active.any()):  # one host sync per pass
             break
-        # what each row does in this pass (rows 0..H-2 have a row below)
-        advance = (count > 0) & (count < W)
-        below = torch.cat([count[:, 1:], torch.full_like(count[:, :1], W)], 1)  # count of the row below
-        below_checked = torch.cat([checked[:, 1:], torch.ones_like(checked[:, :1])], 1)
-        start = (below == 0) & (count >= min_window) & checked
-        check = (below > 0) & ~below_checked & (count >= window)
-        fixup = (count == W) & ~fixed
-        fixup[:, -1] = False  # nothing is generated after the last row
-        tail = start | check | fixup
-        latest = row_start + (count - 1).clamp(min=0)  # the row's newest cell (its true last cell when complete)
-        last_slot = row_start + W - 1
-        pad = torch.full_like(count, N)
-        src = torch.cat([torch.where(advance, latest, pad), torch.where(tail, latest, pad)], 1)
-        slot = torch.cat([torch.where(advance, latest, pad), torch.where(tail, last_slot, pad)], 1)
-        probs = session.forward(tokens.gather(1, src), positions=slot.clamp(max=N - 1), slots=slot)
-        p_next, p_below = probs[:, :H], probs[:, H:]  # row's next cell; first cell of the row below
-        # advance: one new token per active row
-        x = sample_categorical(p_next, noise=exponential_noise((H, V), gens, dev))
-        target = torch.where(advance, latest + 1, pad)
-        tokens.scatter_(1, target, torch.where(advance, x, tokens.gather(1, target)))
-        new_count = count + advance.long()
-        # the row below: start it, or check its first token against the fuller context
-        q_below = torch.cat([q_first[:, 1:], q_first[:, :1]], 1)  # aligned with p_below (last row unused)
-        first_cell = (row_start + W).clamp(max=N).expand(B, H)
-        old_first = tokens.gather(1, first_cell)
-        coins = uniform_noise((H,), gens, dev)
-        keep = EXACT.accept(p_below, q_below, old_first, coins)  # u q(x) < p(x): speculative sampling's test
-        reject = check & ~keep
-        draw = sample_categorical(torch.where(reject[..., None], EXACT.resample(p_below, q_below), p_below),
-                                  noise=exponential_noise((H, V), gens, dev))
-        put = start | reject
-        tokens.scatter_(1, first_cell, torch.where(put, draw, old_first))
-        put_below = torch.cat([torch.zeros_like(put[:, :1]), put[:, :-1]], 1)  # indexed by the row below
-        new_count = torch.where(put_below, 1, new_count)
-        q_first = torch.where(torch.cat([torch.zeros_like(start[:, :1]), start[:, :-1]], 1)[..., None],
-                              torch.cat([p_below[:, -1:], p_below[:, :-1]], 1), q_first)
-        started_full = start & (count >= window)  # started with the full window: nothing to check
-        now_checked = torch.cat([torch.zeros_like(check[:, :1]), (check | started_full)[:, :-1]], 1)
-        checked = checked | now_checked
-        # a rejected row restarts: hide its discarded cells (the first one is rewritten next pass)
-        rejected_below = torch.cat([torch.zeros_like(reject[:, :1]), reject[:, :-1]], 1)
-        hidden = rejected_below[..., None].expand(B, H, W).reshape(B, N)  # every cell of those rows
-        session.hide(hidden)
-        fixed = (fixed | fixup) & ~rejected_below  # a restarted row needs its true last token written again
-        checks += check.sum(1)
-        rejections += reject.sum(1)
-        count = new_count
+        draws = (exponential_noise((H, V), gens, dev), uniform_noise((H,), gens, dev),
+                 exponential_noise((H, V), gens, dev))
+        tokens, count, checked, fixed, q_first, n_check, n_reject, bad = step_fn(
+            target_model, session.sampling, session.cache, session.prefix_len, (H, W, window, min_window), tokens,
+            count, checked, fixed, q_first, draws)
+        session.count_pass(bad)
+        checks += n_check
+        rejections += n_reject
         # final: the cells of checked rows (a row restarts only before its check; rows below wait for it)
         session.advance((count * checked).sum(1))
         if callback is not None:
@@ -139,5 +162,5 @@ def decode_zipar_adaptive(model, cond, sampling: SamplingConfig = SamplingConfig
     bar.close()
     stats = session.finish()
     stats.extra.update(window=window, min_window=min_window, first_token_checks=checks.tolist(),
-                       first_token_rejections=rejections.tolist())
+                       first_token_rejections=rejections.tolist(), whole_step_graph=whole)
     return tokens[:, :N], stats
