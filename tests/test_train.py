@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vargen.cli import main
+from vargen.errors import UsageError
 from vargen.models import LlamaGen
 from vargen.models.text import WordTextEncoder, build_vocabulary
 from vargen.tokenizers import VQTokenizer
@@ -287,3 +288,25 @@ def test_ar_compile_trains_like_eager(tmp_path):
     # same seed, same batches: every step's loss (each after the previous updates) agrees up to bf16 rounding
     assert len(losses("compiled")) == 3
     assert losses("compiled") == pytest.approx(losses("eager"), abs=2e-2)
+
+
+def test_export_of_a_phased_run_sums_its_phases(tmp_path):
+    from vargen.train.export import export_model
+
+    vq_dir = tmp_path / "vq_run"
+    train_tokenizer({"model": VQ_MODEL, "data": SCENES, "steps": 1, "batch_size": 4, "lr": 1e-3}, str(vq_dir))
+    base = {"tokenizer": str(vq_dir / "vq"), "data": SCENES, "num_images": 8,
+            "model": {"size": "GPT-tiny", "model_type": "t2i"},
+            "text_encoder": {"caption_dim": 32, "width": 32, "layers": 1, "heads": 2, "max_length": 12},
+            "steps": 2, "batch_size": 4, "lr": 1e-3, "log_every": 1}
+    train_ar(base, str(tmp_path / "p1"))
+    train_ar({**base, "init": str(tmp_path / "p1"), "steps": 3}, str(tmp_path / "p2"))
+    card = export_model("toy", str(vq_dir), [str(tmp_path / "p1"), str(tmp_path / "p2")], str(tmp_path / "out"),
+                        ["a photo of a star"], {"scenes": SCENES})
+    assert card["ar_final"]["step"] == 5 and [p["step"] for p in card["ar_final"]["phases"]] == [2, 3]
+    assert "| steps | 1 | 5 (2 + 3) |" in (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    second = LlamaGen.from_pretrained(str(tmp_path / "p2" / "gpt")).state_dict()
+    shipped = LlamaGen.from_pretrained(str(tmp_path / "out" / "gpt")).state_dict()
+    assert all(torch.allclose(second[k].half().float(), shipped[k].float()) for k in second)  # the last phase's weights
+    with pytest.raises(UsageError, match="run list is empty"):
+        export_model("toy", str(vq_dir), [], str(tmp_path / "none"), ["a star"], {"scenes": SCENES})

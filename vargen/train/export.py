@@ -44,18 +44,38 @@ def reconstruction_psnr(vq: VQTokenizer, data_specs: Sequence[dict], n: int = 64
     return float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
 
 
-def export_model(name: str, vq_run: str, ar_run: str, out_dir: str, prompts: Sequence, eval_data: dict,
+def _phases(runs) -> list:
+    """A run folder, or the list of a model's training phases (each started from the one before, the last
+    holds the final weights)."""
+    runs = [runs] if isinstance(runs, str) else list(runs)
+    if not runs:
+        raise UsageError("an export spec's run list is empty: name the run folders, earliest phase first")
+    return runs
+
+
+def _chain_final(runs: list) -> dict:
+    """The last phase's final log line, with ``step`` and ``elapsed_s`` summed over every phase."""
+    finals = [_last_log(r) for r in runs]
+    return {**finals[-1], "step": sum(f["step"] for f in finals), "elapsed_s": sum(f["elapsed_s"] for f in finals),
+            "phases": [{"run": r, "step": f["step"], "elapsed_s": f["elapsed_s"]} for r, f in zip(runs, finals)]}
+
+
+def export_model(name: str, vq_run, ar_run, out_dir: str, prompts: Sequence, eval_data: dict,
                  cfg_scale: float = 4.0, top_k: int = 0, seed: int = 0, notes: Optional[str] = None) -> dict:
     """Write ``out_dir`` (fp16 pipeline, ``samples.png``, ``MODEL_CARD.md``, ``card.json``) from two runs.
 
+    ``vq_run`` / ``ar_run`` are run folders, or lists of them for a model trained in phases (earliest first,
+    each continuing the one before; the weights come from the last, the card's steps and time are the sums).
     ``eval_data`` maps a label (say where the images come from) to dataset specs; the
     card reports reconstruction PSNR per label.
     """
+    vq_runs, ar_runs = _phases(vq_run), _phases(ar_run)
+    vq_run, ar_run = vq_runs[-1], ar_runs[-1]
     from torchvision.utils import save_image
 
     hint = ("export packages vargen training runs (`vargen train ...`); for released checkpoint files use "
             "`vargen convert llamagen --gpt GPT.pt --vq VQ.pt -o FOLDER` (docs/checkpoints.md)")
-    for run in (vq_run, ar_run):
+    for run in (*vq_runs, *ar_runs):
         if os.path.isfile(run):
             raise UsageError(f"{run!r} is a file, not a training run folder; {hint}")
     vq = load_local(VQTokenizer, os.path.join(vq_run, "vq"), "the tokenizer run's vq/ folder").eval()
@@ -73,8 +93,8 @@ def export_model(name: str, vq_run: str, ar_run: str, out_dir: str, prompts: Seq
     sizes = {c: sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(out_dir, c)) for f in fs)
              for c in ("gpt", "vq", "text_encoder") if os.path.isdir(os.path.join(out_dir, c))}
     card = {
-        "name": name, "vq_run": vq_run, "ar_run": ar_run,
-        "vq_final": _last_log(vq_run), "ar_final": _last_log(ar_run),
+        "name": name, "vq_run": vq_runs, "ar_run": ar_runs,
+        "vq_final": _chain_final(vq_runs), "ar_final": _chain_final(ar_runs),
         "reconstruction_psnr_db": psnr, "eval_data": eval_data,
         "params": {"gpt": sum(p.numel() for p in gpt.parameters()), "vq": sum(p.numel() for p in vq.parameters()),
                    "text_encoder": sum(p.numel() for p in text.parameters()) if text else 0},
@@ -91,15 +111,28 @@ def export_model(name: str, vq_run: str, ar_run: str, out_dir: str, prompts: Seq
     return card
 
 
+def _phase_sum(final: dict, key: str, fmt: str, unit: float = 1) -> str:
+    """``total`` of a chained run, with its phases when there are several: ``3150 (2000 + 1150)``."""
+    def show(value):
+        return fmt.format(value / unit if unit != 1 else value)
+
+    phases = final.get("phases", [])
+    if len(phases) < 2:
+        return show(final[key])
+    return f"{show(final[key])} ({' + '.join(show(p[key]).replace(' min', '') for p in phases)})"
+
+
 def _card_markdown(card: dict, notes: Optional[str]) -> str:
     vq, ar = card["vq_final"], card["ar_final"]
     lines = [
         f"# {card['name']}", "",
         notes or "", "",
         "| | tokenizer | generator |", "|---|---|---|",
-        f"| recipe run | `{card['vq_run']}` | `{card['ar_run']}` |",
-        f"| steps | {vq['step']} | {ar['step']} |",
-        f"| training time | {vq['elapsed_s'] / 60:.1f} min | {ar['elapsed_s'] / 60:.1f} min |",
+        "| recipe runs | " + " + ".join(f"`{r}`" for r in card["vq_run"]) + " | "
+        + " + ".join(f"`{r}`" for r in card["ar_run"]) + " |",
+        f"| steps | {_phase_sum(vq, 'step', '{}')} | {_phase_sum(ar, 'step', '{}')} |",
+        f"| training time | {_phase_sum(vq, 'elapsed_s', '{:.1f} min', 60)} | "
+        f"{_phase_sum(ar, 'elapsed_s', '{:.1f} min', 60)} |",
         f"| final loss | {vq['loss']:.4f} (L1 {vq.get('l1', float('nan')):.4f}) | {ar['loss']:.4f} "
         f"(token acc {ar.get('token_acc', float('nan')):.3f}) |",
         f"| parameters | {card['params']['vq'] / 1e6:.2f} M | {card['params']['gpt'] / 1e6:.2f} M "
