@@ -16,6 +16,17 @@ VQ_MODEL = {"codebook_size": 64, "ch": 32, "ch_mult": [1, 2], "z_channels": 32, 
 SCENES = [{"name": "scenes", "resolution": 16, "seed": 0, "length": 64}]
 
 
+def _tiny_t2i(tmp_path, **overrides) -> dict:
+    """A 1-step tokenizer run under ``tmp_path / "vq_run"`` and a GPT-tiny t2i AR config on 8 of its scenes."""
+    vq_dir = tmp_path / "vq_run"
+    if not (vq_dir / "vq").exists():
+        train_tokenizer({"model": VQ_MODEL, "data": SCENES, "steps": 1, "batch_size": 4, "lr": 1e-3}, str(vq_dir))
+    return {"tokenizer": str(vq_dir / "vq"), "data": SCENES, "num_images": 8,
+            "model": {"size": "GPT-tiny", "model_type": "t2i"},
+            "text_encoder": {"caption_dim": 32, "width": 32, "layers": 1, "heads": 2, "max_length": 12},
+            "steps": 2, "batch_size": 4, "lr": 1e-3, "log_every": 1, **overrides}
+
+
 def _steps_reduce_loss(modules, batch, step_fn, n=5, lr=3e-3):
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.Adam(params, lr=lr)
@@ -86,12 +97,7 @@ def test_tokenizer_recipe_resumes_and_saves(tmp_path):
 
 
 def test_ar_recipe_via_cli(tmp_path):
-    vq_dir = tmp_path / "vq_run"
-    train_tokenizer({"model": VQ_MODEL, "data": SCENES, "steps": 1, "batch_size": 4, "lr": 1e-3}, str(vq_dir))
-    config = {"tokenizer": str(vq_dir / "vq"), "data": SCENES, "num_images": 16,
-              "model": {"size": "GPT-tiny", "model_type": "t2i"},
-              "text_encoder": {"caption_dim": 32, "width": 32, "layers": 1, "heads": 2, "max_length": 12},
-              "steps": 2, "batch_size": 4, "lr": 1e-3, "log_every": 1}
+    config = _tiny_t2i(tmp_path, num_images=16)
     cfg_path = tmp_path / "ar.json"
     cfg_path.write_text(json.dumps(config))
     assert main(["train", "ar", "--config", str(cfg_path), "--out", str(tmp_path / "ar")]) == 0
@@ -247,12 +253,8 @@ def test_foreground_weighted_step_reduces_the_object_error():
 
 
 def test_ar_init_continues_a_finished_run_and_refuses_a_mismatch(tmp_path):
-    vq_dir = tmp_path / "vq_run"
-    train_tokenizer({"model": VQ_MODEL, "data": SCENES, "steps": 1, "batch_size": 4, "lr": 1e-3}, str(vq_dir))
-    model = {"size": "GPT-tiny", "model_type": "t2i"}
-    text = {"caption_dim": 32, "width": 32, "layers": 1, "heads": 2, "max_length": 12}
-    base = {"tokenizer": str(vq_dir / "vq"), "data": SCENES, "num_images": 8, "model": model, "text_encoder": text,
-            "steps": 2, "batch_size": 4, "lr": 1e-3, "log_every": 1}
+    base = _tiny_t2i(tmp_path)
+    vq_dir, model = tmp_path / "vq_run", base["model"]
     train_ar(base, str(tmp_path / "first"))
     first = LlamaGen.from_pretrained(str(tmp_path / "first" / "gpt"))
     # a second phase with a vanishing learning rate keeps phase one's weights (a fresh model would differ
@@ -274,11 +276,7 @@ def test_ar_init_continues_a_finished_run_and_refuses_a_mismatch(tmp_path):
 
 
 def test_ar_compile_trains_like_eager(tmp_path):
-    vq_dir = tmp_path / "vq_run"
-    train_tokenizer({"model": VQ_MODEL, "data": SCENES, "steps": 1, "batch_size": 4, "lr": 1e-3}, str(vq_dir))
-    config = {"tokenizer": str(vq_dir / "vq"), "data": SCENES, "num_images": 8, "model": {"size": "GPT-tiny", "model_type": "t2i"},
-              "text_encoder": {"caption_dim": 32, "width": 32, "layers": 1, "heads": 2, "max_length": 12}, "steps": 3,
-              "batch_size": 4, "lr": 1e-3, "log_every": 1}
+    config = _tiny_t2i(tmp_path, steps=3)
     train_ar(config, str(tmp_path / "eager"))
     train_ar({**config, "compile": True}, str(tmp_path / "compiled"))
 
@@ -293,12 +291,8 @@ def test_ar_compile_trains_like_eager(tmp_path):
 def test_export_of_a_phased_run_sums_its_phases(tmp_path):
     from vargen.train.export import export_model
 
+    base = _tiny_t2i(tmp_path)
     vq_dir = tmp_path / "vq_run"
-    train_tokenizer({"model": VQ_MODEL, "data": SCENES, "steps": 1, "batch_size": 4, "lr": 1e-3}, str(vq_dir))
-    base = {"tokenizer": str(vq_dir / "vq"), "data": SCENES, "num_images": 8,
-            "model": {"size": "GPT-tiny", "model_type": "t2i"},
-            "text_encoder": {"caption_dim": 32, "width": 32, "layers": 1, "heads": 2, "max_length": 12},
-            "steps": 2, "batch_size": 4, "lr": 1e-3, "log_every": 1}
     train_ar(base, str(tmp_path / "p1"))
     train_ar({**base, "init": str(tmp_path / "p1"), "steps": 3}, str(tmp_path / "p2"))
     card = export_model("toy", str(vq_dir), [str(tmp_path / "p1"), str(tmp_path / "p2")], str(tmp_path / "out"),
