@@ -117,8 +117,8 @@ def add_compile_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", nargs="?", const="reduce-overhead", default=None, choices=COMPILE_MODES,
                         metavar="MODE", help="decode steps under torch.compile (default mode reduce-overhead: "
                                              "CUDA graphs on a GPU): each step of SJD (copying inits), ZipAR "
-                                             "(fixed and adaptive), PJD, LPD and NAR as one graph, the forward of the other methods; the "
-                                             "first call per shape compiles")
+                                             "(fixed and adaptive), PJD, LPD and NAR as one graph, the forward "
+                                             "of the other methods; the first call per shape compiles")
 
 
 def method_options(args) -> dict:

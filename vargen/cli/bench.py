@@ -1,8 +1,10 @@
-"""`vargen bench speed` and `vargen bench report`: every method against plain AR, same seeds."""
+"""`vargen bench speed` and `vargen bench report`: every method against plain AR, same seeds; `vargen bench
+train`: a recipe's seconds per step per precision."""
 from __future__ import annotations
 
 from ..errors import UsageError
 from .args import add_bench_args, add_compile_arg, bench_methods, int_list, positive_int, sampling
+from .training import RECIPES
 
 
 def add_bench_parser(sub) -> None:
@@ -30,12 +32,12 @@ def add_bench_parser(sub) -> None:
                          help="step compression from a previous `bench speed --json` instead of measuring it")
     speed.set_defaults(func=cmd_bench_speed, output_files=("json", "plot"))
 
-    train = bench_sub.add_parser("train", help="seconds per training step of a recipe, fp32 against bf16 (and compiled)",
+    train = bench_sub.add_parser("train", help="seconds per training step of a recipe, fp32 against bf16 "
+                                               "(and compiled)",
                                  description="Run a recipe for a few steps per precision, each in a fresh process, "
                                              "and report the median seconds per step (the first step of each run "
                                              "left out) with the speed-up over the first precision.")
-    train.add_argument("recipe", choices=["tokenizer", "ar", "classifier", "liif", "flex1d", "lpd", "nar", "eagle", "mulo"],
-                       help="which recipe")
+    train.add_argument("recipe", choices=RECIPES, help="which recipe")
     train.add_argument("--config", required=True, help="its config (JSON), e.g. configs/scenes_t2i_bf16.json")
     train.add_argument("--steps", type=positive_int, default=4, help="steps per run (the first is not timed)")
     train.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")

@@ -6,11 +6,14 @@ import os
 from .args import positive_int
 
 
+RECIPES = ("tokenizer", "ar", "classifier", "liif", "flex1d", "lpd", "nar", "eagle", "mulo")  # `vargen train WHAT`
+
+
 def add_train_parsers(sub) -> None:
     train = sub.add_parser("train", help="train a tokenizer, an AR generator or the FD-vargen classifier from a JSON "
                                          "recipe config",
                            description="Train with a recipe config (configs/*.json); reruns resume from OUT/state.")
-    train.add_argument("what", choices=["tokenizer", "ar", "classifier", "liif", "flex1d", "lpd", "nar", "eagle", "mulo"],
+    train.add_argument("what", choices=RECIPES,
                        help="what to train")
     train.add_argument("--config", required=True, help="recipe config (JSON), e.g. configs/scenes_vq.json")
     train.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
