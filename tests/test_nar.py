@@ -207,6 +207,30 @@ def test_save_load_round_trip_gives_identical_logits(one_thread, tmp_path):
                        nar.below_head[1].attention.wo.weight)
 
 
+def test_heads_only_save_shares_the_trunk_folder_and_refuses_a_fine_tuned_trunk(one_thread, tmp_path):
+    from safetensors import safe_open
+
+    ar, nar = make_nar("t2i", head_layers=1)
+    ar.save_pretrained(tmp_path / "model" / "gpt")
+    nar.save_pretrained(tmp_path / "model" / "nar", trunk="../gpt")
+    with safe_open(str(tmp_path / "model" / "nar" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any(k.startswith("gpt.") for k in keys)  # heads only: no second copy of the GPT
+    again = load_nar(str(tmp_path / "model" / "nar"))
+    cond, cond_mask = conditions("t2i")
+    tokens = torch.randint(0, 48, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(nar.forward_train(tokens, cond, cond_mask), again.forward_train(tokens, cond, cond_mask))
+
+    with torch.no_grad():
+        nar.gpt.output.weight.add_(0.01)  # a fine-tuned trunk is not the saved GPT
+    with pytest.raises(ValueError, match="trunk differs.*output.weight"):
+        nar.save_pretrained(tmp_path / "model" / "nar2", trunk="../gpt")
+    (tmp_path / "model" / "gpt" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="need their trunk"):
+        load_nar(str(tmp_path / "model" / "nar"))
+
+
 def test_method_registry_decodes_a_random_gpt_in_h_plus_w_minus_1_passes(one_thread, tmp_path):
     ar, nar = make_nar()
     nar.save_pretrained(tmp_path / "nar")

@@ -33,9 +33,11 @@ so the right head is exactly the AR model's next-token head at first.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -48,6 +50,7 @@ from .checkpoint import check_saved_class
 from .llamagen import LlamaGen, TransformerBlock
 from .lpd import _gpt_property, check_trained_from
 
+HEADS_FILE = "diffusion_pytorch_model.safetensors"
 TRAIN_HINT = "train one with `vargen train nar --config configs/nar_scenes.json` (it writes OUT/nar)"
 
 
@@ -105,12 +108,57 @@ class NARModel(ModelMixin, ConfigMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "NARModel":
         """Load a :meth:`save_pretrained` folder (safetensors + config.json); a local folder without a NAR
-        config raises ``FileNotFoundError`` / ``ValueError`` naming the folder and the train command."""
+        config raises ``FileNotFoundError`` / ``ValueError`` naming the folder and the train command.
+        A heads-only folder (its config names a ``"trunk"``) reads the trunk from that LlamaGen folder."""
         path = str(pretrained_model_name_or_path)
         local = os.path.join(path, kwargs.get("subfolder") or "")
         if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:  # not a hub id
             check_saved_class(local, cls.__name__, "a NAR model", TRAIN_HINT)
+            with open(os.path.join(local, cls.config_name)) as f:
+                config = json.load(f)
+            if config.get("trunk"):
+                return cls._from_heads(local, config, kwargs.get("torch_dtype"))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, trunk: Optional[str] = None, **kwargs) -> None:
+        """Save as diffusers does; with ``trunk`` (a LlamaGen folder, relative to ``save_directory``) write
+        only the head blocks and name the trunk in ``config.json``: a NAR trained with its trunk frozen
+        then ships without a second copy of the GPT (the shipped ``scenes-t2i/nar`` shares ``../gpt``).
+        Refused if this model's trunk differs from the saved one (it was fine-tuned)."""
+        if trunk is None:
+            return super().save_pretrained(save_directory, **kwargs)
+        saved = LlamaGen.from_pretrained(os.path.normpath(os.path.join(save_directory, trunk)))
+        mine = self.gpt.state_dict()
+        changed = [k for k, v in saved.state_dict().items()
+                   if k not in mine or not torch.equal(mine[k].to(v.dtype).cpu(), v)]
+        if changed:
+            raise ValueError(f"this NAR model's trunk differs from the GPT at {trunk!r} ({len(changed)} tensors, "
+                             f"e.g. {changed[0]}): it was fine-tuned, so save it whole (without trunk=)")
+        os.makedirs(save_directory, exist_ok=True)
+        self.save_config(save_directory)
+        config_path = os.path.join(save_directory, self.config_name)
+        with open(config_path) as f:
+            config = json.load(f)
+        with open(config_path, "w") as f:
+            json.dump({**config, "trunk": trunk}, f, indent=2, sort_keys=True)
+        heads = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("gpt.")}
+        safetensors.torch.save_file(heads, os.path.join(save_directory, HEADS_FILE), metadata={"format": "pt"})
+
+    @classmethod
+    def _from_heads(cls, folder: str, config: dict, dtype=None) -> "NARModel":
+        trunk_dir = os.path.normpath(os.path.join(folder, config["trunk"]))
+        if not os.path.isfile(os.path.join(trunk_dir, "config.json")):
+            raise FileNotFoundError(f"the NAR heads at {folder!r} need their trunk, the LlamaGen folder "
+                                    f"{trunk_dir!r} (config \"trunk\": {config['trunk']!r}), which is missing")
+        gpt = LlamaGen.from_pretrained(trunk_dir)
+        model = cls.from_ar(gpt, head_layers=config.get("head_layers", 1))
+        missing, unexpected = model.load_state_dict(safetensors.torch.load_file(os.path.join(folder, HEADS_FILE)),
+                                                    strict=False)
+        missing = [k for k in missing if not k.startswith("gpt.")]
+        if missing or unexpected:
+            raise ValueError(f"{folder!r} does not hold this NAR model's heads (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}); {TRAIN_HINT}")
+        return model.to(dtype) if dtype is not None else model
 
     # ----------------------------------------------------------------------------- protocol metadata
     grid = _gpt_property("grid")
