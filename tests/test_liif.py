@@ -150,6 +150,30 @@ def test_token_decoder_sizes_and_save_load(tmp_path):
     torch.testing.assert_close(again.decode(tokens, scale=1.5), dec.decode(tokens, scale=1.5))
 
 
+def test_head_only_save_reads_the_trunk_from_the_vq_folder_and_refuses_a_fine_tuned_trunk(tmp_path):
+    from safetensors import safe_open
+
+    vq = tiny_vq()
+    vq.save_pretrained(str(tmp_path / "model" / "vq"))
+    dec = LIIFTokenDecoder(vq, hidden=[32, 32], train_trunk=False).eval()
+    torch.nn.init.normal_(dec.liif.imnet.layers[0].weight)  # a trained head, not the initial one
+    dec.save_pretrained(str(tmp_path / "model" / "liif"), trunk="../vq")
+    with safe_open(str(tmp_path / "model" / "liif" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any(k.startswith("liif.encoder.") for k in keys)  # head only
+    again = LIIFTokenDecoder.from_pretrained(str(tmp_path / "model" / "liif"))
+    tokens = torch.randint(0, 64, (2, 4, 5))
+    torch.testing.assert_close(again.decode(tokens, scale=1.5), dec.decode(tokens, scale=1.5), rtol=0, atol=0)
+
+    with torch.no_grad():
+        dec.trunk.post_quant_conv.weight.add_(0.01)
+    with pytest.raises(ValueError, match="trunk differs.*post_quant_conv"):
+        dec.save_pretrained(str(tmp_path / "model" / "liif2"), trunk="../vq")
+    os.remove(tmp_path / "model" / "vq" / "config.json")
+    with pytest.raises(FileNotFoundError, match="needs its trunk"):
+        LIIFTokenDecoder.from_pretrained(str(tmp_path / "model" / "liif"))
+
+
 def test_token_decoder_keeps_upsamplers_and_wide_features_skip_unfold():
     torch.manual_seed(0)
     vq = VQTokenizer(codebook_size=16, ch=16, ch_mult=(1, 1, 2, 4), z_channels=16, num_res_blocks=1, norm_groups=4)

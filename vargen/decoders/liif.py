@@ -393,6 +393,9 @@ class VQFeatures(nn.Module):
         return self.decoder.trunk(self.post_quant_conv(self.codebook[tokens].permute(0, 3, 1, 2)))
 
 
+TRUNK_PREFIX = "liif.encoder."  # the VQFeatures trunk's keys inside LIIFTokenDecoder
+
+
 class LIIFTokenDecoder(nn.Module):
     """Any-resolution decoder for a :class:`~vargen.tokenizers.VQTokenizer`'s tokens.
 
@@ -475,14 +478,33 @@ class LIIFTokenDecoder(nn.Module):
                               for t in tokens.split(group)])
 
     # ----------------------------------------------------------------------- save / load
-    def save_pretrained(self, folder: str) -> None:
-        """``config.json`` + ``model.safetensors`` (trunk copy, codebook and head: no VQ needed to load)."""
+    def save_pretrained(self, folder: str, trunk: Optional[str] = None) -> None:
+        """``config.json`` + ``model.safetensors`` (trunk copy, codebook and head: no VQ needed to load).
+
+        With ``trunk`` (the VQ folder this decoder was copied from, relative to ``folder``) only the head
+        is written and the config names the VQ: a decoder trained with ``train_trunk=False`` then ships
+        without a second copy of the VQ decoder (the shipped ``scenes-t2i/liif`` reads ``../vq``). Refused
+        if the trunk differs from that VQ's (it was fine-tuned)."""
         from safetensors.torch import save_file
 
+        from ..tokenizers import VQTokenizer
+
+        state, config = self.state_dict(), dict(self.config)
+        if trunk is not None:
+            reference = VQFeatures(self.config["vq"], self.config["keep_upsample"])
+            reference.copy_from(VQTokenizer.from_pretrained(os.path.normpath(os.path.join(folder, trunk))))
+            mine = self.trunk.state_dict()
+            changed = [k for k, v in reference.state_dict().items()
+                       if not torch.equal(v.to(mine[k].dtype), mine[k].cpu())]
+            if changed:
+                raise ValueError(f"this LIIF decoder's trunk differs from the VQ at {trunk!r} ({len(changed)} "
+                                 f"tensors, e.g. {changed[0]}): it was fine-tuned, so save it whole (without trunk=)")
+            state = {k: v for k, v in state.items() if not k.startswith(TRUNK_PREFIX)}
+            config["trunk"] = trunk
         os.makedirs(folder, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"))
         with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump({"_class_name": type(self).__name__, **self.config}, f, indent=2)
+            json.dump({"_class_name": type(self).__name__, **config}, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, folder: str) -> "LIIFTokenDecoder":
@@ -494,12 +516,29 @@ class LIIFTokenDecoder(nn.Module):
         if missing:
             raise FileNotFoundError(f"not a LIIF token decoder folder (missing {', '.join(missing)}); "
                                     "train one with vargen.train.liif.train_liif")
-        from ..errors import reading_model
+        from ..errors import MissingInputError, reading_model
 
         with reading_model(folder):
             with open(paths[0]) as f:
                 config = json.load(f)
             config.pop("_class_name", None)
-            model = cls(config.pop("vq"), **config)
-            load_checked(model, load_file(paths[1]), what=f"LIIF token decoder in {folder}")
+            trunk = config.pop("trunk", None)
+            if trunk is None:
+                model = cls(config.pop("vq"), **config)
+                load_checked(model, load_file(paths[1]), what=f"LIIF token decoder in {folder}")
+                return model.eval()
+            from ..tokenizers import VQTokenizer
+
+            vq_dir = os.path.normpath(os.path.join(folder, trunk))
+            if not os.path.isfile(os.path.join(vq_dir, "config.json")):
+                raise MissingInputError(f"the LIIF head at {folder!r} needs its trunk, the VQ folder {vq_dir!r} "
+                                        f"(config \"trunk\": {trunk!r}), which is missing")
+            config.pop("vq")
+            model = cls(VQTokenizer.from_pretrained(vq_dir), **config)
+            state = load_file(paths[1])
+            head = {k for k in model.state_dict() if not k.startswith(TRUNK_PREFIX)}
+            if set(state) != head:
+                raise CheckpointError(f"LIIF head in {folder}: missing keys {sorted(head - set(state))[:3]}, "
+                                      f"unexpected keys {sorted(set(state) - head)[:3]}")
+            model.load_state_dict(state, strict=False)
         return model.eval()
