@@ -140,6 +140,7 @@ class NARModel(ModelMixin, ConfigMixin):
         with open(config_path) as f:
             config = json.load(f)
         with open(config_path, "w") as f:
+            config.pop("_name_or_path", None)  # where it was trained: a path on someone else's machine
             json.dump({**config, "trunk": trunk}, f, indent=2, sort_keys=True)
         heads = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("gpt.")}
         safetensors.torch.save_file(heads, os.path.join(save_directory, HEADS_FILE), metadata={"format": "pt"})
