@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from vargen.decoders import LIIF, EDSRBaseline, LIIFTokenDecoder, make_coord
+from vargen.errors import ModelLoadError
 from vargen.models.checkpoint import CheckpointError
 from vargen.tokenizers import VQTokenizer
 
@@ -164,6 +165,14 @@ def test_head_only_save_reads_the_trunk_from_the_vq_folder_and_refuses_a_fine_tu
     again = LIIFTokenDecoder.from_pretrained(str(tmp_path / "model" / "liif"))
     tokens = torch.randint(0, 64, (2, 4, 5))
     torch.testing.assert_close(again.decode(tokens, scale=1.5), dec.decode(tokens, scale=1.5), rtol=0, atol=0)
+
+    from safetensors.torch import load_file, save_file
+
+    head = load_file(str(tmp_path / "model" / "liif" / "model.safetensors"))
+    save_file({**head, "liif.imnet.extra": torch.zeros(1)}, str(tmp_path / "model" / "liif" / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="unexpected keys.*liif.imnet.extra"):
+        LIIFTokenDecoder.from_pretrained(str(tmp_path / "model" / "liif"))
+    save_file(head, str(tmp_path / "model" / "liif" / "model.safetensors"))
 
     with torch.no_grad():
         dec.trunk.post_quant_conv.weight.add_(0.01)

@@ -227,7 +227,7 @@ def test_heads_only_save_shares_the_trunk_folder_and_refuses_a_fine_tuned_trunk(
     with pytest.raises(ValueError, match="trunk differs.*output.weight"):
         nar.save_pretrained(tmp_path / "model" / "nar2", trunk="../gpt")
     (tmp_path / "model" / "gpt" / "config.json").unlink()
-    with pytest.raises(FileNotFoundError, match="need their trunk"):
+    with pytest.raises(FileNotFoundError, match="needs its trunk"):
         load_nar(str(tmp_path / "model" / "nar"))
 
 

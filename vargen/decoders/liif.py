@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..models.checkpoint import CheckpointError, load_checked, read_checkpoint, read_state_dict
+from ..models.checkpoint import (CheckpointError, check_trunk_unchanged, load_checked, load_head, read_checkpoint,
+                                 read_state_dict, trunk_folder)
 from ..ops.reference import make_coord  # defined with the gather reference that uses it
 
 Size = Union[int, Sequence[int]]
@@ -492,13 +493,8 @@ class LIIFTokenDecoder(nn.Module):
         state, config = self.state_dict(), dict(self.config)
         if trunk is not None:
             reference = VQFeatures(self.config["vq"], self.config["keep_upsample"])
-            reference.copy_from(VQTokenizer.from_pretrained(os.path.normpath(os.path.join(folder, trunk))))
-            mine = self.trunk.state_dict()
-            changed = [k for k, v in reference.state_dict().items()
-                       if not torch.equal(v.to(mine[k].dtype), mine[k].cpu())]
-            if changed:
-                raise ValueError(f"this LIIF decoder's trunk differs from the VQ at {trunk!r} ({len(changed)} "
-                                 f"tensors, e.g. {changed[0]}): it was fine-tuned, so save it whole (without trunk=)")
+            reference.copy_from(VQTokenizer.from_pretrained(trunk_folder(folder, trunk, "LIIF head")))
+            check_trunk_unchanged(self.trunk.state_dict(), reference.state_dict(), what="LIIF decoder", trunk=trunk)
             state = {k: v for k, v in state.items() if not k.startswith(TRUNK_PREFIX)}
             config["trunk"] = trunk
         os.makedirs(folder, exist_ok=True)
@@ -516,7 +512,7 @@ class LIIFTokenDecoder(nn.Module):
         if missing:
             raise FileNotFoundError(f"not a LIIF token decoder folder (missing {', '.join(missing)}); "
                                     "train one with vargen.train.liif.train_liif")
-        from ..errors import MissingInputError, reading_model
+        from ..errors import reading_model
 
         with reading_model(folder):
             with open(paths[0]) as f:
@@ -529,16 +525,7 @@ class LIIFTokenDecoder(nn.Module):
                 return model.eval()
             from ..tokenizers import VQTokenizer
 
-            vq_dir = os.path.normpath(os.path.join(folder, trunk))
-            if not os.path.isfile(os.path.join(vq_dir, "config.json")):
-                raise MissingInputError(f"the LIIF head at {folder!r} needs its trunk, the VQ folder {vq_dir!r} "
-                                        f"(config \"trunk\": {trunk!r}), which is missing")
             config.pop("vq")
-            model = cls(VQTokenizer.from_pretrained(vq_dir), **config)
-            state = load_file(paths[1])
-            head = {k for k in model.state_dict() if not k.startswith(TRUNK_PREFIX)}
-            if set(state) != head:
-                raise CheckpointError(f"LIIF head in {folder}: missing keys {sorted(head - set(state))[:3]}, "
-                                      f"unexpected keys {sorted(set(state) - head)[:3]}")
-            model.load_state_dict(state, strict=False)
+            model = cls(VQTokenizer.from_pretrained(trunk_folder(folder, trunk, "LIIF head")), **config)
+            load_head(model, load_file(paths[1]), trunk_prefix=TRUNK_PREFIX, what="the LIIF head")  # reading_model names the folder
         return model.eval()

@@ -114,7 +114,12 @@ def load_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, 
     """
     ignore = tuple(ignore)
     state = {k: v for k, v in state.items() if not (ignore and k.endswith(ignore))}
-    own = module.state_dict()
+    _check_keys(module.state_dict(), state, what, ignore)
+    module.load_state_dict({k: v for k, v in state.items()}, strict=False)
+
+
+def _check_keys(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str,
+                ignore: tuple = ()) -> None:
     missing = sorted(k for k in own if k not in state and not (ignore and k.endswith(ignore)))
     unexpected = sorted(k for k in state if k not in own)
     mismatched = sorted(
@@ -133,7 +138,6 @@ def load_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, 
             f"checkpoint does not match {what}: " + "; ".join(problems)
             + ". Check the size/config you passed (e.g. size='GPT-B', downsample=16) matches the file."
         )
-    module.load_state_dict({k: v for k, v in state.items()}, strict=False)
 
 
 def _head(items, n: int = 8) -> str:
@@ -151,3 +155,36 @@ def check_saved_class(folder: str, class_name: str, what: str, hint: str) -> Non
         kind = json.load(f).get("_class_name")
     if kind != class_name:
         raise ValueError(f"{folder!r} holds a {kind} checkpoint, not {what}; {hint}")
+
+
+# ---------------------------------------------------------------------------- heads-only folders
+# A decoder trained with its trunk frozen (NAR on the GPT, LIIF on the VQ decoder) ships only its head: the
+# folder's config names the trunk folder ("trunk", relative), and loading rebuilds the trunk from it.
+
+def check_trunk_unchanged(mine: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], *,
+                          what: str, trunk: str) -> None:
+    """Raise ``ValueError`` unless every tensor of ``reference`` (the trunk as the folder ``trunk`` holds it)
+    equals ``mine`` (this model's trunk): a fine-tuned trunk must be saved whole."""
+    changed = [k for k, v in reference.items()
+               if k not in mine or not torch.equal(mine[k].detach().to(v.dtype).cpu(), v.cpu())]
+    if changed:
+        raise ValueError(f"this {what}'s trunk differs from the one at {trunk!r} ({len(changed)} tensors, "
+                         f"e.g. {changed[0]}): it was fine-tuned, so save it whole (without trunk=)")
+
+
+def trunk_folder(folder: str, trunk: str, what: str) -> str:
+    """The trunk folder a heads-only ``folder`` names, or :class:`~vargen.errors.MissingInputError` if absent."""
+    from ..errors import MissingInputError
+
+    path = os.path.normpath(os.path.join(folder, trunk))
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise MissingInputError(f"the {what} at {folder!r} needs its trunk, the folder {path!r} "
+                                f"(config \"trunk\": {trunk!r}), which is missing")
+    return path
+
+
+def load_head(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, trunk_prefix: str, what: str) -> None:
+    """Load a heads-only ``state`` into ``module`` (its trunk, under ``trunk_prefix``, already loaded), or
+    raise :class:`CheckpointError` naming the keys that do not fit."""
+    _check_keys({k: v for k, v in module.state_dict().items() if not k.startswith(trunk_prefix)}, state, what)
+    module.load_state_dict(dict(state), strict=False)

@@ -46,7 +46,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from ..decoding.nar_order import parents, proximity_mask
 from .cache import StaticKVCache
-from .checkpoint import check_saved_class
+from .checkpoint import check_saved_class, check_trunk_unchanged, load_head, trunk_folder
 from .llamagen import LlamaGen, TransformerBlock
 from .lpd import _gpt_property, check_trained_from
 
@@ -127,38 +127,22 @@ class NARModel(ModelMixin, ConfigMixin):
         Refused if this model's trunk differs from the saved one (it was fine-tuned)."""
         if trunk is None:
             return super().save_pretrained(save_directory, **kwargs)
-        saved = LlamaGen.from_pretrained(os.path.normpath(os.path.join(save_directory, trunk)))
-        mine = self.gpt.state_dict()
-        changed = [k for k, v in saved.state_dict().items()
-                   if k not in mine or not torch.equal(mine[k].to(v.dtype).cpu(), v)]
-        if changed:
-            raise ValueError(f"this NAR model's trunk differs from the GPT at {trunk!r} ({len(changed)} tensors, "
-                             f"e.g. {changed[0]}): it was fine-tuned, so save it whole (without trunk=)")
+        saved = LlamaGen.from_pretrained(trunk_folder(str(save_directory), trunk, "NAR heads"))
+        check_trunk_unchanged(self.gpt.state_dict(), saved.state_dict(), what="NAR model", trunk=trunk)
         os.makedirs(save_directory, exist_ok=True)
-        self.save_config(save_directory)
-        config_path = os.path.join(save_directory, self.config_name)
-        with open(config_path) as f:
-            config = json.load(f)
-        with open(config_path, "w") as f:
-            config.pop("_name_or_path", None)  # where it was trained: a path on someone else's machine
+        config = json.loads(self.to_json_string())  # diffusers' config.json, plus the trunk folder
+        config.pop("_name_or_path", None)  # where it was trained: a path on someone else's machine
+        with open(os.path.join(save_directory, self.config_name), "w") as f:
             json.dump({**config, "trunk": trunk}, f, indent=2, sort_keys=True)
         heads = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("gpt.")}
         safetensors.torch.save_file(heads, os.path.join(save_directory, HEADS_FILE), metadata={"format": "pt"})
 
     @classmethod
     def _from_heads(cls, folder: str, config: dict, dtype=None) -> "NARModel":
-        trunk_dir = os.path.normpath(os.path.join(folder, config["trunk"]))
-        if not os.path.isfile(os.path.join(trunk_dir, "config.json")):
-            raise FileNotFoundError(f"the NAR heads at {folder!r} need their trunk, the LlamaGen folder "
-                                    f"{trunk_dir!r} (config \"trunk\": {config['trunk']!r}), which is missing")
-        gpt = LlamaGen.from_pretrained(trunk_dir)
+        gpt = LlamaGen.from_pretrained(trunk_folder(folder, config["trunk"], "NAR heads"))
         model = cls.from_ar(gpt, head_layers=config.get("head_layers", 1))
-        missing, unexpected = model.load_state_dict(safetensors.torch.load_file(os.path.join(folder, HEADS_FILE)),
-                                                    strict=False)
-        missing = [k for k in missing if not k.startswith("gpt.")]
-        if missing or unexpected:
-            raise ValueError(f"{folder!r} does not hold this NAR model's heads (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}); {TRAIN_HINT}")
+        load_head(model, safetensors.torch.load_file(os.path.join(folder, HEADS_FILE)), trunk_prefix="gpt.",
+                  what=f"the NAR heads in {folder!r} ({TRAIN_HINT})")
         return model.to(dtype) if dtype is not None else model
 
     # ----------------------------------------------------------------------------- protocol metadata
