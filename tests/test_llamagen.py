@@ -52,6 +52,27 @@ def test_incremental_cache_matches_full_forward_t2i_with_padding(t2i):
     torch.testing.assert_close(t2i.forward_train(tokens, caption2, cond_mask=cond_mask, train=False)[0], full[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_query_attention_matches_sdpa(dtype):
+    from vargen.models.llamagen import single_query_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 6, n, 64) * 2 for n in (1, 40, 40))
+    mask = torch.rand(2, 1, 1, 40) > 0.5
+    mask[..., 0] = True  # the query always sees its own slot
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    out = single_query_attention(q, k, v, mask)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding only
+    torch.testing.assert_close(out.float(), reference, atol=tol, rtol=tol)
+    # no less accurate than SDPA's kernel in the same dtype
+    assert (out.float() - reference).abs().max() <= (sdpa.float() - reference).abs().max() + 1e-5
+    mask[0, ..., 1:] = False  # masked slots get no weight: only the first value is read
+    torch.testing.assert_close(single_query_attention(q, k, v, mask)[0].float(), v[0, :, :1].float())
+
+
 def test_parallel_forward_over_any_order_matches_raster(c2i):
     """Tokens fed in a permuted order at their true positions with a generation-order mask give the
     same logits as raster order when each token sees the same set of predecessors."""
