@@ -378,3 +378,15 @@ def test_eagle_recipe_cli_train_generate_and_bench(one_thread, tmp_path, capsys)
     assert main(["generate", "class1", "--model", "tiny-random", "-o", str(out), "--quiet", "--method",
                  "eagle"]) == 2
     assert "vargen train eagle --config" in capsys.readouterr().err
+
+
+def test_dynamic_tree_defaults_are_smaller_on_a_cpu_and_options_override_them():
+    from vargen.decoding.eagle import CPU_DYNAMIC, DEFAULTS, TreeShape
+
+    gpu, cpu = TreeShape.make("dynamic", None, None, None, 4096), TreeShape.make("dynamic", None, None, None, 4096,
+                                                                                  cpu=True)
+    assert (gpu.D, gpu.K, gpu.M) == tuple(DEFAULTS["dynamic"][k] for k in ("depth", "topk", "total_tokens"))
+    assert (cpu.D, cpu.K, cpu.M) == tuple(CPU_DYNAMIC[k] for k in ("depth", "topk", "total_tokens"))
+    assert cpu.M < gpu.M
+    given = TreeShape.make("dynamic", 6, 8, 40, 4096, cpu=True)
+    assert (given.D, given.K, given.M) == (6, 8, 40)
