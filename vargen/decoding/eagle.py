@@ -63,8 +63,8 @@ STATIC_TREES = {
 TREES = ("dynamic", "chain", *STATIC_TREES)
 DEFAULTS = {"dynamic": dict(depth=5, topk=8, total_tokens=48), "chain": dict(depth=5)}
 # On a CPU a verify pass is compute-bound (every node is a row of every matmul) and each drafter pass costs
-# its launch overhead, so the dynamic tree is smaller: scenes-t2i at batch 1 in bf16 kept about the same
-# passes per image (120 against 116) at 27 instead of 45 ms per pass, 0.81-0.87x of AR's wall-clock against 0.54x.
+# its launch overhead, so the dynamic tree is smaller: scenes-t2i at batch 1 in bf16 (n = 4, one run) kept
+# about the same passes per image (120 against 116) at 27 instead of 45 ms per pass.
 CPU_DYNAMIC = dict(depth=4, topk=4, total_tokens=16)
 
 
