@@ -34,6 +34,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from .cache import StaticKVCache
 from .checkpoint import check_saved_class
+from .linear import Linear
 from .llamagen import LlamaGen, TransformerBlock, _token_grid, attention_inputs
 from .rope import rope_2d_table
 
@@ -66,7 +67,7 @@ class EagleDrafter(ModelMixin, ConfigMixin):
         block_cfg = SimpleNamespace(dim=dim, n_head=n_head, n_kv_head=n_kv_head, multiple_of=multiple_of,
                                     ffn_dim_multiplier=ffn_dim_multiplier, norm_eps=norm_eps, attn_dropout_p=0.0,
                                     resid_dropout_p=0.0, ffn_dropout_p=0.0)
-        self.fc = nn.Linear(2 * dim, dim, bias=fc_bias)
+        self.fc = Linear(2 * dim, dim, bias=fc_bias)
         self.layer = TransformerBlock(block_cfg, 0.0)
         self.register_buffer("rope", rope_2d_table(rows, dim // n_head, rope_base, cond_rope, cols=cols),
                              persistent=False)

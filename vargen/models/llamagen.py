@@ -18,6 +18,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from .cache import StaticKVCache, causal_slot_mask
 from .checkpoint import CheckpointError, checkpoint_args, load_checked, read_checkpoint, read_state_dict
+from .linear import Linear
 from .rope import apply_rope, rope_2d_table
 
 # Named sizes as in LlamaGen (layers, heads, dim); tiny sizes are for tests and CPU recipes.
@@ -164,9 +165,9 @@ class LabelEmbedder(nn.Module):
 class CaptionMLP(nn.Module):
     def __init__(self, in_features: int, hidden: int, out_features: int):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden, bias=False)
+        self.fc1 = Linear(in_features, hidden, bias=False)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, out_features, bias=False)
+        self.fc2 = Linear(hidden, out_features, bias=False)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -195,9 +196,9 @@ class FeedForward(nn.Module):
         if ffn_dim_multiplier is not None:
             hidden = int(ffn_dim_multiplier * hidden)
         hidden = _round_up(hidden, multiple_of)
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w3 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
         self.ffn_dropout = nn.Dropout(dropout)
 
     def forward(self, x):
@@ -222,8 +223,8 @@ class Attention(nn.Module):
         super().__init__()
         self.dim, self.n_head, self.n_kv_head = dim, n_head, n_kv_head
         self.head_dim = dim // n_head
-        self.wqkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
+        self.wqkv = Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
+        self.wo = Linear(dim, dim, bias=False)
         self.attn_dropout_p = attn_dropout
         self.resid_dropout = nn.Dropout(resid_dropout)
 
@@ -318,7 +319,7 @@ class LlamaGen(ModelMixin, ConfigMixin):
         rates = [drop_path_rate * i / max(n_layer - 1, 1) for i in range(n_layer)]  # linspace, stochastic depth
         self.layers = nn.ModuleList(TransformerBlock(cfg, r) for r in rates)
         self.norm = RMSNorm(dim, norm_eps)
-        self.output = nn.Linear(dim, vocab_size, bias=False)
+        self.output = Linear(dim, vocab_size, bias=False)
         self.register_buffer("rope", rope_2d_table(rows, dim // n_head, rope_base, cond_rope, cols=cols),
                              persistent=False)
         self._init_weights()
