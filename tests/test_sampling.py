@@ -100,6 +100,19 @@ def test_nan_logits_raise():
         logits_to_probs(torch.tensor([[0.0, float("nan")]]), SamplingConfig())
 
 
+def test_non_finite_rows_counts_every_kind_of_bad_position():
+    from vargen.decoding.sampling import non_finite_rows
+
+    logits = torch.zeros(2, 5, 8)
+    logits[0, 0, 1] = float("nan")
+    logits[0, 2, 3] = float("inf")
+    logits[1, 1, 0] = -float("inf")
+    logits[1, 3, 2], logits[1, 3, 5] = float("inf"), -float("inf")  # +inf and -inf in one row sum to NaN
+    logits[1, 4] = 3e37  # large but finite: a vocabulary's sum stays finite
+    assert int(non_finite_rows(logits)) == 4
+    assert int(non_finite_rows(torch.randn(3, 7, 64))) == 0
+
+
 def test_nan_weights_fail_decoding_clearly():
     model = make_gpt("c2i")
     with torch.no_grad():

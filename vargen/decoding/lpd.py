@@ -38,7 +38,7 @@ def lpd_pass(model, sampling: SamplingConfig, cache, prefix_len: int, tokens: to
     """One LPD pass as a function of its inputs and its draws (``--compile`` captures it whole): the previous
     group's tokens and this group's queries in, this group's tokens out, each query row guided with its ``ramp``
     scale and sampled with its ``noise`` row (``[B, queries, V]``, drawn outside the graph in eager's order).
-    Returns ``(tokens [B, queries], count of non-finite logits)``."""
+    Returns ``(tokens [B, queries], count of positions with non-finite logits)``."""
     probs, bad = target_pass(model, sampling, cache, prefix_len, tokens, positions, slots, mask, cfg_scale=ramp)
     return sample_categorical(probs[:, tokens.shape[1] - noise.shape[1]:], noise=noise), bad
 

@@ -34,7 +34,7 @@ def nar_pass(model, sampling: SamplingConfig, cache, prefix_len: int, tokens: to
     """One NAR pass as a function of its inputs and its draws (``--compile`` captures it whole): the tokens of one
     anti-diagonal in at their ``cells`` (position and raster slot), the next diagonal's ``targets`` sampled with
     ``noise`` (``[B, targets, V]``, drawn outside the graph in eager's order). Returns ``(tokens [B, targets],
-    count of non-finite logits)``."""
+    count of positions with non-finite logits)``."""
     probs, bad = target_pass(model, sampling, cache, prefix_len, tokens, cells, cells, mask,
                              model_inputs={"targets": targets})
     return sample_categorical(probs, noise=noise), bad

@@ -70,7 +70,8 @@ def pjd_step(model, sampling: SamplingConfig, cache, prefix_len: int, acceptance
     ``(H, W, R, L, lead)``; ``canvas``, ``committed``, ``drafts``, ``q``, ``drafted`` have a scratch cell ``N``
     that absorbs the writes of cells that are not committed or refreshed, so every write is a fixed-shape
     scatter (in place; the arrays are also returned). ``draws = (coins [B, R, L], resample noise [B, R, V],
-    refill noise [B, R, L, V])``, drawn outside in eager's order. Returns the updated state and the count of non-finite logits."""
+    refill noise [B, R, L, V])``, drawn outside in eager's order. Returns the updated state and the count of positions
+    with non-finite logits."""
     H, W, R, L, lead = shape
     B, N, V = canvas.shape[0], canvas.shape[1] - 1, q.shape[-1]
     dev = canvas.device

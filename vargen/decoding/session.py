@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .sampling import SamplingConfig, logits_to_probs, make_generators, non_finite_error
+from .sampling import SamplingConfig, logits_to_probs, make_generators, non_finite_error, non_finite_rows
 from ..models.protocol import check_model
 from ..ops.reference import guided_logits
 from .stats import DecodeStats
@@ -38,14 +38,14 @@ def target_pass(model, sampling: SamplingConfig, cache, prefix_len: int, tokens:
                 positions: torch.Tensor, slots: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 cfg_scale: Optional[torch.Tensor] = None, model_inputs: Optional[dict] = None) -> tuple:
     """A target pass with nothing counted: image ``tokens`` ``[B, T]`` at grid ``positions`` into image ``slots``
-    (the CFG halves share them) -> ``(probs [B, T, V] fp32, count of non-finite logits)``. The one place the
+    (the CFG halves share them) -> ``(probs [B, T, V] fp32, positions with non-finite logits)``. The one place the
     model's forward meets the sampling config; :meth:`DecodeSession.forward` and whole-step graphs (which count
     passes outside the graph) both run it. ``cfg_scale`` and ``model_inputs``: see :meth:`DecodeSession.forward`."""
     extra = {k: cfg_rows(v, sampling) for k, v in (model_inputs or {}).items()}
     logits = model(tokens=cfg_rows(tokens, sampling), positions=cfg_rows(positions, sampling),
                    slots=cfg_rows(slots + prefix_len, sampling), mask=None if mask is None else cfg_rows(mask, sampling),
                    cache=cache, **extra)
-    return guided_probs(logits, sampling, cfg_scale), (~torch.isfinite(logits)).sum()
+    return guided_probs(logits, sampling, cfg_scale), non_finite_rows(logits)
 
 
 def guided_probs(logits: torch.Tensor, sampling: SamplingConfig, cfg_scale: Optional[torch.Tensor] = None):
@@ -177,7 +177,7 @@ class DecodeSession:
         self._non_finite += non_finite
 
     def _probs(self, logits: torch.Tensor, cfg_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self.count_pass((~torch.isfinite(logits)).sum())
+        self.count_pass(non_finite_rows(logits))
         return guided_probs(logits, self.sampling, cfg_scale)
 
     # ----------------------------------------------------------------------------- progress
@@ -203,7 +203,7 @@ class DecodeSession:
             torch.cuda.synchronize(self.device)
         bad = int(self._non_finite)
         if bad:
-            raise non_finite_error(bad)
+            raise non_finite_error(bad, rows=True)
         self.stats.wall_s = time.perf_counter() - (self._t0 or time.perf_counter())
         log = torch.stack(self._commit_log) if self._commit_log else torch.zeros(0, self.batch, dtype=torch.long)
         if committed is not None and len(self._commit_log):

@@ -84,7 +84,7 @@ def sjd_step(model, sampling: SamplingConfig, cache, prefix_len: int, acceptance
     the cache rollback and the next window (:func:`next_window`). ``draws`` (:func:`step_draws`): the coins and
     noise of the verification, ``redraw`` ``[B, L, V]`` for the redrawn window (else rows of the ``gumbel``
     table), ``keep`` the maximal coupling's coins; ``generators`` only for the sampling inits. Returns
-    ``(canvas, from_draft, n, drafts, q, non-finite logits)``; only the cache changes in place."""
+    ``(canvas, from_draft, n, drafts, q, positions with non-finite logits)``; only the cache changes in place."""
     N, L = canvas.shape[1] - drafts.shape[1] - 1, drafts.shape[1]
     canvas, from_draft = canvas.clone(), from_draft.clone()
     active = n < N

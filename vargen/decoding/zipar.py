@@ -70,7 +70,7 @@ def zipar_pass(model, sampling: SamplingConfig, cache, prefix_len: int, tokens: 
     """One ZipAR pass as a function of its inputs and its draws (``--compile`` captures it whole): one token per
     active row in at its raster ``slots`` and ``positions`` (padding inputs write the scratch slot), and the
     predictions of the inputs ``real`` sampled with ``noise`` (``[B, len(real), V]``, drawn outside the graph
-    in eager's order). Returns ``(tokens [B, len(real)], count of non-finite logits)``."""
+    in eager's order). Returns ``(tokens [B, len(real)], count of positions with non-finite logits)``."""
     probs, bad = target_pass(model, sampling, cache, prefix_len, tokens, positions, slots)
     return sample_categorical(probs[:, real], noise=noise), bad
 

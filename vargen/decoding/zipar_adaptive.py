@@ -40,7 +40,7 @@ def zipar_adaptive_step(model, sampling: SamplingConfig, cache, prefix_len: int,
     """One adaptive-ZipAR pass as a function of its per-row state and its draws (``--compile`` captures it
     whole): ``shape = (H, W, window, min_window)``; ``draws = (advance noise [B, H, V], check coins [B, H],
     start / resample noise [B, H, V])``, drawn outside in eager's order. Returns ``(tokens, count, checked,
-    fixed, q_first, checks [B], rejections [B], count of non-finite logits)``; ``tokens`` is written in place."""
+    fixed, q_first, checks [B], rejections [B], positions with non-finite logits)``; ``tokens`` is written in place."""
     H, W, window, min_window = shape
     B, N = tokens.shape[0], tokens.shape[1] - 1
     dev = tokens.device
