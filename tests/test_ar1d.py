@@ -10,7 +10,7 @@ from vargen.cli import main
 from vargen.decoding import decode_ar, get_method
 from vargen.decoding.speculative import decode_sjd
 from vargen.models import LlamaGen, PrefixModel
-from vargen.models.rope import apply_rope
+from vargen.models.rope import apply_rope, rope_factors
 from vargen.pipeline import VarGenPipeline
 from vargen.tokenizers import Flex1DTokenizer, VQTokenizer, load_tokenizer
 
@@ -65,7 +65,7 @@ def test_the_rope_of_a_1d_model_is_a_1d_rope():
     q, k = torch.randn(2, 1, 1, 1, head_dim).unbind(0)
 
     def rotate(x, p):
-        return apply_rope(x, gpt.rope[p + 1][None, None])
+        return apply_rope(x, rope_factors(gpt.rope[p + 1][None, None]))
 
     xc = torch.view_as_complex(q.double().reshape(1, 1, 1, pairs, 2))
     expect = torch.view_as_real(xc * torch.polar(torch.ones_like(angle[7]), angle[7])).flatten(-2)

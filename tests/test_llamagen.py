@@ -5,7 +5,7 @@ import torch
 
 from vargen.decoding import DecodeSession, SamplingConfig
 from vargen.models import CheckpointError, LlamaGen
-from vargen.models.rope import rope_2d_table
+from vargen.models.rope import apply_rope, rope_2d_table, rope_factors
 
 from conftest import make_gpt
 
@@ -97,6 +97,20 @@ def test_rope_matches_complex_reference():
         got = table[1 + r * grid + c]
         torch.testing.assert_close(got[:, 0], ref.real)
         torch.testing.assert_close(got[:, 1], ref.imag)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope_is_bitwise_the_pairwise_rotation(dtype):
+    torch.manual_seed(0)
+    table = rope_2d_table(4, 16).to(dtype)  # a bf16 model's buffer is bf16
+    rows = table[torch.randint(0, 17, (2, 5))]  # [B, T, D/2, 2]
+    x = (torch.randn(2, 5, 3, 16) * 3).to(dtype)
+    xs, r = x.float().reshape(2, 5, 3, 8, 2), rows[:, :, None].float()
+    want = torch.stack([xs[..., 0] * r[..., 0] - xs[..., 1] * r[..., 1],
+                        xs[..., 1] * r[..., 0] + xs[..., 0] * r[..., 1]], -1).flatten(3).to(dtype)
+    got = apply_rope(x, rope_factors(rows))
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert not torch.equal(apply_rope(x, rope_factors(rows.flip(-1))), want)  # control: cos and sin swapped
 
 
 def test_sizes_match_published_parameter_counts():

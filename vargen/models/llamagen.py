@@ -19,7 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from .cache import StaticKVCache, causal_slot_mask
 from .checkpoint import CheckpointError, checkpoint_args, load_checked, read_checkpoint, read_state_dict
 from .linear import Linear
-from .rope import apply_rope, rope_2d_table
+from .rope import apply_rope, rope_2d_table, rope_factors
 
 # Named sizes as in LlamaGen (layers, heads, dim); tiny sizes are for tests and CPU recipes.
 GPT_SIZES = {
@@ -118,8 +118,8 @@ def attention_inputs(rope_table: torch.Tensor, h: torch.Tensor, positions: Optio
                      slots: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                      cache: Optional[StaticKVCache]) -> tuple:
     """``(rope, mask)`` for inputs ``h`` ``[B, T, dim]`` at grid ``positions`` (default ``0..T-1``; -1 is the
-    condition): RoPE rows of ``rope_table`` and, with a cache, the generation-order causal slot mask unless
-    ``mask`` is given."""
+    condition): the RoPE factors (:func:`rope_factors`) of those rows of ``rope_table`` and, with a cache, the
+    generation-order causal slot mask unless ``mask`` is given."""
     B, T = h.shape[:2]
     if positions is None:
         positions = torch.arange(T, device=h.device).expand(B, T)
@@ -128,7 +128,7 @@ def attention_inputs(rope_table: torch.Tensor, h: torch.Tensor, positions: Optio
             raise ValueError("slots are required when writing to a cache")
         if mask is None:
             mask = causal_slot_mask(slots, cache)
-    return rope_table[positions + 1], mask
+    return rope_factors(rope_table[positions + 1]), mask
 
 
 def _round_up(n: int, k: int) -> int:
