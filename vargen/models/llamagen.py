@@ -231,9 +231,10 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, cache: Optional[StaticKVCache], layer: int, slots):
         B, T, _ = x.shape
         kv = self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([self.dim, kv, kv], dim=-1)
-        q = apply_rope(q.view(B, T, self.n_head, self.head_dim), rope)
-        k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), rope)
+        qk, v = self.wqkv(x).split([self.dim + kv, kv], dim=-1)
+        # q and k rotated in one call: the same elementwise ops, half the op launches of a decode step's RoPE
+        qk = apply_rope(qk.view(B, T, self.n_head + self.n_kv_head, self.head_dim), rope)
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         if cache is not None:
             cache.write(layer, slots, k, v)
