@@ -35,6 +35,16 @@ def test_a_flag_no_selected_method_takes_is_refused_with_the_methods_that_would(
         route_options(["sjd"], {"lantern_delta": 0.3})
 
 
+def test_pac_knobs_reach_only_the_pac_methods(capsys):
+    _, options = _bench(["--methods", "sjd+coupling,sjd+coupling+pac", "--pac-width", "8", "--pac-chain", "7"])
+    assert options["sjd+coupling+pac"] == {"pac_width": 8, "pac_chain": 7} and options["sjd+coupling"] == {}
+    with pytest.raises(UsageError, match="--pac-chain is not taken by sjd"):
+        route_options(["sjd"], {"pac_chain": 3})
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "speed", "--model", "tiny-random", "--methods", "sjd+pac", "--pac-chain", "-1"])
+    assert exit_.value.code == 2 and "--pac-chain: must be >= 0" in capsys.readouterr().err
+
+
 def test_fixed_options_of_a_registry_entry_cannot_be_overridden():
     assert "init" in method_options("sjd") and "init" not in method_options("gsd")
     assert "coupling" not in method_options("sjd+coupling")

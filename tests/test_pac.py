@@ -21,16 +21,18 @@ def sample(model, sampling, **options):
     return decode_sjd(model, torch.full((N_SAMPLES,), 1), sampling, seeds=range(N_SAMPLES), pac=True, **options)
 
 
-@pytest.mark.parametrize("init,coupling,window,width,depth,sampling", [
-    ("random", "none", 3, 3, 2, SHARP), ("left", "maximal", 3, 3, 2, SHARP), ("random", "gumbel", 4, 2, 2, SHARP),
-    ("left-dist", "none", 2, 3, 1, SamplingConfig(cfg_scale=2.0, temperature=0.8, top_k=3)),
-    ("left", "maximal", 4, 3, 2, SamplingConfig(temperature=0.9, top_p=0.9)),
+@pytest.mark.parametrize("init,coupling,window,width,depth,chain,sampling", [
+    ("random", "none", 3, 3, 2, 0, SHARP), ("left", "maximal", 3, 3, 2, 0, SHARP),
+    ("random", "gumbel", 4, 2, 2, 0, SHARP),
+    ("left-dist", "none", 2, 3, 1, 0, SamplingConfig(cfg_scale=2.0, temperature=0.8, top_k=3)),
+    ("left", "maximal", 4, 3, 2, 0, SamplingConfig(temperature=0.9, top_p=0.9)),
+    ("left", "maximal", 4, 3, 1, 2, SHARP), ("random", "none", 4, 2, 1, 2, SamplingConfig(top_k=3)),
 ])
-def test_pac_samples_follow_the_exact_ar_distribution(one_thread, small, init, coupling, window, width, depth,
+def test_pac_samples_follow_the_exact_ar_distribution(one_thread, small, init, coupling, window, width, depth, chain,
                                                       sampling):
     expected = exact_distribution(small, 1, sampling)
     tokens, stats = sample(small, sampling, window=window, init=init, coupling=coupling, pac_width=width,
-                           pac_depth=depth)
+                           pac_depth=depth, pac_chain=chain)
     assert chi_square_p(tokens, expected, 4) > 1e-3
     assert stats.method == speculative.sjd_method_name(coupling, "exact", True) and stats.extra["pac"]
     assert len(set(stats.per_sample_forward_passes)) > 1  # samples advance by different lengths in one batch
@@ -71,6 +73,17 @@ def test_the_tree_is_the_window_plus_k_ary_branches():
     assert len(parents) == 5 + 2 + 8  # level 1: 3 nodes (1 in the window), level 2: 9 (1 in the window)
     assert children[0].tolist() == [1, 6, 7] and children[1, 0] == 2  # root's candidates; main child = window
     assert all(depth[children[v, k] - 1] == 2 for v in children[0].tolist() for k in range(3))
+
+
+def test_chains_continue_every_off_main_leaf_with_the_window_drafts():
+    parents, depth, cand, children = pac_layout(6, 3, 1, 2)
+    assert len(parents) == 6 + 2 * (1 + 2)  # two siblings at level 1, each with a chain of two drafts
+    for sibling in children[0, 1:].tolist():
+        a = children[sibling, 0].item()
+        b = children[a, 0].item()
+        assert depth[a - 1] == 2 and depth[b - 1] == 3 and cand[a - 1] == cand[b - 1] == 0  # the window's d_2, d_3
+        assert children[b, 0] == -1  # the chain stops after C drafts
+    assert children[1, 0] == 2  # the main leaf goes on as the window
 
 
 def test_siblings_are_draws_from_q_without_replacement():

@@ -38,7 +38,9 @@ def chi_square_p(tokens: torch.Tensor, expected: torch.Tensor, vocab: int) -> fl
     exp = expected / expected.sum() * len(tokens)
     big = exp >= 5
     f_obs, f_exp = observed[big], exp[big]
-    if not big.all():
+    if observed[exp == 0].sum() > 0:  # a sequence the sampling config makes impossible
+        return 0.0
+    if not big.all() and exp[~big].sum() > 0:  # (cells of probability 0 only, never drawn: nothing to pool)
         f_obs = torch.cat([f_obs, observed[~big].sum()[None]])
         f_exp = torch.cat([f_exp, exp[~big].sum()[None]])
     return float(chisquare(f_obs.numpy(), f_exp.numpy()).pvalue)

@@ -13,6 +13,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not 0 < value < math.inf:
@@ -61,7 +68,10 @@ def add_lantern_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lantern-lambda", type=float, default=None, help="LANTERN++ lambda mode instead of delta")
     parser.add_argument("--lantern-k", type=positive_int, default=None, help="LANTERN neighbours per code (1000)")
     parser.add_argument("--pac-width", type=positive_int, default=None, help="SJD-PAC tree width K (3)")
-    parser.add_argument("--pac-depth", type=int, default=None, help="SJD-PAC tree levels below the root (2)")
+    parser.add_argument("--pac-depth", type=non_negative_int, default=None,
+                        help="SJD-PAC tree levels below the root (2)")
+    parser.add_argument("--pac-chain", type=non_negative_int, default=None,
+                        help="SJD-PAC: window drafts each off-main tree leaf goes on with (0)")
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:

@@ -144,7 +144,7 @@ def tree_children(parents: torch.Tensor, width: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- acceptance walk
 def walk_tree(acceptance, probs: torch.Tensor, tokens: torch.Tensor, children: torch.Tensor, valid: torch.Tensor,
-              coins: torch.Tensor, noise: torch.Tensor, active: torch.Tensor, first=None) -> tuple:
+              coins: torch.Tensor, noise: torch.Tensor, active: torch.Tensor, first=None, widths=None) -> tuple:
     """Accept a path down the verified tree (module docstring, step 4), vectorised over the batch: at each level
     the children of the current node are tried in rank order, each a token fixed before its coin (a one-hot
     proposal, :meth:`~vargen.decoding.acceptance.ExactAcceptance.verify_token`; a rejected one is dropped from
@@ -159,6 +159,8 @@ def walk_tree(acceptance, probs: torch.Tensor, tokens: torch.Tensor, children: t
             ``q[:, l]`` without replacement, the sampled draft ``drafts[:, l]`` first (SJD-PAC's tree): candidate
             ``r`` is judged by speculative sampling (:meth:`accept`, :meth:`resample`) against ``q[:, l]`` with
             candidates ``0 .. r-1`` removed, the draft with its own coin (recursive rejection without replacement).
+        widths: with ``first``, the most candidates any node has at each level (default ``K`` everywhere), so
+            levels with one candidate (SJD-PAC's chains) cost one try, not ``K``.
 
     Returns:
         ``(cur [B] node reached, path [B, levels] accepted node per level, accepted [B] path length, stopped [B]
@@ -187,7 +189,7 @@ def walk_tree(acceptance, probs: torch.Tensor, tokens: torch.Tensor, children: t
             moved = torch.zeros(B, dtype=torch.bool, device=dev)
             nxt = cur
             q_r = first[0][:, level]
-            for r in range(K):
+            for r in range(K if widths is None else widths[level]):
                 child = kids[:, r]
                 has_r = has[:, r] & ~moved
                 # candidate r ~ q_l without candidates 0 .. r-1: speculative sampling

@@ -17,6 +17,14 @@ depend on which token was rejected, so each stage outputs the previous stage's r
 committed token at every level is distributed as the verifier's ``p`` given the accepted path. ``d_l`` and
 its siblings are exact ``q_l`` draws whatever the parent, because a level's candidates are the same for
 every parent.
+
+Chains (``C > 0``, vargen's addition): every off-main leaf at depth ``T`` goes on with the window's next ``C``
+drafts ``d_{T+1} .. d_{T+C}`` as candidate 0, so a path that left the main chain at the head (a sibling accepted
+where the window draft was rejected, the common case after a rejection: the window's head was drafted from a
+context that has just changed) can still accept a run of drafts in the same pass instead of stopping at a bonus
+token. Lossless for the same reason as the window: ``d_l`` is a ``q_l`` draw made before the pass, independent of
+which branch the walk takes above it, and judged with its own coin by speculative sampling against the ``p`` of
+whichever node the walk reached (one path is walked, so each coin is used once).
 """
 from __future__ import annotations
 
@@ -28,8 +36,9 @@ from .sampling import sample_categorical
 
 
 @lru_cache(maxsize=None)
-def pac_layout(L: int, K: int, T: int) -> tuple:
-    """``(parents [M], depth [M], candidate [M], children [M+1, K])`` of the window plus tree (module docstring):
+def pac_layout(L: int, K: int, T: int, C: int = 0) -> tuple:
+    """``(parents [M], depth [M], candidate [M], children [M+1, K])`` of the window plus tree plus chains of ``C``
+    drafts under the tree's off-main leaves (module docstring):
     node ``i + 1``'s parent is ``parents[i]`` (0 = root), its depth ``depth[i]``, and its token is candidate
     ``candidate[i]`` of its level (0 = the window draft); ``children[v, k]`` is node ``v``'s ``k``-th candidate
     (``-1`` past the tree)."""
@@ -47,6 +56,13 @@ def pac_layout(L: int, K: int, T: int) -> tuple:
                     children[(parent, k)] = len(parents)
                 nxt.append(children[(parent, k)])
         level_nodes = nxt
+    for leaf in level_nodes:  # every off-main leaf goes on with the window's next C drafts (a chain)
+        v = leaf
+        for level in range(T + 1, T + 1 + C if leaf != T else T + 1):
+            parents.append(v)
+            depth.append(level)
+            cand.append(0)
+            children[(v, 0)] = v = len(parents)
     M = len(parents)
     table = torch.full((M + 1, K), -1, dtype=torch.long)
     for (v, k), c in children.items():
@@ -75,19 +91,19 @@ def node_tokens(drafts: torch.Tensor, siblings: torch.Tensor, depth: torch.Tenso
     return torch.where(cand > 0, sib, from_draft)
 
 
-def tree_draws(generators, L: int, K: int, T: int, V: int, device) -> dict:
+def tree_draws(generators, L: int, K: int, T: int, V: int, device, C: int = 0) -> dict:
     """A PAC verify pass's random draws, in the order the pass uses them: the siblings' Exp(1) noise
     ``[B, T, V]``, the window's coins ``[B, L]``, the siblings' coins ``[B, max(T, 1), K]``, the final draw's
     noise ``[B, V]``."""
     from .sampling import exponential_noise, uniform_noise
 
     return {"siblings": exponential_noise((T, V), generators, device), "coins": uniform_noise((L,), generators, device),
-            "sib_coins": uniform_noise((max(T, 1), K), generators, device),
+            "sib_coins": uniform_noise((max(T + C, 1), K), generators, device),
             "noise": exponential_noise((V,), generators, device)}
 
 
 def verify_with_tree(model, sampling, cache, prefix_len: int, acceptance, layout: tuple, last, n, drafts, q, active,
-                     K: int, T: int, N: int, draws: dict):
+                     K: int, T: int, N: int, draws: dict, C: int = 0):
     """One SJD-PAC verify pass: the window plus its tree in one tree-masked forward, the walk, and the accepted
     path's keys and values moved to contiguous slots. ``layout`` is :func:`pac_layout` on the device, ``draws``
     :func:`tree_draws`.
@@ -115,17 +131,19 @@ def verify_with_tree(model, sampling, cache, prefix_len: int, acceptance, layout
     coins, sib_coins, noise = draws["coins"], draws["sib_coins"], draws["noise"]
     rows = torch.arange(B, device=dev)
     # the tree's first T levels: the window draft first (speculative sampling), then the fixed siblings
-    cur, path, acc_tree, stopped, final_tree = walk_tree(acceptance, probs, tok, children, valid, sib_coins[:, :T],
-                                                         noise, active, first=(q, drafts, coins))
+    W = T + C  # levels walked as a tree: the K-ary head and the chains under its off-main leaves
+    cur, path, acc_tree, stopped, final_tree = walk_tree(acceptance, probs, tok, children, valid, sib_coins[:, :W],
+                                                         noise, active, first=(q, drafts, coins),
+                                                         widths=[K] * T + [1] * C)
     # past the tree: the main path goes on as an SJD window; an off-main leaf draws its bonus from its own row
     window = probs[:, :L + 1]
-    r, x = acceptance.verify_window(window[:, T:], q[:, T:], drafts[:, T:], coins[:, T:], valid[:, T + 1:L + 1],
+    r, x = acceptance.verify_window(window[:, W:], q[:, W:], drafts[:, W:], coins[:, W:], valid[:, W + 1:L + 1],
                                     noise)
-    on_main = ~stopped & (cur == T)
+    on_main = ~stopped & (cur == W)
     bonus = sample_categorical(acceptance.target(probs[rows, cur]), noise=noise)
-    accepted = torch.where(on_main, T + r, acc_tree)
+    accepted = torch.where(on_main, W + r, acc_tree)
     final = torch.where(on_main, x, torch.where(stopped, final_tree, bonus))
-    path_nodes = torch.cat([path, torch.arange(T + 1, L + 1, device=dev).expand(B, -1)], 1)  # [B, L]
+    path_nodes = torch.cat([path, torch.arange(W + 1, L + 1, device=dev).expand(B, -1)], 1)  # [B, L]
     steps = torch.arange(L, device=dev)
     keep = (steps[None] < accepted[:, None]) & active[:, None]
     src = torch.where(keep, prefix_len + (n - 1)[:, None] + path_nodes, prefix_len + n[:, None] + steps)

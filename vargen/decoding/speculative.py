@@ -90,9 +90,9 @@ def sjd_step(model, sampling: SamplingConfig, cache, prefix_len: int, acceptance
     active = n < N
     last = canvas.gather(1, (n - 1)[:, None])
     if tree is not None:  # the window plus a K-ary tree on its first T levels; the accepted path may leave it
-        layout, K, T = tree
+        layout, K, T, C = tree
         probs, r, x, path, bad = verify_with_tree(model, sampling, cache, prefix_len, acceptance, layout, last[:, 0],
-                                                  n, drafts, q, active, K, T, N, draws)
+                                                  n, drafts, q, active, K, T, N, draws, C)
     else:
         pos = (n - 1)[:, None] + torch.arange(L + 1, device=n.device)
         probs, bad = target_pass(model, sampling, cache, prefix_len, torch.cat([last, drafts], 1),
@@ -117,7 +117,7 @@ def step_draws(generators, L: int, V: int, coupling: str, tree: Optional[tuple],
     """One step's random draws for :func:`sjd_step`, made outside it (per-sample generators cannot run inside a
     graph) and in the order the step uses them, so a compiled step samples eager's tokens."""
     if tree is not None:
-        draws = tree_draws(generators, L, tree[1], tree[2], V, device)
+        draws = tree_draws(generators, L, tree[1], tree[2], V, device, tree[3])
     else:
         draws = {"coins": uniform_noise((L,), generators, device), "noise": exponential_noise((V,), generators, device)}
     if coupling != "gumbel":
@@ -153,7 +153,7 @@ def next_window(probs: torch.Tensor, r: torch.Tensor, n: torch.Tensor, q: torch.
 def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: Optional[Sequence[int]] = None,
                cond_mask: Optional[torch.Tensor] = None, window: int = 16, init: str = "left",
                coupling: str = "none", acceptance=None, pac: bool = False, pac_width: int = 3, pac_depth: int = 2,
-               progress: bool = False, callback=None):
+               pac_chain: int = 0, progress: bool = False, callback=None):
     """Generate all image tokens with Speculative Jacobi Decoding.
 
     Args:
@@ -167,6 +167,9 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
             root). Adaptive continuation: the drafts after the accepted path are kept where they pass the
             speculative test against this pass's ``p`` (with their own, so far unused, coins) and redrawn from
             ``norm(max(p - q, 0))`` where they fail (module docstring: this is the maximal coupling).
+        pac_chain: with ``pac``, each off-main leaf of the tree goes on with the window's next ``pac_chain`` drafts
+            (capped so that tree and chain stay inside the window), so a path that left the main chain at the
+            head can still accept a run of drafts in the same pass.
         progress: tqdm bar over the least advanced sample's committed tokens.
         callback: optional ``callback(step, tokens, committed)`` after each verify pass
             (``tokens [B, N]``; cells past ``committed[b]`` hold drafts).
@@ -177,6 +180,9 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    if pac and (pac_width < 1 or pac_depth < 0 or pac_chain < 0):
+        raise ValueError(f"SJD-PAC needs pac_width >= 1, pac_depth >= 0 and pac_chain >= 0; got {pac_width}, "
+                         f"{pac_depth}, {pac_chain}")
     init = check_init(init)
     if coupling not in COUPLINGS:
         raise ValueError(f"unknown coupling {coupling!r}; choose from {COUPLINGS}")
@@ -184,7 +190,8 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     N, V, L, width = model.num_tokens, model.vocab_size, window, model.grid[1]
     name = sjd_method_name(coupling, acceptance.name, pac)
     K, T = min(pac_width, V), (min(pac_depth, L - 1) if pac else 0)  # T tree levels, always < L
-    extra_nodes = len(pac_layout(L, K, T)[0]) - L if pac else 0
+    C = min(pac_chain, L - 1 - T) if pac else 0  # walked levels T + C, always < L
+    extra_nodes = len(pac_layout(L, K, T, C)[0]) - L if pac else 0
     session = DecodeSession(model, cond, sampling, seeds, cond_mask, method=name,
                             max_len=model.prefix_len + N + L + extra_nodes + 1)
     B, dev, gens = session.batch, session.device, session.generators
@@ -200,7 +207,7 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
                            first, init, gens, width)
     # --compile: the whole verify step (forward, acceptance, commit, rollback, next window) as one graph; the
     # sampling inits draw inside the step, so they run eagerly around the compiled forward
-    tree = (tuple(t.to(dev) for t in pac_layout(L, K, T)), K, T) if pac else None
+    tree = (tuple(t.to(dev) for t in pac_layout(L, K, T, C)), K, T, C) if pac else None
     whole = hasattr(model, "whole_step") and acceptance.fused and init in ("left", "above")
     step, target = (model.whole_step(sjd_step), model.model) if whole else (sjd_step, model)
     step_i = 0
