@@ -93,7 +93,7 @@ def node_tokens(drafts: torch.Tensor, siblings: torch.Tensor, depth: torch.Tenso
 
 def tree_draws(generators, L: int, K: int, T: int, V: int, device, C: int = 0) -> dict:
     """A PAC verify pass's random draws, in the order the pass uses them: the siblings' Exp(1) noise
-    ``[B, T, V]``, the window's coins ``[B, L]``, the siblings' coins ``[B, max(T, 1), K]``, the final draw's
+    ``[B, T, V]``, the window's coins ``[B, L]``, the walked levels' coins ``[B, max(T + C, 1), K]``, the final draw's
     noise ``[B, V]``."""
     from .sampling import exponential_noise, uniform_noise
 
@@ -130,7 +130,8 @@ def verify_with_tree(model, sampling, cache, prefix_len: int, acceptance, layout
     valid = (pos < N) & active[:, None]
     coins, sib_coins, noise = draws["coins"], draws["sib_coins"], draws["noise"]
     rows = torch.arange(B, device=dev)
-    # the tree's first T levels: the window draft first (speculative sampling), then the fixed siblings
+    # the tree's first T levels (the window draft first, by speculative sampling, then the fixed siblings), then
+    # the C chain levels (one candidate each)
     W = T + C  # levels walked as a tree: the K-ary head and the chains under its off-main leaves
     cur, path, acc_tree, stopped, final_tree = walk_tree(acceptance, probs, tok, children, valid, sib_coins[:, :W],
                                                          noise, active, first=(q, drafts, coins),
