@@ -86,6 +86,12 @@ def test_chains_continue_every_off_main_leaf_with_the_window_drafts():
     assert children[1, 0] == 2  # the main leaf goes on as the window
 
 
+def test_a_chain_with_no_leaf_to_hang_from_is_refused(small):
+    for width, depth, window in ((1, 2, 4), (3, 0, 4), (3, 1, 2)):
+        with pytest.raises(ValueError, match="pac_chain=2 has nothing to continue"):
+            sample(small, SHARP, window=window, pac_width=width, pac_depth=depth, pac_chain=2)
+
+
 def test_siblings_are_draws_from_q_without_replacement():
     q = torch.tensor([0.15, 0.5, 0.3, 0.05, 0.0]).expand(1, 20000, 5)
     drafts = torch.ones(1, 20000, dtype=torch.long)

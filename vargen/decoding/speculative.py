@@ -191,6 +191,10 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     name = sjd_method_name(coupling, acceptance.name, pac)
     K, T = min(pac_width, V), (min(pac_depth, L - 1) if pac else 0)  # T tree levels, always < L
     C = min(pac_chain, L - 1 - T) if pac else 0  # walked levels T + C, always < L
+    if pac and pac_chain > 0 and (K < 2 or T < 1 or L - 1 - T < 1):  # a chain needs an off-main leaf and room
+        raise ValueError(f"pac_chain={pac_chain} has nothing to continue: chains hang under the tree's off-main "
+                         f"leaves, which need pac_width >= 2, pac_depth >= 1 and a window longer than the tree "
+                         f"(got width {pac_width}, depth {pac_depth}, window {L})")
     extra_nodes = len(pac_layout(L, K, T, C)[0]) - L if pac else 0
     session = DecodeSession(model, cond, sampling, seeds, cond_mask, method=name,
                             max_len=model.prefix_len + N + L + extra_nodes + 1)
