@@ -6,9 +6,9 @@ from test_speculative import N_SAMPLES, SHARP, chi_square_p, exact_distribution
 
 import vargen.decoding.speculative as speculative
 from vargen.decoding import SamplingConfig, get_method
-from vargen.decoding.acceptance import ExactAcceptance, gather_prob
+from vargen.decoding.acceptance import ExactAcceptance, drop_tokens
 from vargen.decoding.methods import compose_method
-from vargen.decoding.pac import pac_layout, sibling_drafts
+from vargen.decoding.pac import pac_layout, sibling_drafts, tree_tokens
 from vargen.decoding.speculative import decode_sjd
 
 
@@ -21,18 +21,19 @@ def sample(model, sampling, **options):
     return decode_sjd(model, torch.full((N_SAMPLES,), 1), sampling, seeds=range(N_SAMPLES), pac=True, **options)
 
 
-@pytest.mark.parametrize("init,coupling,window,width,depth,chain,sampling", [
-    ("random", "none", 3, 3, 2, 0, SHARP), ("left", "maximal", 3, 3, 2, 0, SHARP),
-    ("random", "gumbel", 4, 2, 2, 0, SHARP),
-    ("left-dist", "none", 2, 3, 1, 0, SamplingConfig(cfg_scale=2.0, temperature=0.8, top_k=3)),
-    ("left", "maximal", 4, 3, 2, 0, SamplingConfig(temperature=0.9, top_p=0.9)),
-    ("left", "maximal", 4, 3, 1, 2, SHARP), ("random", "none", 4, 2, 1, 2, SamplingConfig(top_k=3)),
+@pytest.mark.parametrize("init,coupling,window,width,depth,chain,siblings,sampling", [
+    ("random", "none", 3, 3, 2, 0, "left", SHARP), ("left", "maximal", 3, 3, 2, 0, "left", SHARP),
+    ("random", "none", 3, 3, 2, 0, "q", SHARP), ("left", "maximal", 3, 4, 2, 0, "q", SHARP),
+    ("random", "gumbel", 4, 2, 2, 0, "left", SHARP), ("random", "maximal", 3, 4, 2, 0, "left", SHARP),
+    ("left-dist", "none", 2, 3, 1, 0, "left", SamplingConfig(cfg_scale=2.0, temperature=0.8, top_k=3)),
+    ("left", "maximal", 4, 3, 2, 0, "left", SamplingConfig(temperature=0.9, top_p=0.9)),
+    ("left", "maximal", 4, 3, 1, 2, "left", SHARP), ("random", "none", 4, 2, 1, 2, "q", SamplingConfig(top_k=3)),
 ])
 def test_pac_samples_follow_the_exact_ar_distribution(one_thread, small, init, coupling, window, width, depth, chain,
-                                                      sampling):
+                                                      siblings, sampling):
     expected = exact_distribution(small, 1, sampling)
     tokens, stats = sample(small, sampling, window=window, init=init, coupling=coupling, pac_width=width,
-                           pac_depth=depth, pac_chain=chain)
+                           pac_depth=depth, pac_chain=chain, pac_siblings=siblings)
     assert chi_square_p(tokens, expected, 4) > 1e-3
     assert stats.method == speculative.sjd_method_name(coupling, "exact", True) and stats.extra["pac"]
     assert len(set(stats.per_sample_forward_passes)) > 1  # samples advance by different lengths in one batch
@@ -49,13 +50,21 @@ class KeepsRejected(ExactAcceptance):
         return ExactAcceptance().verify_window(*args)
 
 
-def test_the_chi_square_test_catches_a_broken_tree_walk(one_thread):
+class KeepsRejectedLeft(ExactAcceptance):
+    """Broken: a rejected one-hot candidate (the left token) stays in the target, so the final draw can repeat it."""
+
+    def verify_token(self, p, x, coins):
+        return super().verify_token(p, x, coins)[0], p
+
+
+@pytest.mark.parametrize("broken,siblings", [(KeepsRejected, "q"), (KeepsRejectedLeft, "left")])
+def test_the_chi_square_test_catches_a_broken_tree_walk(one_thread, broken, siblings):
     model, sharp = make_gpt("c2i", vocab=4, block=4, seed=7), SamplingConfig(temperature=0.3)
     expected = exact_distribution(model, 1, sharp)
     n = 4 * N_SAMPLES  # the walk's error is small where q is close to p: the control needs the larger sample
-    for acceptance, passes in ((ExactAcceptance(), True), (KeepsRejected(), False)):
+    for acceptance, passes in ((ExactAcceptance(), True), (broken(), False)):
         tokens, _ = decode_sjd(model, torch.full((n,), 1), sharp, seeds=range(n), pac=True, window=3, init="random",
-                               pac_width=2, pac_depth=2, acceptance=acceptance)
+                               pac_width=2, pac_depth=2, pac_siblings=siblings, acceptance=acceptance)
         p_value = chi_square_p(tokens, expected, 4)
         assert (p_value > 1e-3) if passes else (p_value < 1e-6), (acceptance, p_value)
 
@@ -92,10 +101,32 @@ def test_a_chain_with_no_leaf_to_hang_from_is_refused(small):
             sample(small, SHARP, window=window, pac_width=width, pac_depth=depth, pac_chain=2)
 
 
+def test_left_candidates_repeat_the_parent_token_and_the_siblings_avoid_them():
+    L, K, T, V = 4, 4, 2, 9
+    layout = pac_layout(L, K, T)
+    parents, depth, cand, children = layout
+    drafts = torch.tensor([[1, 2, 3, 4]])
+    q = torch.full((1, L, V), 1.0 / V)
+    noise = torch.empty(1, T, V).exponential_(generator=torch.Generator().manual_seed(0))
+    tok, fresh, q_sib = tree_tokens(torch.tensor([1]), drafts, q, layout, K, T, True, noise)
+    kids = children[0].tolist()  # level 1: the draft, the left token (= last, here equal to the draft), a sibling
+    assert tok[0, kids[0]] == 1 and tok[0, kids[1]] == 1 and not fresh[0, kids[1]]  # a repeat of the draft: skipped
+    for parent in kids:  # level 2: each parent's left candidate is its own token, the siblings none of level 1's
+        assert tok[0, children[parent, 0]] == 2 and tok[0, children[parent, 1]] == tok[0, parent]
+        assert fresh[0, children[parent, 1]] == (tok[0, parent] != 2)
+        level1 = set(tok[0, kids].tolist())
+        for k in (2, 3):
+            assert tok[0, children[parent, k]].item() not in level1 | {2}
+    assert q_sib[0, 1, list(level1 | {2})].sum() == 0 and torch.isclose(q_sib[0, 1].sum(), torch.tensor(1.0))
+    plain, _, _ = tree_tokens(torch.tensor([1]), drafts, q, layout, K, T, False, noise)
+    assert plain[0, kids[1]] != 1  # the paper's rule: every sibling from q, none the draft
+
+
 def test_siblings_are_draws_from_q_without_replacement():
     q = torch.tensor([0.15, 0.5, 0.3, 0.05, 0.0]).expand(1, 20000, 5)
     drafts = torch.ones(1, 20000, dtype=torch.long)
-    sib = sibling_drafts(q, drafts, 3, torch.empty(1, 20000, 5).exponential_(generator=torch.Generator().manual_seed(0)))
+    q_l = drop_tokens(q[0], drafts[0, :, None])[None]  # the siblings' q: without the draft
+    sib = sibling_drafts(q_l, 2, torch.empty(1, 20000, 5).exponential_(generator=torch.Generator().manual_seed(0)))
     assert sib.shape == (1, 20000, 2)
     assert (sib != 1).all() and (sib != 4).all() and (sib[..., 0] != sib[..., 1]).all()  # not the draft, q > 0, distinct
     first = torch.bincount(sib[0, :, 0], minlength=5).double() / 20000

@@ -72,6 +72,9 @@ def add_lantern_args(parser: argparse.ArgumentParser) -> None:
                         help="SJD-PAC tree levels below the root (2)")
     parser.add_argument("--pac-chain", type=non_negative_int, default=None,
                         help="SJD-PAC: window drafts each off-main tree leaf goes on with (0)")
+    parser.add_argument("--pac-siblings", choices=("left", "q"), default=None,
+                        help="SJD-PAC tree candidates after the draft: left = the previous cell's token, then draws "
+                             "from q (default); q = all drawn from q (the paper)")
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:

@@ -144,7 +144,8 @@ def tree_children(parents: torch.Tensor, width: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- acceptance walk
 def walk_tree(acceptance, probs: torch.Tensor, tokens: torch.Tensor, children: torch.Tensor, valid: torch.Tensor,
-              coins: torch.Tensor, noise: torch.Tensor, active: torch.Tensor, first=None, widths=None) -> tuple:
+              coins: torch.Tensor, noise: torch.Tensor, active: torch.Tensor, first=None, widths=None,
+              fixed: int = 0, q_siblings: Optional[torch.Tensor] = None) -> tuple:
     """Accept a path down the verified tree (module docstring, step 4), vectorised over the batch: at each level
     the children of the current node are tried in rank order, each a token fixed before its coin (a one-hot
     proposal, :meth:`~vargen.decoding.acceptance.ExactAcceptance.verify_token`; a rejected one is dropped from
@@ -161,6 +162,10 @@ def walk_tree(acceptance, probs: torch.Tensor, tokens: torch.Tensor, children: t
             candidates ``0 .. r-1`` removed, the draft with its own coin (recursive rejection without replacement).
         widths: with ``first``, the most candidates any node has at each level (default ``K`` everywhere), so
             levels with one candidate (SJD-PAC's chains) cost one try, not ``K``.
+        fixed: with ``first``, candidates ``1 .. fixed`` after the draft are tokens fixed before the pass, each
+            tried as a one-hot draft (:meth:`verify_token`: accepted with what is left of ``p`` at it, else dropped).
+        q_siblings: with ``first``, ``[B, >=levels, V]``: the distribution the later candidates are drawn from
+            (without replacement) at each level, in place of ``q[:, l]`` without the draft.
 
     Returns:
         ``(cur [B] node reached, path [B, levels] accepted node per level, accepted [B] path length, stopped [B]
@@ -192,16 +197,21 @@ def walk_tree(acceptance, probs: torch.Tensor, tokens: torch.Tensor, children: t
             for r in range(K if widths is None else widths[level]):
                 child = kids[:, r]
                 has_r = has[:, r] & ~moved
-                # candidate r ~ q_l without candidates 0 .. r-1: speculative sampling
                 tok_r = tokens[rows, child.clamp(min=0)]
-                has_r &= gather_prob(q_r, tok_r) > 0
-                passed = acceptance.accept(p, q_r, tok_r, first[2][:, level] if r == 0 else coins[:, level, r])
-                p_rejected = acceptance.resample(p, q_r)
+                coin = first[2][:, level] if r == 0 else coins[:, level, r]
+                if 1 <= r <= fixed:  # a token fixed before the pass: a one-hot draft
+                    passed, p_rejected = acceptance.verify_token(p, tok_r, coin)
+                else:  # candidate r ~ q_l without the candidates before it: speculative sampling
+                    if r == fixed + 1 and q_siblings is not None:
+                        q_r = q_siblings[:, level]
+                    has_r &= gather_prob(q_r, tok_r) > 0
+                    passed = acceptance.accept(p, q_r, tok_r, coin)
+                    p_rejected = acceptance.resample(p, q_r)
+                    q_r = drop_tokens(q_r, tok_r[:, None])
                 ok = has_r & passed
                 moved |= ok
                 nxt = torch.where(ok, child, nxt)
                 p = torch.where((has_r & ~ok)[:, None], p_rejected, p)  # the next sibling is judged against the rest
-                q_r = drop_tokens(q_r, tok_r[:, None])
         stop = alive & ~moved
         final = torch.where(stop, sample_categorical(p, noise=noise), final)
         stopped |= stop

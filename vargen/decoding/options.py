@@ -26,6 +26,7 @@ FLAGS = {
     "lantern_delta": ("lantern_delta", None), "lantern_lambda": ("lantern_lambda", None),
     "lantern_k": ("lantern_k", None),
     "pac_width": ("pac_width", None), "pac_depth": ("pac_depth", None), "pac_chain": ("pac_chain", None),
+    "pac_siblings": ("pac_siblings", None),
 }
 RELAXATION_OPTIONS = ("lantern_delta", "lantern_lambda", "lantern_k")
 # methods that decode with a model of their own which --compile does not reach (LPD's and NAR's it compiles alike)
@@ -45,7 +46,7 @@ def method_options(name: str) -> set:
     own = set(inspect.signature(fn).parameters) - set(fixed) - {
         "model", "cond", "sampling", "seeds", "cond_mask", "progress", "callback", "acceptance"}
     if "pac" in own:  # SJD-PAC is chosen by name (sjd+pac); its knobs belong to the +pac methods only
-        own -= {"pac", "pac_width", "pac_depth", "pac_chain"}
+        own -= {"pac", "pac_width", "pac_depth", "pac_chain", "pac_siblings"}
     return own | (set(RELAXATION_OPTIONS) if fixed.get("acceptance") == "lantern" else set())
 
 

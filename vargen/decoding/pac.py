@@ -6,7 +6,8 @@ nodes ``1 .. L`` are the SJD window (the main path: node ``j`` sits at depth ``j
 the main path is exactly an SJD pass; nodes ``L+1 ..`` are the extra branches of the tree's first ``T`` levels.
 At level ``l`` every parent offers the same ``K`` candidates: the window's draft ``d_l ~ q_l`` first, then
 ``K - 1`` more tokens drawn from ``q_l`` without replacement (the paper draws its siblings from the cached,
-possibly stale distributions; Gumbel top-k on the same ``q``). Drawn before any coin, with no extra pass.
+possibly stale distributions; Gumbel top-k on the same ``q``; ``pac_siblings="q"``). Drawn before any coin, with
+no extra pass.
 
 Lossless: at each level the walk is recursive rejection sampling without replacement (Yang et al., 2024,
 multi-candidate speculative decoding). Candidate ``k`` is a draw from ``q_l^k`` = ``q_l`` with candidates
@@ -17,6 +18,17 @@ depend on which token was rejected, so each stage outputs the previous stage's r
 committed token at every level is distributed as the verifier's ``p`` given the accepted path. ``d_l`` and
 its siblings are exact ``q_l`` draws whatever the parent, because a level's candidates are the same for
 every parent.
+
+Left candidates (``pac_siblings="left"``, vargen's addition, the default): a node's candidate 1 is its parent's
+own token, the cell before it, tried as a one-hot draft right after the window draft; the other siblings are
+``q_l`` draws with the draft and every level-``l-1`` token removed. Why: the head of the window was drafted
+from a context whose last cell has just been resampled, and on images the next cell often repeats the cell
+before it (flat regions, runs along a row), which the stale ``q`` cannot know: on scenes-t2i's level-1
+distributions the fresh ``p`` gives the previous token 0.27 of its mass on average, the stale ``q`` 0.10; at the
+default K = 3, two levels, the passes that commit a single token fell from 50% to 35% (docs/lossless.md). Lossless: the token is fixed
+before the pass, so its test (accept with what is left of ``p`` at it, else drop it from ``p``) is speculative
+sampling with a one-hot proposal; the later siblings are draws from the reduced ``q_l``, judged against that same
+reduced ``q_l``; each stage is exact for a proposal drawn independently of its coin, as above.
 
 Chains (``C > 0``, vargen's addition): every off-main leaf at depth ``T`` goes on with the window's next ``C``
 drafts ``d_{T+1} .. d_{T+C}`` as candidate 0, so a path that left the main chain at the head (a sibling accepted
@@ -71,24 +83,55 @@ def pac_layout(L: int, K: int, T: int, C: int = 0) -> tuple:
     return torch.tensor(parents), torch.tensor(depth), torch.tensor(cand), table
 
 
-def sibling_drafts(q: torch.Tensor, drafts: torch.Tensor, K: int, noise: torch.Tensor) -> torch.Tensor:
-    """``[B, T, K-1]`` siblings of ``drafts`` ``[B, T]``: ``K - 1`` tokens drawn from ``q`` (``[B, T, V]``)
-    without replacement and other than the draft, by Gumbel top-k (``log q - log E``, ``E ~ Exp(1)`` ``noise``).
-    A sibling past ``q``'s support (``q = 0``) is never tried (:func:`vargen.decoding.eagle.walk_tree`)."""
-    score = q.clamp_min(1e-38).log() - noise.log()
-    score = torch.where(q > 0, score, float("-inf"))
-    return score.scatter(-1, drafts[..., None], float("-inf")).topk(K - 1, dim=-1).indices
+def sibling_drafts(q: torch.Tensor, k: int, noise: torch.Tensor) -> torch.Tensor:
+    """``[B, k]`` tokens drawn from ``q`` (``[B, V]``) without replacement, by Gumbel top-k (``log q - log E``,
+    ``E ~ Exp(1)`` ``noise``). A sibling past ``q``'s support (``q = 0``) is never tried
+    (:func:`vargen.decoding.eagle.walk_tree`)."""
+    score = torch.where(q > 0, q.clamp_min(1e-38).log() - noise.log(), float("-inf"))
+    return score.topk(k, dim=-1).indices
 
 
-def node_tokens(drafts: torch.Tensor, siblings: torch.Tensor, depth: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """``[B, M]`` node tokens: candidate 0 is the window draft at the node's depth, candidate ``k`` sibling ``k``."""
-    L = drafts.shape[1]
-    from_draft = drafts[:, (depth - 1).clamp(max=L - 1)]
-    if siblings.shape[1] == 0 or siblings.shape[2] == 0:
-        return from_draft
-    T = siblings.shape[1]
-    sib = siblings[:, (depth - 1).clamp(max=T - 1), (cand - 1).clamp(min=0)]
-    return torch.where(cand > 0, sib, from_draft)
+def tree_tokens(last: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, layout: tuple, K: int, T: int,
+                left: bool, noise: torch.Tensor) -> tuple:
+    """The tokens of the window plus tree (module docstring) and what the walk needs to judge them.
+
+    Candidate 0 at every node is the window draft at its depth; with ``left``, candidate 1 is the node's parent's
+    own token (the cell before it); the rest are ``q_l`` draws without replacement, none of them the draft or
+    any parent's token. Returns ``(tokens [B, M+1]`` (0 = ``last``), ``fresh [B, M+1]`` (False where a left
+    candidate repeats the draft), ``q_siblings [B, T, V]`` (the later candidates' distribution per level))."""
+    from .acceptance import drop_tokens
+
+    parents, depth, cand, _ = layout
+    B, L, V = q.shape
+    fixed = int(left)
+    depth_all = torch.cat([depth.new_zeros(1), depth])
+    cand_all = torch.cat([cand.new_zeros(1), cand])
+    parent_all = torch.cat([parents.new_zeros(1), parents])
+    tok = torch.cat([last[:, None], drafts[:, (depth - 1).clamp(max=L - 1)]], 1)
+    fresh = torch.ones_like(tok, dtype=torch.bool)
+    q_sib = []
+    for level in range(1, T + 1):
+        at, d_l = depth_all == level, drafts[:, level - 1]
+        if left:
+            # the previous level's tokens are every node's left candidate here: the siblings avoid all of them
+            above = (depth_all == level - 1).to(q.dtype).expand(B, -1)
+            seen = torch.zeros(B, V, dtype=q.dtype, device=q.device).scatter_reduce(1, tok, above, "amax") > 0
+            seen.scatter_(1, d_l[:, None], True)
+            kept = q[:, level - 1] * ~seen
+            total = kept.sum(-1, keepdim=True)
+            q_l = torch.where(total > 1e-30, kept / total.clamp_min(1e-30), q[:, level - 1])
+            is_left = at & (cand_all == 1)
+            par_tok = tok.gather(1, parent_all.expand(B, -1))
+            tok = torch.where(is_left, par_tok, tok)
+            fresh &= ~(is_left & (par_tok == d_l[:, None]))
+        else:
+            q_l = drop_tokens(q[:, level - 1], d_l[:, None])
+        if K - 1 - fixed > 0:
+            sib = sibling_drafts(q_l, K - 1 - fixed, noise[:, level - 1])
+            tok = torch.where(at & (cand_all > fixed), sib[:, (cand_all - fixed - 1).clamp(min=0, max=K - 2 - fixed)],
+                              tok)
+        q_sib.append(q_l)
+    return tok, fresh, (torch.stack(q_sib, 1) if q_sib else q[:, :0])
 
 
 def tree_draws(generators, L: int, K: int, T: int, V: int, device, C: int = 0) -> dict:
@@ -103,7 +146,7 @@ def tree_draws(generators, L: int, K: int, T: int, V: int, device, C: int = 0) -
 
 
 def verify_with_tree(model, sampling, cache, prefix_len: int, acceptance, layout: tuple, last, n, drafts, q, active,
-                     K: int, T: int, N: int, draws: dict, C: int = 0):
+                     K: int, T: int, N: int, draws: dict, C: int = 0, left: bool = True):
     """One SJD-PAC verify pass: the window plus its tree in one tree-masked forward, the walk, and the accepted
     path's keys and values moved to contiguous slots. ``layout`` is :func:`pac_layout` on the device, ``draws``
     :func:`tree_draws`.
@@ -118,8 +161,7 @@ def verify_with_tree(model, sampling, cache, prefix_len: int, acceptance, layout
     dev = q.device
     parents, depth, cand, children = layout
     M = parents.shape[0]
-    siblings = sibling_drafts(q[:, :T], drafts[:, :T], K, draws["siblings"])
-    tok = torch.cat([last[:, None], node_tokens(drafts, siblings, depth, cand)], 1)
+    tok, fresh, q_siblings = tree_tokens(last, drafts, q, layout, K, T, left, draws["siblings"])
     depth_all = torch.cat([depth.new_zeros(1), depth])
     pos = (n - 1)[:, None] + depth_all
     vslots = (n - 1)[:, None] + torch.arange(M + 1, device=dev)
@@ -127,7 +169,7 @@ def verify_with_tree(model, sampling, cache, prefix_len: int, acceptance, layout
     ancestors = tree_ancestors((parents - 1).expand(B, -1), L)
     mask.scatter_(2, (prefix_len + vslots)[:, None, :].expand(-1, M + 1, -1), ancestors)
     probs, bad = target_pass(model, sampling, cache, prefix_len, tok, pos.clamp(max=N - 1), vslots, mask)
-    valid = (pos < N) & active[:, None]
+    valid = (pos < N) & active[:, None] & fresh
     coins, sib_coins, noise = draws["coins"], draws["sib_coins"], draws["noise"]
     rows = torch.arange(B, device=dev)
     # the tree's first T levels (the window draft first, by speculative sampling, then the fixed siblings), then
@@ -135,7 +177,8 @@ def verify_with_tree(model, sampling, cache, prefix_len: int, acceptance, layout
     W = T + C  # levels walked as a tree: the K-ary head and the chains under its off-main leaves
     cur, path, acc_tree, stopped, final_tree = walk_tree(acceptance, probs, tok, children, valid, sib_coins[:, :W],
                                                          noise, active, first=(q, drafts, coins),
-                                                         widths=[K] * T + [1] * C)
+                                                         widths=[K] * T + [1] * C, fixed=int(left),
+                                                         q_siblings=q_siblings)
     # past the tree: the main path goes on as an SJD window; an off-main leaf draws its bonus from its own row
     window = probs[:, :L + 1]
     r, x = acceptance.verify_window(window[:, W:], q[:, W:], drafts[:, W:], coins[:, W:], valid[:, W + 1:L + 1],

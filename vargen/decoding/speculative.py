@@ -41,6 +41,7 @@ from .sampling import SamplingConfig, exponential_noise, sample_categorical, uni
 from .session import DecodeSession, cfg_rows, target_pass
 
 COUPLINGS = ("none", "maximal", "gumbel")
+PAC_SIBLINGS = ("left", "q")
 COUPLING_SUFFIX = {"none": "", "maximal": "+coupling", "gumbel": "+gumbel"}
 
 
@@ -90,9 +91,9 @@ def sjd_step(model, sampling: SamplingConfig, cache, prefix_len: int, acceptance
     active = n < N
     last = canvas.gather(1, (n - 1)[:, None])
     if tree is not None:  # the window plus a K-ary tree on its first T levels; the accepted path may leave it
-        layout, K, T, C = tree
+        layout, K, T, C, left = tree
         probs, r, x, path, bad = verify_with_tree(model, sampling, cache, prefix_len, acceptance, layout, last[:, 0],
-                                                  n, drafts, q, active, K, T, N, draws, C)
+                                                  n, drafts, q, active, K, T, N, draws, C, left)
     else:
         pos = (n - 1)[:, None] + torch.arange(L + 1, device=n.device)
         probs, bad = target_pass(model, sampling, cache, prefix_len, torch.cat([last, drafts], 1),
@@ -153,7 +154,7 @@ def next_window(probs: torch.Tensor, r: torch.Tensor, n: torch.Tensor, q: torch.
 def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: Optional[Sequence[int]] = None,
                cond_mask: Optional[torch.Tensor] = None, window: int = 16, init: str = "left",
                coupling: str = "none", acceptance=None, pac: bool = False, pac_width: int = 3, pac_depth: int = 2,
-               pac_chain: int = 0, progress: bool = False, callback=None):
+               pac_chain: int = 0, pac_siblings: str = "left", progress: bool = False, callback=None):
     """Generate all image tokens with Speculative Jacobi Decoding.
 
     Args:
@@ -170,6 +171,10 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         pac_chain: with ``pac``, each off-main leaf of the tree goes on with the window's next ``pac_chain`` drafts
             (capped so that tree and chain stay inside the window), so a path that left the main chain at the
             head can still accept a run of drafts in the same pass.
+        pac_siblings: with ``pac``, where a tree node's extra candidates come from: ``"left"`` (vargen's default)
+            tries the token of the cell before it first (after a rejection the next cell often repeats the
+            token just drawn, which the stale window cannot know), then draws from ``q``; ``"q"`` draws them all
+            from ``q`` (the paper).
         progress: tqdm bar over the least advanced sample's committed tokens.
         callback: optional ``callback(step, tokens, committed)`` after each verify pass
             (``tokens [B, N]``; cells past ``committed[b]`` hold drafts).
@@ -184,6 +189,8 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         raise ValueError(f"SJD-PAC needs pac_width >= 1, pac_depth >= 0 and pac_chain >= 0; got {pac_width}, "
                          f"{pac_depth}, {pac_chain}")
     init = check_init(init)
+    if pac and pac_siblings not in PAC_SIBLINGS:
+        raise ValueError(f"unknown pac_siblings {pac_siblings!r}; choose from {PAC_SIBLINGS}")
     if coupling not in COUPLINGS:
         raise ValueError(f"unknown coupling {coupling!r}; choose from {COUPLINGS}")
     acceptance = acceptance or ExactAcceptance()
@@ -211,7 +218,7 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
                            first, init, gens, width)
     # --compile: the whole verify step (forward, acceptance, commit, rollback, next window) as one graph; the
     # sampling inits draw inside the step, so they run eagerly around the compiled forward
-    tree = (tuple(t.to(dev) for t in pac_layout(L, K, T, C)), K, T, C) if pac else None
+    tree = (tuple(t.to(dev) for t in pac_layout(L, K, T, C)), K, T, C, pac_siblings == "left") if pac else None
     whole = hasattr(model, "whole_step") and acceptance.fused and init in ("left", "above")
     step, target = (model.whole_step(sjd_step), model.model) if whole else (sjd_step, model)
     step_i = 0
