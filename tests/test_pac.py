@@ -95,6 +95,11 @@ def test_chains_continue_every_off_main_leaf_with_the_window_drafts():
     assert children[1, 0] == 2  # the main leaf goes on as the window
 
 
+def test_an_unknown_sibling_rule_is_refused(small):
+    with pytest.raises(ValueError, match="unknown pac_siblings 'above'"):
+        sample(small, SHARP, window=3, pac_siblings="above")
+
+
 def test_a_chain_with_no_leaf_to_hang_from_is_refused(small):
     for width, depth, window in ((1, 2, 4), (3, 0, 4), (3, 1, 2)):
         with pytest.raises(ValueError, match="pac_chain=2 has nothing to continue"):
