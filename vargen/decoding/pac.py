@@ -25,10 +25,11 @@ own token, the cell before it, tried as a one-hot draft right after the window d
 from a context whose last cell has just been resampled, and on images the next cell often repeats the cell
 before it (flat regions, runs along a row), which the stale ``q`` cannot know: on scenes-t2i's level-1
 distributions the fresh ``p`` gives the previous token 0.27 of its mass on average, the stale ``q`` 0.10; at the
-default K = 3, two levels, the passes that commit a single token fell from 50% to 35% (docs/lossless.md). Lossless: the token is fixed
-before the pass, so its test (accept with what is left of ``p`` at it, else drop it from ``p``) is speculative
-sampling with a one-hot proposal; the later siblings are draws from the reduced ``q_l``, judged against that same
-reduced ``q_l``; each stage is exact for a proposal drawn independently of its coin, as above.
+default K = 3, two levels, the passes that commit a single token fell from 50% to 35% (docs/lossless.md).
+Lossless: the token is fixed before the pass, so its test (accept with what is left of ``p`` at it, else drop it
+from ``p``) is speculative sampling with a one-hot proposal; the later siblings are draws from the reduced ``q_l``,
+judged against that same reduced ``q_l``; each stage is exact for a proposal drawn independently of its coin, as
+above.
 
 Chains (``C > 0``, vargen's addition): every off-main leaf at depth ``T`` goes on with the window's next ``C``
 drafts ``d_{T+1} .. d_{T+C}`` as candidate 0, so a path that left the main chain at the head (a sibling accepted
@@ -102,7 +103,7 @@ def tree_tokens(last: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, layou
     from .acceptance import drop_tokens
 
     parents, depth, cand, _ = layout
-    B, L, V = q.shape
+    B, L = drafts.shape
     fixed = int(left)
     depth_all = torch.cat([depth.new_zeros(1), depth])
     cand_all = torch.cat([cand.new_zeros(1), cand])
@@ -112,20 +113,15 @@ def tree_tokens(last: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, layou
     q_sib = []
     for level in range(1, T + 1):
         at, d_l = depth_all == level, drafts[:, level - 1]
+        excluded = d_l[:, None]
         if left:
             # the previous level's tokens are every node's left candidate here: the siblings avoid all of them
-            above = (depth_all == level - 1).to(q.dtype).expand(B, -1)
-            seen = torch.zeros(B, V, dtype=q.dtype, device=q.device).scatter_reduce(1, tok, above, "amax") > 0
-            seen.scatter_(1, d_l[:, None], True)
-            kept = q[:, level - 1] * ~seen
-            total = kept.sum(-1, keepdim=True)
-            q_l = torch.where(total > 1e-30, kept / total.clamp_min(1e-30), q[:, level - 1])
+            excluded = torch.where(depth_all == level - 1, tok, excluded)
             is_left = at & (cand_all == 1)
             par_tok = tok.gather(1, parent_all.expand(B, -1))
             tok = torch.where(is_left, par_tok, tok)
             fresh &= ~(is_left & (par_tok == d_l[:, None]))
-        else:
-            q_l = drop_tokens(q[:, level - 1], d_l[:, None])
+        q_l = drop_tokens(q[:, level - 1], excluded)
         if K - 1 - fixed > 0:
             sib = sibling_drafts(q_l, K - 1 - fixed, noise[:, level - 1])
             tok = torch.where(at & (cand_all > fixed), sib[:, (cand_all - fixed - 1).clamp(min=0, max=K - 2 - fixed)],
