@@ -51,6 +51,9 @@ def test_copies_and_moves_drop_the_packed_copy():
         twin = copy.deepcopy(layer)  # a oneDNN tensor cannot be deep-copied: the copy repacks on use
         assert "_packed" not in twin.__dict__
         torch.testing.assert_close(twin(x), out, atol=0, rtol=0)
+        packed = layer.packed_weight()
+        torch.nn.Module.to(layer, dtype=torch.bfloat16)  # a no-op move (what decoders do before each decode)
+        assert layer.packed_weight() is packed  # keeps the packed copy: no repack per decode
         layer.float()
         assert "_packed" not in layer.__dict__
 
