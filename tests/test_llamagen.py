@@ -188,3 +188,36 @@ def test_prompt_too_long_is_rejected(t2i):
 def test_class_out_of_range_is_rejected(c2i):
     with pytest.raises(ValueError, match=r"class ids must lie in \[0, 5\)"):
         c2i.condition_embeddings(torch.tensor([5]))
+
+
+def test_attention_reads_only_the_slots_in_use_and_gives_the_same_logits(c2i, monkeypatch):
+    """On a CPU the cache's mask is cut to the slots written so far (StaticKVCache.in_use); the logits match the
+    full-width mask's, and a cut that hid a written slot (the control) changes them."""
+    from vargen.models.cache import StaticKVCache
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, c2i.vocab_size, (2, 12))
+    pos = torch.arange(12).expand(2, -1)
+
+    def run():
+        cache = c2i.new_cache(2, max_len=c2i.prefix_len + 40)  # most of it never written
+        prefix = c2i.condition_embeddings(torch.tensor([1, 3]))
+        P = prefix.shape[1]
+        c2i(embeds=prefix, positions=torch.full((2, P), -1), slots=torch.arange(P).expand(2, -1), cache=cache)
+        c2i(tokens=tokens[:, :8], positions=pos[:, :8], slots=P + pos[:, :8], cache=cache)
+        widths = []
+        spy = cache.in_use
+        cache.in_use = lambda mask, slots: widths.append(spy(mask, slots).shape[-1]) or spy(mask, slots)
+        out = c2i(tokens=tokens[:, 8:], positions=pos[:, 8:], slots=P + pos[:, 8:], cache=cache)
+        return out, widths, cache.max_len, P
+
+    with torch.no_grad():
+        cut, widths, max_len, P = run()
+        assert widths == [P + 12] and max_len == P + 40  # the keys attention read: the 12 written slots only
+        monkeypatch.setattr(StaticKVCache, "in_use", lambda self, mask, slots: mask)
+        full, _, _, _ = run()
+        torch.testing.assert_close(cut, full, atol=1e-5, rtol=1e-5)
+        monkeypatch.setattr(StaticKVCache, "in_use", lambda self, mask, slots: mask[..., :P + 4])  # hides slots
+        with pytest.raises(AssertionError):
+            bad, _, _, _ = run()
+            torch.testing.assert_close(bad, full, atol=1e-5, rtol=1e-5)

@@ -119,7 +119,8 @@ def attention_inputs(rope_table: torch.Tensor, h: torch.Tensor, positions: Optio
                      cache: Optional[StaticKVCache]) -> tuple:
     """``(rope, mask)`` for inputs ``h`` ``[B, T, dim]`` at grid ``positions`` (default ``0..T-1``; -1 is the
     condition): the RoPE factors (:func:`rope_factors`) of those rows of ``rope_table`` and, with a cache, the
-    generation-order causal slot mask unless ``mask`` is given."""
+    generation-order causal slot mask unless ``mask`` is given, cut to the slots in use on a CPU
+    (:meth:`StaticKVCache.in_use`)."""
     B, T = h.shape[:2]
     if positions is None:
         positions = torch.arange(T, device=h.device).expand(B, T)
@@ -128,6 +129,7 @@ def attention_inputs(rope_table: torch.Tensor, h: torch.Tensor, positions: Optio
             raise ValueError("slots are required when writing to a cache")
         if mask is None:
             mask = causal_slot_mask(slots, cache)
+        mask = cache.in_use(mask, slots)
     return rope_factors(rope_table[positions + 1]), mask
 
 
@@ -238,7 +240,8 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         if cache is not None:
             cache.write(layer, slots, k, v)
-            keys, values = cache.k[layer], cache.v[layer]
+            S = mask.shape[-1]  # the slots in use (StaticKVCache.in_use)
+            keys, values = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
         if self.n_kv_head != self.n_head:
