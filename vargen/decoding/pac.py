@@ -84,6 +84,16 @@ def pac_layout(L: int, K: int, T: int, C: int = 0) -> tuple:
     return torch.tensor(parents), torch.tensor(depth), torch.tensor(cand), table
 
 
+@lru_cache(maxsize=None)
+def pac_ancestors(L: int, K: int, T: int, C: int = 0) -> torch.Tensor:
+    """``[M+1, M+1]`` bool, the tree mask of :func:`pac_layout` (:func:`vargen.decoding.eagle.tree_ancestors`): the
+    layout is fixed, so it is built once, not in every pass (its loop was 180 of a pass's ~1050 aten ops)."""
+    from .eagle import tree_ancestors
+
+    parents = pac_layout(L, K, T, C)[0]
+    return tree_ancestors((parents - 1)[None], L)[0]
+
+
 def sibling_drafts(q: torch.Tensor, k: int, noise: torch.Tensor) -> torch.Tensor:
     """``[B, k]`` tokens drawn from ``q`` (``[B, V]``) without replacement, by Gumbel top-k (``log q - log E``,
     ``E ~ Exp(1)`` ``noise``). A sibling past ``q``'s support (``q = 0``) is never tried
@@ -102,7 +112,7 @@ def tree_tokens(last: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, layou
     candidate repeats the draft), ``q_siblings [B, T, V]`` (the later candidates' distribution per level))."""
     from .acceptance import drop_tokens
 
-    parents, depth, cand, _ = layout
+    parents, depth, cand = layout[:3]
     B, L = drafts.shape
     fixed = int(left)
     depth_all = torch.cat([depth.new_zeros(1), depth])
@@ -144,26 +154,26 @@ def tree_draws(generators, L: int, K: int, T: int, V: int, device, C: int = 0) -
 def verify_with_tree(model, sampling, cache, prefix_len: int, acceptance, layout: tuple, last, n, drafts, q, active,
                      K: int, T: int, N: int, draws: dict, C: int = 0, left: bool = True):
     """One SJD-PAC verify pass: the window plus its tree in one tree-masked forward, the walk, and the accepted
-    path's keys and values moved to contiguous slots. ``layout`` is :func:`pac_layout` on the device, ``draws``
+    path's keys and values moved to contiguous slots. ``layout`` is :func:`pac_layout` plus :func:`pac_ancestors`
+    on the device, ``draws``
     :func:`tree_draws`.
 
     Returns ``(probs [B, L+1, V] along the window, accepted [B], final [B], path_tokens [B, L], non-finite
     logits)``; the window drafts' coins past the accepted path are unused, free for continuation.
     """
-    from .eagle import tree_ancestors, walk_tree
+    from .eagle import walk_tree
     from .session import cfg_rows, target_pass
 
     B, L, V = q.shape
     dev = q.device
-    parents, depth, cand, children = layout
+    parents, depth, cand, children, ancestors = layout
     M = parents.shape[0]
     tok, fresh, q_siblings = tree_tokens(last, drafts, q, layout, K, T, left, draws["siblings"])
     depth_all = torch.cat([depth.new_zeros(1), depth])
     pos = (n - 1)[:, None] + depth_all
     vslots = (n - 1)[:, None] + torch.arange(M + 1, device=dev)
     mask = cache.visible[:B, None, :].expand(-1, M + 1, -1).clone()
-    ancestors = tree_ancestors((parents - 1).expand(B, -1), L)
-    mask.scatter_(2, (prefix_len + vslots)[:, None, :].expand(-1, M + 1, -1), ancestors)
+    mask.scatter_(2, (prefix_len + vslots)[:, None, :].expand(-1, M + 1, -1), ancestors.expand(B, -1, -1))
     probs, bad = target_pass(model, sampling, cache, prefix_len, tok, pos.clamp(max=N - 1), vslots, mask)
     valid = (pos < N) & active[:, None] & fresh
     coins, sib_coins, noise = draws["coins"], draws["sib_coins"], draws["noise"]

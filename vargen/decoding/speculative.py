@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .acceptance import ExactAcceptance, couple
 from .drafts import check_init, fill_fresh
-from .pac import pac_layout, tree_draws, verify_with_tree
+from .pac import pac_ancestors, pac_layout, tree_draws, verify_with_tree
 from .sampling import SamplingConfig, exponential_noise, sample_categorical, uniform_noise
 from .session import DecodeSession, cfg_rows, target_pass
 
@@ -218,7 +218,8 @@ def decode_sjd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
                            first, init, gens, width)
     # --compile: the whole verify step (forward, acceptance, commit, rollback, next window) as one graph; the
     # sampling inits draw inside the step, so they run eagerly around the compiled forward
-    tree = (tuple(t.to(dev) for t in pac_layout(L, K, T, C)), K, T, C, pac_siblings == "left") if pac else None
+    tree = (tuple(t.to(dev) for t in pac_layout(L, K, T, C) + (pac_ancestors(L, K, T, C),)), K, T, C,
+            pac_siblings == "left") if pac else None
     whole = hasattr(model, "whole_step") and acceptance.fused and init in ("left", "above")
     step, target = (model.whole_step(sjd_step), model.model) if whole else (sjd_step, model)
     step_i = 0
