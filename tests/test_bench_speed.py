@@ -23,6 +23,27 @@ def test_speed_report_compares_every_method_with_ar_on_the_same_seeds():
     assert report["noise_floor"]["token_tv_ar_other_seeds"] == 0.0  # greedy AR does not depend on the seed
 
 
+def test_methods_take_turns_on_each_batch_and_repeats_time_the_same_decodes(monkeypatch):
+    """Ratios to AR come from decodes that ran side by side: every batch runs each method in turn, ``reps`` times,
+    and the repeats change the timing only (same passes and tokens as one run)."""
+    import vargen.eval.speed as speed
+
+    calls, real = [], speed.get_method
+
+    def spying(name, **kw):
+        decode = real(name, **kw)
+        return lambda *a, **k: calls.append((name, len(a[1]))) or decode(*a, **k)
+
+    monkeypatch.setattr(speed, "get_method", spying)
+    pipe = tiny_random_pipeline()
+    twice = bench_speed(pipe, ["sjd"], n=4, batch_size=2, progress=False, reps=2)
+    assert [c[0] for c in calls[:8]] == ["ar", "sjd"] * 4  # two batches x two repeats, in turn
+    once = bench_speed(pipe, ["sjd"], n=4, batch_size=2, progress=False)
+    assert twice["reps"] == 2 and once["reps"] == 1
+    for a, b in zip(twice["results"], once["results"]):
+        assert a["forward_passes_mean"] == b["forward_passes_mean"] and a["token_tv_vs_ar"] == b["token_tv_vs_ar"]
+
+
 def test_bench_speed_cli_writes_json_and_plot(tmp_path, capsys):
     js, png = tmp_path / "speed.json", tmp_path / "speed.png"
     assert main(["bench", "speed", "--model", "tiny-random", "--methods", "sjd", "-n", "2", "--batch-size", "2",

@@ -63,5 +63,5 @@ def test_compile_is_refused_where_it_would_not_reach_the_steps(capsys):
 
 
 def test_latency_table_flags_without_sizes_are_refused(capsys):
-    assert main(["bench", "speed", "--model", "tiny-random", "--methods", "ar", "--reps", "3"]) == 2
-    assert "--reps belong to the latency table: give --sizes" in capsys.readouterr().err
+    assert main(["bench", "speed", "--model", "tiny-random", "--methods", "ar", "--tokens", "64"]) == 2
+    assert "--tokens belong to the latency table: give --sizes" in capsys.readouterr().err

@@ -27,7 +27,9 @@ def add_bench_parser(sub) -> None:
     speed.add_argument("--batch-sizes", default=None,
                        help="comma-separated batch sizes: a sweep (e.g. 1,4,16) with images/s and latency per image "
                             "per method; with --sizes, the latency table's batches (default 1,8)")
-    latency.add_argument("--reps", type=positive_int, default=None, help="timed decodes per cell (median; default 2)")
+    speed.add_argument("--reps", type=positive_int, default=None,
+                       help="timed decodes of each batch per method, the methods taking turns (median; default 1); "
+                            "with --sizes, per latency cell (default 2)")
     latency.add_argument("--compression-json", default=None,
                          help="step compression from a previous `bench speed --json` instead of measuring it")
     speed.set_defaults(func=cmd_bench_speed, output_files=("json", "plot"))
@@ -157,8 +159,8 @@ def cmd_bench_speed(args) -> int:
 
     if args.sizes:
         return cmd_bench_latency(args)
-    latency_only = [f for f, v in (("--tokens", args.tokens), ("--reps", args.reps),
-                                   ("--compression-json", args.compression_json)) if v is not None]
+    latency_only = [f for f, v in (("--tokens", args.tokens), ("--compression-json", args.compression_json))
+                    if v is not None]
     if latency_only:
         raise UsageError(f"{', '.join(latency_only)} belong to the latency table: give --sizes, or drop them")
 
@@ -169,10 +171,11 @@ def cmd_bench_speed(args) -> int:
     if args.batch_sizes:
         return _batch_sweep(args, pipe, methods, options)
     report = bench_speed(pipe, methods, n=args.n, seed=args.seed, batch_size=args.batch_size,
-                         sampling=sampling(args), method_options=options)
+                         sampling=sampling(args), method_options=options, reps=args.reps or 1)
     report["model"] = args.model or "default"
     print(f"model {report['model']}, {report['device']}, n={args.n}, seed={args.seed}, batch {args.batch_size}, "
-          f"{report['tokens']} tokens, sampling {report['sampling']}")
+          f"{report['tokens']} tokens, sampling {report['sampling']}, methods in turn, {report['reps']} timed "
+          f"decode(s) per batch")
     print(format_table(report))
     write_report(report, args.json, args.plot, pipe.gpt.grid)
     for path in (args.json, args.plot):
@@ -194,7 +197,7 @@ def _batch_sweep(args, pipe, methods, options) -> int:
     sweep = []
     for batch in int_list(args.batch_sizes, "--batch-sizes"):
         report = bench_speed(pipe, methods, n=max(args.n, batch), seed=args.seed, batch_size=batch,
-                             sampling=sampling(args), method_options=options)
+                             sampling=sampling(args), method_options=options, reps=args.reps or 1)
         sweep.append(report)
     print(f"model {args.model or 'default'}, {sweep[0]['device']}, {sweep[0]['dtype']}, seed={args.seed}, "
           f"{sweep[0]['tokens']} tokens")

@@ -69,8 +69,11 @@ def bench_conditions(pipe, n: int, seed: int) -> tuple:
 
 def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_size: int = 8,
                 sampling: Optional[dict] = None, method_options: Optional[dict] = None,
-                scene_seed: int = 999, progress: bool = True) -> dict:
+                scene_seed: int = 999, progress: bool = True, reps: int = 1) -> dict:
     """Run every method on the same ``n`` conditions and seeds; returns the JSON-able report.
+
+    The methods take turns on each batch, ``reps`` timed decodes each (the median counts), so that ratios to AR
+    are measured under the same machine load.
 
     ``methods`` must include ``"ar"`` (the reference of every ratio); ``method_options``
     maps a method name to its options (e.g. ``{"sjd": {"window": 16}}``).
@@ -86,33 +89,46 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
     for start in range(0, n, batch_size):
         cond, cond_mask = pipe.parse_conditions(inputs[start:start + batch_size])
         batches.append((start, cond, cond_mask, [seed + i for i in range(start, start + len(cond))]))
-    runs: Dict[str, dict] = {}
-    decoders = {}
-    for name in methods:
-        decode = decoders[name] = get_method(name, codebook=pipe.vq.codebook_embeddings, **(method_options or {}).get(name, {}))
-        tokens, passes, latencies, hist, cells, batch_passes = [], [], [], {}, [], []
-        if pipe.decode_model is not pipe.gpt or torch.device(pipe.device).type == "cuda":
-            # untimed first call: compilation / CUDA-graph capture and allocator warm-up are not decoding cost
-            _, cond, cond_mask, seeds = batches[0]
+    decoders = {name: get_method(name, codebook=pipe.vq.codebook_embeddings, **(method_options or {}).get(name, {}))
+                for name in methods}
+    if pipe.decode_model is not pipe.gpt or torch.device(pipe.device).type == "cuda":
+        # untimed first calls: compilation / CUDA-graph capture and allocator warm-up are not decoding cost
+        _, cond, cond_mask, seeds = batches[0]
+        for decode in decoders.values():
             decode(pipe.decode_model, cond, sampling_cfg, seeds, cond_mask=cond_mask)
-        for start, cond, cond_mask, seeds in tqdm(batches, desc=name, disable=not progress, leave=False):
-            _sync(pipe.device)
-            t0 = time.perf_counter()
-            out, stats = decode(pipe.decode_model, cond, sampling_cfg, seeds, cond_mask=cond_mask)
-            _sync(pipe.device)  # kernels still queued belong to this decode
-            latencies.append(time.perf_counter() - t0)
-            batch_passes.append(stats.forward_passes)
-            tokens.append(out)
-            passes += stats.per_sample_forward_passes or [stats.forward_passes] * len(cond)
-            for k, v in stats.accepted_hist.items():
-                hist[int(k)] = hist.get(int(k), 0) + v
-            cells.append(torch.tensor(stats.extra.get("accepted_cells", [0.0] * pipe.gpt.num_tokens)) * len(cond))
-        tokens = torch.cat(tokens)
+    timed = {name: {"tokens": [], "passes": [], "latencies": [], "hist": {}, "cells": [], "batch_passes": []}
+             for name in methods}
+    # methods in turn on each batch (and each repeat), not one method after another: a shared machine's drift
+    # (AR's batch-1 pass on the 2-core CPU moved 6.9-9.5 ms within 25 minutes) then falls on every method alike
+    for start, cond, cond_mask, seeds in tqdm(batches, desc="bench speed", disable=not progress, leave=False):
+        times = {name: [] for name in methods}
+        for rep in range(reps):
+            for name in methods:
+                _sync(pipe.device)
+                t0 = time.perf_counter()
+                out, stats = decoders[name](pipe.decode_model, cond, sampling_cfg, seeds, cond_mask=cond_mask)
+                _sync(pipe.device)  # kernels still queued belong to this decode
+                times[name].append(time.perf_counter() - t0)
+                if rep:
+                    continue
+                run = timed[name]
+                run["batch_passes"].append(stats.forward_passes)
+                run["tokens"].append(out)
+                run["passes"] += stats.per_sample_forward_passes or [stats.forward_passes] * len(cond)
+                for k, v in stats.accepted_hist.items():
+                    run["hist"][int(k)] = run["hist"].get(int(k), 0) + v
+                run["cells"].append(torch.tensor(stats.extra.get("accepted_cells", [0.0] * pipe.gpt.num_tokens))
+                                    * len(cond))
+        for name in methods:
+            timed[name]["latencies"].append(statistics.median(times[name]))
+    runs: Dict[str, dict] = {}
+    for name, run in timed.items():
+        tokens = torch.cat(run["tokens"])
         ll = torch.cat([sample_log_likelihood(pipe.gpt, tokens[start:start + len(cond)], cond, sampling_cfg, cond_mask)
                         for start, cond, cond_mask, _ in batches])
-        runs[name] = {"tokens": tokens, "passes": passes, "latencies": latencies, "hist": hist,
-                      "accepted_cells": (torch.stack(cells).sum(0) / n).tolist(), "log_likelihood": ll,
-                      "ms_per_pass": 1000 * sum(latencies) / max(1, sum(batch_passes))}
+        runs[name] = {"tokens": tokens, "passes": run["passes"], "latencies": run["latencies"], "hist": run["hist"],
+                      "accepted_cells": (torch.stack(run["cells"]).sum(0) / n).tolist(), "log_likelihood": ll,
+                      "ms_per_pass": 1000 * sum(run["latencies"]) / max(1, sum(run["batch_passes"]))}
     for name, run in runs.items():
         # after all timing, one more decode of the first batch under the op counter, eagerly: counting slows every
         # op down, and a compiled model run under the counter's dispatch mode recompiles and slows later methods
@@ -149,7 +165,7 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
         other.append(ar_decode(pipe.decode_model, cond, sampling_cfg, [s + n for s in seeds], cond_mask=cond_mask)[0])
     floor = {"token_tv_ar_other_seeds": token_histogram_tv(torch.cat(other), ar["tokens"], pipe.gpt.vocab_size)}
     return {"model": getattr(pipe, "name_or_path", None), "device": _device_name(pipe.device), "n": n,
-            "seed": seed, "batch_size": batch_size, "tokens": N, "sampling": sampling_cfg.to_dict(),
+            "seed": seed, "batch_size": batch_size, "reps": reps, "tokens": N, "sampling": sampling_cfg.to_dict(),
             "dtype": str(next(pipe.gpt.parameters()).dtype).replace("torch.", ""),
             "results": results, "noise_floor": floor}
 
