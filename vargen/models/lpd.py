@@ -19,7 +19,6 @@ block mask); nothing else attends to a query.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Sequence
 
 import torch
 import torch.nn as nn
