@@ -221,3 +221,21 @@ def test_attention_reads_only_the_slots_in_use_and_gives_the_same_logits(c2i, mo
         with pytest.raises(AssertionError):
             bad, _, _, _ = run()
             torch.testing.assert_close(bad, full, atol=1e-5, rtol=1e-5)
+
+
+def test_copy_slots_moves_keys_and_values_and_skips_a_copy_onto_itself():
+    from vargen.models.cache import StaticKVCache
+
+    torch.manual_seed(0)
+    cache = StaticKVCache.allocate(2, 2, 3, 8, 4)
+    for buf in (*cache.k, *cache.v):
+        buf.normal_()
+    before = [buf.clone() for buf in (*cache.k, *cache.v)]
+    same = torch.tensor([[2, 3], [4, 5]])
+    cache.copy_slots(same, same)  # nothing moves (skipped on a CPU)
+    assert all(torch.equal(a, b) for a, b in zip(before, (*cache.k, *cache.v)))
+    cache.copy_slots(torch.tensor([[6, 3], [4, 7]]), same)  # sample 0: slot 6 -> 2; sample 1: slot 7 -> 5
+    for a, b in zip(before, (*cache.k, *cache.v)):
+        assert torch.equal(b[0, :, 2], a[0, :, 6]) and torch.equal(b[1, :, 5], a[1, :, 7])
+        assert torch.equal(b[0, :, 3], a[0, :, 3]) and torch.equal(b[1, :, 4], a[1, :, 4])
+        assert not torch.equal(b[0, :, 2], a[0, :, 2])  # control: the copy happened

@@ -194,7 +194,8 @@ def walk_tree(acceptance, probs: torch.Tensor, tokens: torch.Tensor, children: t
             moved = torch.zeros(B, dtype=torch.bool, device=dev)
             nxt = cur
             q_r = first[0][:, level]
-            for r in range(K if widths is None else widths[level]):
+            width = K if widths is None else widths[level]
+            for r in range(width):
                 child = kids[:, r]
                 has_r = has[:, r] & ~moved
                 tok_r = tokens[rows, child.clamp(min=0)]
@@ -207,7 +208,9 @@ def walk_tree(acceptance, probs: torch.Tensor, tokens: torch.Tensor, children: t
                     has_r &= gather_prob(q_r, tok_r) > 0
                     passed = acceptance.accept(p, q_r, tok_r, coin)
                     p_rejected = acceptance.resample(p, q_r)
-                    q_r = drop_tokens(q_r, tok_r[:, None])
+                    # the next q-drawn candidate reads q_r without this one, unless q_siblings replaces it first
+                    if width - 1 > max(r, fixed) and (q_siblings is None or r > fixed):
+                        q_r = drop_tokens(q_r, tok_r[:, None])
                 ok = has_r & passed
                 moved |= ok
                 nxt = torch.where(ok, child, nxt)
