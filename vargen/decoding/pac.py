@@ -155,8 +155,7 @@ def verify_with_tree(model, sampling, cache, prefix_len: int, acceptance, layout
                      K: int, T: int, N: int, draws: dict, C: int = 0, left: bool = True):
     """One SJD-PAC verify pass: the window plus its tree in one tree-masked forward, the walk, and the accepted
     path's keys and values moved to contiguous slots. ``layout`` is :func:`pac_layout` plus :func:`pac_ancestors`
-    on the device, ``draws``
-    :func:`tree_draws`.
+    on the device, ``draws`` :func:`tree_draws`.
 
     Returns ``(probs [B, L+1, V] along the window, accepted [B], final [B], path_tokens [B, L], non-finite
     logits)``; the window drafts' coins past the accepted path are unused, free for continuation.

@@ -80,8 +80,8 @@ def sjd_step(model, sampling: SamplingConfig, cache, prefix_len: int, acceptance
              canvas: torch.Tensor, from_draft: torch.Tensor, n: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor,
              draws: dict, gumbel: Optional[torch.Tensor], tree: Optional[tuple] = None, generators=None) -> tuple:
     """One SJD verify step as a function of its state and its random draws, so that ``--compile`` can capture it
-    whole: the target pass over the last committed token and the ``L`` drafts (with ``tree = (layout, K, T)``,
-    SJD-PAC's window plus tree, :func:`vargen.decoding.pac.verify_with_tree`), the acceptance rule, the commit,
+    whole: the target pass over the last committed token and the ``L`` drafts (with ``tree = (layout, K, T, C,
+    left)``, SJD-PAC's window plus tree, :func:`vargen.decoding.pac.verify_with_tree`), the acceptance rule, the commit,
     the cache rollback and the next window (:func:`next_window`). ``draws`` (:func:`step_draws`): the coins and
     noise of the verification, ``redraw`` ``[B, L, V]`` for the redrawn window (else rows of the ``gumbel``
     table), ``keep`` the maximal coupling's coins; ``generators`` only for the sampling inits. Returns
