@@ -62,7 +62,7 @@ class StaticKVCache:
         ~0.2 ms per layer at the default model's size on a CPU. Only on a CPU, eagerly: reading ``slots.max()`` is a
         host sync on a GPU, and a changing shape would recompile a graph. Slots past ``high`` were never written,
         so nothing visible is cut."""
-        if slots.device.type != "cpu" or torch.compiler.is_compiling():
+        if not _host_readable(slots):
             return mask
         # read through numpy: the CPU tensor's own memory, no aten op and no device to wait for (so the host-sync
         # count of `vargen bench speed`, which is about a GPU's syncs, does not count it)
@@ -74,8 +74,7 @@ class StaticKVCache:
         draft-tree path into contiguous slots. On a CPU, eagerly, a copy onto itself is skipped: an SJD-PAC pass
         whose path stayed on the window (most passes) would otherwise copy 2 x layers slots onto themselves (32 aten
         ops at the default model's depth); the check reads the slots through numpy, as :meth:`in_use` does."""
-        if (src.device.type == "cpu" and not torch.compiler.is_compiling()
-                and bool((src.numpy() == dst.numpy()).all())):
+        if _host_readable(src) and bool((src.numpy() == dst.numpy()).all()):
             return
         rows = torch.arange(src.shape[0], device=src.device)[:, None]
         for buffers in (self.k, self.v):
@@ -88,6 +87,12 @@ class StaticKVCache:
         self.length.copy_(length)
         slots = torch.arange(self.max_len, device=length.device)
         self.visible &= slots[None, :] < length[:, None]
+
+
+def _host_readable(t: torch.Tensor) -> bool:
+    """Whether the host may read ``t``'s values for a shortcut: a CPU tensor outside ``torch.compile`` (on a GPU
+    the read is a sync, and a value-dependent branch or shape would break or recompile a graph)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def causal_slot_mask(slots: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
