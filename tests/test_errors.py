@@ -123,6 +123,14 @@ def test_stats_path_is_checked_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "img.png").exists()  # refused before the image was drawn, not after
 
 
+def test_outputs_into_folders_that_do_not_exist_yet(tmp_path, one_thread):
+    """A fresh clone has no outputs/: `make demo` writes outputs/demo.png and its --stats beside it."""
+    out, stats = tmp_path / "outputs" / "demo.png", tmp_path / "outputs" / "more" / "stats.json"
+    assert main(["generate", "1", "--model", "tiny-random", "--quiet", "-o", str(out), "--stats", str(stats)]) == 0
+    assert out.is_file() and json.loads(stats.read_text())
+    assert sorted(os.listdir(out.parent)) == ["demo.png", "more"]  # no temporary file left
+
+
 @pytest.mark.parametrize("ext,fmt", [(".png", "PNG"), (".jpg", "JPEG"), (".jpeg", "JPEG"), (".webp", "WEBP")])
 def test_output_extension_picks_the_format(ext, fmt, tmp_path, one_thread):
     from PIL import Image

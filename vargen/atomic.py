@@ -22,7 +22,11 @@ def _temporary(path: str) -> str:
 
 @contextmanager
 def atomic_path(path: str):
-    """Yield a temporary path to write; rename it to ``path`` on success, remove it on any failure."""
+    """Yield a temporary path to write; rename it to ``path`` on success, remove it on any failure.
+
+    A missing parent folder is created here, at the first write: the CLI's checks only probe that it can be
+    made (a fresh clone has no ``outputs/``, and ``make demo`` writes ``outputs/demo.png``)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = _temporary(path)
     try:
         yield tmp
