@@ -240,7 +240,6 @@ def write_report(report: dict, json_path: Optional[str] = None, plot_path: Optio
                  grid: Sequence[int] = (16, 16)) -> None:
     """Write the JSON (atomically) and the plot."""
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         write_atomic(json_path, json.dumps(report, indent=2))
     if plot_path:
         os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path
 from ..data.registry import build_dataset, collate
 from ..models import LlamaGen
 from ..models.text import WordTextEncoder, build_vocabulary
@@ -98,9 +99,8 @@ def load_token_cache(config: dict, out_dir: str):
         cache = tokenize_dataset(vq, build_dataset(config["data"]), limit=config.get("num_images", 0),
                                  num_workers=config.get("num_workers", 0))
         cache["source"] = source
-        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-        torch.save(cache, cache_path + ".tmp")
-        os.replace(cache_path + ".tmp", cache_path)
+        with atomic_path(cache_path) as tmp:  # creates the folder; a killed run leaves no half-written cache
+            torch.save(cache, tmp)
     return vq, cache
 
 
