@@ -9,7 +9,7 @@ CUDA_HOME ?= /usr/local/cuda
 EXT_ENV := TORCH_EXTENSIONS_DIR=$(CURDIR)/build/torch_extensions
 METHODS := ar,sjd,sjd+coupling,sjd+lantern,zipar,zipar-adaptive
 
-.PHONY: demo test install ext gpu-bench clean
+.PHONY: demo test install cpu-ext ext gpu-bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +23,16 @@ DEMO_PROMPTS := "a photo of a red circle" "a photo of a blue square" "a photo of
 	"a photo of a red circle above a blue square" "a photo of a green triangle and a purple hexagon" \
 	"a photo of three circles" "a photo of a white diamond" "grinning face" "red apple"
 
-demo: $(STAMP)
-	$(BIN)/vargen generate $(DEMO_PROMPTS) -o outputs/demo.png --cfg 4.0 --seed 0 --stats outputs/demo_stats.json
+demo: cpu-ext
+	$(EXT_ENV) $(BIN)/vargen generate $(DEMO_PROMPTS) -o outputs/demo.png --cfg 4.0 --seed 0 --stats outputs/demo_stats.json
 	@echo "demo grid (3 x 3, one image per prompt, row by row): outputs/demo.png   stats: outputs/demo_stats.json"
 
+# the vargen/csrc/cpu/ kernels: host compiler only, always built; a compile error fails
+cpu-ext: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(EXT_ENV) $(BIN)/python -m vargen.ops.build --cpu -q
+
 # the vargen/csrc/ CUDA kernels: compiled and imported wherever nvcc is (no GPU needed); a compile error fails
-ext: $(STAMP)
+ext: cpu-ext
 	@if [ -x "$(CUDA_HOME)/bin/nvcc" ]; then \
 		PATH="$(CURDIR)/$(BIN):$$PATH" CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" \
 		$(EXT_ENV) $(BIN)/python -m vargen.ops.build -q; \

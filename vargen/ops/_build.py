@@ -36,18 +36,18 @@ def sources() -> List[str]:
     return sorted(str(p) for p in root.glob("*.cpp")) + sorted(str(p) for p in root.glob("*.cu"))
 
 
-def build_directory() -> Path:
-    """``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/vargen/torch_extensions``, one folder per Python/torch
+def build_directory(name: str = NAME) -> Path:
+    """``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/vargen/torch_extensions``, one folder per extension and Python/torch
     version (a binary built against one torch does not load in another)."""
     base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vargen",
                                                                  "torch_extensions")
     py = f"{sys.version_info[0]}{sys.version_info[1]}"
-    tag = re.sub(r"[^A-Za-z0-9_.]", "_", f"{NAME}_py{py}_torch{torch.__version__}")
+    tag = re.sub(r"[^A-Za-z0-9_.]", "_", f"{name}_py{py}_torch{torch.__version__}")
     return Path(base) / tag
 
 
-def library_path() -> Path:
-    return build_directory() / f"{NAME}.so"
+def library_path(name: str = NAME) -> Path:
+    return build_directory(name) / f"{name}.so"
 
 
 def disabled() -> bool:
@@ -84,37 +84,46 @@ def build(verbose: bool = False) -> ModuleType:
     return module
 
 
-def import_built() -> ModuleType:
+def import_built(name: str = NAME) -> ModuleType:
     """Import an already built extension without compiling anything (raises if there is none)."""
-    path = library_path()
+    path = library_path(name)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; build it with `python -m vargen.ops.build`")
-    spec = importlib.util.spec_from_file_location(NAME, str(path))
+    spec = importlib.util.spec_from_file_location(name, str(path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def extension() -> Optional[ModuleType]:
-    """The loaded extension (built on first use), or ``None`` if disabled or unavailable."""
+def load_once(state: dict, lock, build_fn, what: str, fallback: str, unusable=None) -> Optional[ModuleType]:
+    """``build_fn()``'s module, built and imported once per process; ``None`` if disabled, if the build failed
+    (remembered in ``state["status"]`` with its reason, warned once) or if ``unusable(module)`` gives a reason."""
     if disabled():
         return None
-    if _state["tried"]:
-        return _state["module"]
-    with _lock:
-        if not _state["tried"]:
+    if state["tried"]:
+        return state["module"]
+    with lock:
+        if not state["tried"]:
             try:
-                _state["module"] = build()
-                _state["status"] = f"loaded from {_state['module'].__file__}"
+                module = build_fn()
+                reason = unusable(module) if unusable is not None else None
+                if reason:
+                    state["status"] = f"built, but {reason}: {fallback}"
+                else:
+                    state["module"], state["status"] = module, f"loaded from {module.__file__}"
             except Exception as e:  # noqa: BLE001 - any toolchain failure means "use the fallback"
                 reason = f"{type(e).__name__}: {e}"
                 if len(reason) > 4000:
                     reason = reason[:1000] + "\n...\n" + reason[-3000:]
-                _state["status"] = f"unavailable: {reason}"
-                warnings.warn(f"vargen CUDA ops extension unavailable, using the PyTorch fallbacks ({reason[:500]})",
-                              RuntimeWarning, stacklevel=2)
-            _state["tried"] = True
-    return _state["module"]
+                state["status"] = f"unavailable: {reason}"
+                warnings.warn(f"{what} unavailable, {fallback} ({reason[:500]})", RuntimeWarning, stacklevel=3)
+            state["tried"] = True
+    return state["module"]
+
+
+def extension() -> Optional[ModuleType]:
+    """The loaded extension (built on first use), or ``None`` if disabled or unavailable."""
+    return load_once(_state, _lock, lambda: build(), "vargen CUDA ops extension", "using the PyTorch fallbacks")
 
 
 def extension_status() -> str:

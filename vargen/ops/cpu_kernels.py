@@ -1,0 +1,76 @@
+"""The ``csrc/cpu/`` extension: bf16 matmuls of a decode step's few rows on CPUs with AVX-512 BF16.
+
+A batch-1 step multiplies 1-4 rows by every weight once, so its matmuls stream weights, and oneDNN's prepacked
+bf16 path reads them at ~20 GB/s on the 2-core EPYC these presets are timed on, against ~55 GB/s for a plain read.
+``gemv_bf16.cpp`` reads a weight laid out for it as one sequential stream (see there). Built with the host C++
+compiler alone (no nvcc) by ``python -m vargen.ops.build`` / ``make ext``, else on first use; a failed build, a CPU
+without AVX-512 BF16 or ``VARGEN_NO_EXT=1`` leave :class:`vargen.models.linear.Linear` on oneDNN.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from . import _build
+
+NAME = "vargen_cpu_ops"
+MAX_ROWS = 4  # rows the kernel takes; more rows are compute-bound and stay on oneDNN
+FUNCTIONS = ("supported", "pack_weight", "linear")
+
+_lock = threading.Lock()
+_state = {"tried": False, "module": None, "status": None}
+
+
+def sources() -> list:
+    return sorted(str(p) for p in (_build.csrc_dir() / "cpu").glob("*.cpp"))
+
+
+def library_path():
+    return _build.library_path(NAME)
+
+
+def build(verbose: bool = False) -> ModuleType:
+    """Compile (if the sources changed) and import the extension; raises with the compiler output on failure.
+    ``-fopenmp``: ATen's ``parallel_for`` is a header template, threaded only when compiled with OpenMP."""
+    from torch.utils.cpp_extension import load
+
+    bin_dir = os.path.dirname(sys.executable)  # ninja comes with vargen's environment, which may not be on PATH
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    out = _build.build_directory(NAME)
+    out.mkdir(parents=True, exist_ok=True)
+    module = load(name=NAME, sources=sources(), build_directory=str(out), verbose=verbose,
+                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    missing = [f for f in FUNCTIONS if not hasattr(module, f)]
+    if missing:
+        raise RuntimeError(f"extension {module.__file__} lacks {missing}")
+    return module
+
+
+def kernels() -> Optional[ModuleType]:
+    """The loaded extension when this CPU runs it (built on first use), else ``None``; never raises."""
+    return _build.load_once(_state, _lock, lambda: build(), "vargen CPU kernels", "oneDNN runs the decode matmuls",
+                            lambda m: None if m.supported() else "this CPU lacks AVX-512 BF16")
+
+
+def status() -> str:
+    """One line saying whether the CPU kernels are in use; never builds."""
+    if _build.disabled():
+        return "disabled (VARGEN_NO_EXT=1): oneDNN"
+    if _state["status"] is not None:
+        return _state["status"]
+    return f"built at {library_path()}, not loaded yet" if library_path().exists() else \
+        "not built (run `python -m vargen.ops.build`; otherwise built on first bf16 CPU decode)"
+
+
+def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` fits the kernel: bf16 on a CPU, at most :data:`MAX_ROWS` rows, out features a
+    multiple of 4 and in features of 32 (every LlamaGen size). Says nothing about the extension being there."""
+    n, k = weight.shape
+    return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.numel() <= MAX_ROWS * k and n % 4 == 0 and k % 32 == 0)
