@@ -117,17 +117,41 @@ def test_cuda_graphs_match_eager_logits_and_decode(fresh_dynamo):
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="weight prepacking needs oneDNN")
 def test_inductor_on_cpu_prepacks_the_weights(fresh_dynamo):
     """On a CPU the compiled step freezes the weights so inductor runs its linears on prepacked oneDNN weights
-    (the batch-1 speed lever; fp32 tokens equal eager's, test above)."""
+    (steps of more than 4 rows: here 3 samples x 2 CFG halves; fp32 tokens equal eager's, test above)."""
     from torch.profiler import ProfilerActivity, profile
 
     model = make_gpt("c2i").to(torch.bfloat16)
     compiled = compile_model(model, "default")
-    cond = torch.tensor([0, 4])
-    decode_ar(compiled, cond, SAMPLING, seeds=[3, 4])  # compiles
+    cond = torch.tensor([0, 4, 2])
+    decode_ar(compiled, cond, SAMPLING, seeds=[3, 4, 5])  # compiles
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        decode_ar(compiled, cond, SAMPLING, seeds=[3, 4])
+        decode_ar(compiled, cond, SAMPLING, seeds=[3, 4, 5])
     names = {e.key for e in prof.key_averages()}
     assert "mkldnn::_linear_pointwise" in names, sorted(n for n in names if "mm" in n or "linear" in n)
+    assert "vargen_cpu::stream_linear" not in names
+
+
+def test_compiled_batch_one_steps_call_the_cpu_kernel(fresh_dynamo):
+    """A batch-1 step under CFG (2 rows) calls vargen's CPU kernel from inside the compiled graph, as a dispatcher
+    op on weights laid out for it when the model was wrapped (vargen.models.linear)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vargen.ops import cpu_kernels
+
+    if cpu_kernels.kernels() is None:
+        pytest.skip(f"CPU kernels not in use: {cpu_kernels.status()}")
+    model = make_gpt("c2i").to(torch.bfloat16)
+    compiled = compile_model(model, "default")
+    cond = torch.tensor([1])
+    eager, _ = decode_ar(model, cond, SAMPLING, seeds=[7])
+    decode_ar(compiled, cond, SAMPLING, seeds=[7])  # compiles
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out, _ = decode_ar(compiled, cond, SAMPLING, seeds=[7])
+    calls = {e.key: e.count for e in prof.key_averages()}
+    layers = len(model.layers)
+    # every linear of every image step: wqkv, wo, w1, w3, w2 per layer and the head
+    assert calls.get("vargen_cpu::stream_linear", 0) == (5 * layers + 1) * (model.num_tokens - 1), calls
+    assert out.shape == eager.shape
 
 
 def test_sjd_steps_compile_whole_and_match_eager(fresh_dynamo):

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .cache import StaticKVCache
+from .linear import Linear
 
 RECOMPILE_LIMIT = 64
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -51,6 +52,10 @@ class CompiledModel:
         # oneDNN: the matrix-vector products of a batch-1 step run about 1.7x faster (GPT-B, bf16). Inductor
         # reads the flag when it compiles, i.e. inside the first call of each shape.
         self._freeze = backend == "inductor" and next(model.parameters()).device.type == "cpu"
+        if self._freeze:  # steps of <= 4 rows call vargen's CPU kernel (vargen.models.linear) as an opaque op
+            for module in model.modules():
+                if isinstance(module, Linear):
+                    module.freeze_stream_weight()
         # one graph per step shape and cache length: a few methods (ZipAR's active rows alone take several shapes)
         # pass dynamo's default of 8, after which it would run every later step eagerly, without a word
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)

@@ -56,6 +56,19 @@ class Linear(nn.Linear):
         """The copy of ``weight`` laid out for :mod:`vargen.ops.cpu_kernels`, remade like :meth:`packed_weight`."""
         return self._cached("_stream", kernels.pack_weight)
 
+    def freeze_stream_weight(self) -> bool:
+        """Keep a :meth:`stream_weight` for compiled graphs, which read it as a constant (no repack check): for
+        :class:`~vargen.models.compiled.CompiledModel`, whose frozen weights do not follow later changes either.
+        Returns whether the kernel is in use (else compiled graphs keep ``F.linear``)."""
+        kernels = cpu_kernels.kernels()
+        w = self.weight
+        if kernels is None or w.device.type != "cpu" or w.dtype != torch.bfloat16 or \
+                not cpu_kernels.takes(w[:1], w):
+            self.__dict__.pop("stream_frozen", None)
+            return False
+        self.__dict__["stream_frozen"] = self.stream_weight(kernels)
+        return True
+
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), .half() that convert: the packed copy belongs to the old weight. A no-op move (the
         # decoders move their trained models to the GPT's device and dtype before every decode) keeps the same
@@ -64,17 +77,23 @@ class Linear(nn.Linear):
         before = self.weight.data_ptr()
         out = super()._apply(fn, recurse)
         if self.weight.data_ptr() != before:
-            self.__dict__.pop("_packed", None)
-            self.__dict__.pop("_stream", None)
+            for key in ("_packed", "_stream", "stream_frozen"):
+                self.__dict__.pop(key, None)
         return out
 
     def __getstate__(self):  # pickling and deepcopy: oneDNN tensors do not copy, and the copy repacks on use
         state = self.__dict__.copy()
-        state.pop("_packed", None)
-        state.pop("_stream", None)
+        for key in ("_packed", "_stream", "stream_frozen"):
+            state.pop(key, None)
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            frozen = self.__dict__.get("stream_frozen")
+            if frozen is not None and cpu_kernels.takes(x, self.weight) and not torch.is_grad_enabled():
+                y = torch.ops.vargen_cpu.stream_linear(x, frozen)  # registered by the extension
+                return y if self.bias is None else y + self.bias
+            return F.linear(x, self.weight, self.bias)
         if self._packable(x):
             if cpu_kernels.takes(x, self.weight) and (kernels := cpu_kernels.kernels()) is not None:
                 y = kernels.linear(x, self.stream_weight(kernels))

@@ -37,6 +37,9 @@ def library_path():
 def build(verbose: bool = False) -> ModuleType:
     """Compile (if the sources changed) and import the extension; raises with the compiler output on failure.
     ``-fopenmp``: ATen's ``parallel_for`` is a header template, threaded only when compiled with OpenMP."""
+    path = library_path()
+    if path.exists() and all(os.path.getmtime(src) <= os.path.getmtime(path) for src in sources()):
+        return import_built()  # up to date: skip cpp_extension (its import alone warns about CUDA on a CPU host)
     from torch.utils.cpp_extension import load
 
     bin_dir = os.path.dirname(sys.executable)  # ninja comes with vargen's environment, which may not be on PATH
@@ -50,6 +53,11 @@ def build(verbose: bool = False) -> ModuleType:
     if missing:
         raise RuntimeError(f"extension {module.__file__} lacks {missing}")
     return module
+
+
+def import_built() -> ModuleType:
+    """Import the already built extension without compiling anything (raises if there is none)."""
+    return _build.import_built(NAME)
 
 
 def kernels() -> Optional[ModuleType]:
@@ -74,3 +82,4 @@ def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     n, k = weight.shape
     return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
             and x.numel() <= MAX_ROWS * k and n % 4 == 0 and k % 32 == 0)
+

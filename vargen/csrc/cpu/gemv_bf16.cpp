@@ -92,7 +92,18 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed) {
   return y;
 }
 
+torch::Tensor linear_meta(const torch::Tensor& x, const torch::Tensor& packed) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = packed.size(0);
+  return at::empty(sizes, x.options());
+}
+
 }  // namespace vargen_cpu
+
+// the same kernel as a dispatcher op, so a compiled graph calls it without a trip through Python
+TORCH_LIBRARY(vargen_cpu, m) { m.def("stream_linear(Tensor x, Tensor packed) -> Tensor"); }
+TORCH_LIBRARY_IMPL(vargen_cpu, CPU, m) { m.impl("stream_linear", &vargen_cpu::linear); }
+TORCH_LIBRARY_IMPL(vargen_cpu, Meta, m) { m.impl("stream_linear", &vargen_cpu::linear_meta); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vargen CPU kernels: bf16 matmuls of a decode step's few rows as one sequential weight stream";
