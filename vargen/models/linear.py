@@ -15,8 +15,9 @@ fp32 packed matmuls were slower at 34 rows and not bit-identical. Training (grad
 
 Steps of at most four rows (batch 1, both CFG halves) go further: oneDNN streams a weight at ~20 GB/s on the
 2-core EPYC, where a plain read runs at ~55, so on CPUs with AVX-512 BF16 they run vargen's own kernel
-(:mod:`vargen.ops.cpu_kernels`) on a second copy laid out as one sequential stream, made on first use like the
-first. Both round each fp32-accumulated output to bf16 once; the sums' order differs, so outputs can differ from
+(:mod:`vargen.ops.cpu_kernels`) on another copy, laid out as one sequential stream and made on first use like the
+oneDNN one (a process that runs both paths, e.g. AR steps and SJD's 34-row verify passes, keeps three copies of
+every weight: 105 MB at the default model's size in bf16). Both round each fp32-accumulated output to bf16 once; the sums' order differs, so outputs can differ from
 oneDNN's in the last bf16 place.
 """
 from __future__ import annotations
