@@ -100,3 +100,13 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
 def test_sources_ship_apart_from_the_cuda_extension():
     assert [p.rsplit("/", 1)[-1] for p in cpu_kernels.sources()] == ["gemv_bf16.cpp"]
     assert not any("/cpu/" in p for p in _build.sources())  # nvcc's extension does not compile them
+
+
+def test_speed_reports_say_whether_the_kernel_ran(monkeypatch):
+    from vargen.eval.speed import _device_name
+
+    monkeypatch.delenv("VARGEN_NO_EXT", raising=False)
+    monkeypatch.setattr(cpu_kernels, "_state", {"tried": True, "module": object(), "status": "loaded from x.so"})
+    assert _device_name("cpu").endswith(" threads, vargen CPU kernel)")
+    monkeypatch.setenv("VARGEN_NO_EXT", "1")
+    assert _device_name("cpu").endswith(" threads, oneDNN only)")

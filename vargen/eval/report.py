@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 
 from ..atomic import write_atomic
+from .speed import _device_name
 
 FLOOR = "ar@other-seeds"
 
@@ -210,13 +209,6 @@ def _scene_scores(folder: str, scenes, rng: np.random.Generator, rounds: int) ->
         boot.append(part["overall"])
         boot_exact.append(part["overall_exact"])
     return {**result, "overall_ci95": _interval(np.array(boot)), "overall_exact_ci95": _interval(np.array(boot_exact))}
-
-
-def _device_name(device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
 
 
 def _ci(value: float, ci: Sequence[float], fmt: str = "{:.2f}") -> str:
