@@ -17,8 +17,8 @@ Steps of at most four rows (batch 1, both CFG halves) go further: oneDNN streams
 2-core EPYC, where a plain read runs at ~55, so on CPUs with AVX-512 BF16 they run vargen's own kernel
 (:mod:`vargen.ops.cpu_kernels`) on another copy, laid out as one sequential stream and made on first use like the
 oneDNN one (a process that runs both paths, e.g. AR steps and SJD's 34-row verify passes, keeps three copies of
-every weight: 105 MB at the default model's size in bf16). Both round each fp32-accumulated output to bf16 once; the sums' order differs, so outputs can differ from
-oneDNN's in the last bf16 place.
+every weight: 105 MB at the default model's size in bf16). Both round each fp32-accumulated output to bf16 once;
+the sums' order differs, so outputs can differ from oneDNN's in the last bf16 place.
 """
 from __future__ import annotations
 
@@ -61,10 +61,10 @@ class Linear(nn.Linear):
         """Keep a :meth:`stream_weight` for compiled graphs, which read it as a constant (no repack check): for
         :class:`~vargen.models.compiled.CompiledModel`, whose frozen weights do not follow later changes either.
         Returns whether the kernel is in use (else compiled graphs keep ``F.linear``)."""
-        kernels = cpu_kernels.kernels()
         w = self.weight
-        if kernels is None or w.device.type != "cpu" or w.dtype != torch.bfloat16 or \
-                not cpu_kernels.takes(w[:1], w):
+        # the dtype and shape first: an fp32 or GPU model never builds the extension
+        kernels = cpu_kernels.kernels() if cpu_kernels.takes(w[:1], w) else None
+        if kernels is None:
             self.__dict__.pop("stream_frozen", None)
             return False
         self.__dict__["stream_frozen"] = self.stream_weight(kernels)

@@ -3,7 +3,7 @@
 A batch-1 step multiplies 1-4 rows by every weight once, so its matmuls stream weights, and oneDNN's prepacked
 bf16 path reads them at ~20 GB/s on the 2-core EPYC these presets are timed on, against ~55 GB/s for a plain read.
 ``gemv_bf16.cpp`` reads a weight laid out for it as one sequential stream (see there). Built with the host C++
-compiler alone (no nvcc) by ``python -m vargen.ops.build`` / ``make ext``, else on first use; a failed build, a CPU
+compiler alone (no nvcc) by ``python -m vargen.ops.build --cpu`` / ``make cpu-ext``, else on first use; a failed build, a CPU
 without AVX-512 BF16 or ``VARGEN_NO_EXT=1`` leave :class:`vargen.models.linear.Linear` on oneDNN.
 """
 from __future__ import annotations
