@@ -178,7 +178,7 @@ def _device_name(device) -> str:
         return torch.cuda.get_device_name(device)
     from ..ops import cpu_kernels
 
-    kernel = "vargen CPU kernel" if cpu_kernels.status().startswith("loaded") else "oneDNN only"
+    kernel = "vargen CPU kernel" if cpu_kernels.in_use() else "oneDNN only"
     return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads, {kernel})"
 
 

@@ -50,6 +50,11 @@ def library_path(name: str = NAME) -> Path:
     return build_directory(name) / f"{name}.so"
 
 
+def stale(path: Path, srcs) -> bool:
+    """Whether any of ``srcs`` changed after the library at ``path`` was built."""
+    return any(os.path.getmtime(s) > os.path.getmtime(path) for s in srcs)
+
+
 def disabled() -> bool:
     return os.environ.get("VARGEN_NO_EXT", "").strip() not in ("", "0")
 
@@ -134,7 +139,7 @@ def extension_status() -> str:
         return _state["status"]
     path = library_path()
     if path.exists():
-        stale = any(os.path.getmtime(s) > os.path.getmtime(path) for s in sources())
-        return f"built at {path}" + (" (stale: csrc changed since; rebuilt on first use)" if stale else "") + \
+        note = " (stale: csrc changed since; rebuilt on first use)" if stale(path, sources()) else ""
+        return f"built at {path}" + note + \
             ", not loaded yet"
     return "not built (run `python -m vargen.ops.build`; otherwise built on first CUDA use)"

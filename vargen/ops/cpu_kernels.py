@@ -38,7 +38,7 @@ def build(verbose: bool = False) -> ModuleType:
     """Compile (if the sources changed) and import the extension; raises with the compiler output on failure.
     ``-fopenmp``: ATen's ``parallel_for`` is a header template, threaded only when compiled with OpenMP."""
     path = library_path()
-    if path.exists() and all(os.path.getmtime(src) <= os.path.getmtime(path) for src in sources()):
+    if path.exists() and not _build.stale(path, sources()):
         return import_built()  # up to date: skip cpp_extension (its import alone warns about CUDA on a CPU host)
     from torch.utils.cpp_extension import load
 
@@ -64,6 +64,11 @@ def kernels() -> Optional[ModuleType]:
     """The loaded extension when this CPU runs it (built on first use), else ``None``; never raises."""
     return _build.load_once(_state, _lock, lambda: build(), "vargen CPU kernels", "oneDNN runs the decode matmuls",
                             lambda m: None if m.supported() else "this CPU lacks AVX-512 BF16")
+
+
+def in_use() -> bool:
+    """Whether this process runs the kernel (loaded, usable, not disabled); never builds."""
+    return not _build.disabled() and _state["module"] is not None
 
 
 def status() -> str:
