@@ -115,11 +115,12 @@ def test_cuda_graphs_match_eager_logits_and_decode(fresh_dynamo):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="weight prepacking needs oneDNN")
-def test_inductor_on_cpu_prepacks_the_weights(fresh_dynamo):
-    """On a CPU the compiled step freezes the weights so inductor runs its linears on prepacked oneDNN weights
-    (steps of more than 4 rows: here 3 samples x 2 CFG halves; fp32 tokens equal eager's, test above)."""
+def test_inductor_on_cpu_prepacks_the_weights(fresh_dynamo, monkeypatch):
+    """On a CPU without vargen's kernel (here disabled) the compiled step freezes the weights so inductor runs its
+    linears on prepacked oneDNN weights (fp32 tokens equal eager's, test above)."""
     from torch.profiler import ProfilerActivity, profile
 
+    monkeypatch.setenv("VARGEN_NO_EXT", "1")
     model = make_gpt("c2i").to(torch.bfloat16)
     compiled = compile_model(model, "default")
     cond = torch.tensor([0, 4, 2])
@@ -131,9 +132,10 @@ def test_inductor_on_cpu_prepacks_the_weights(fresh_dynamo):
     assert "vargen_cpu::stream_linear" not in names
 
 
-def test_compiled_batch_one_steps_call_the_cpu_kernel(fresh_dynamo):
-    """A batch-1 step under CFG (2 rows) calls vargen's CPU kernel from inside the compiled graph, as a dispatcher
-    op on weights laid out for it when the model was wrapped (vargen.models.linear)."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_steps_call_the_cpu_kernel(fresh_dynamo, batch):
+    """Compiled steps (batch 1 under CFG: 2 rows; batch 3: 6) call vargen's CPU kernel from inside the graph, as a
+    dispatcher op on weights laid out for it when the model was wrapped (vargen.models.linear)."""
     from torch.profiler import ProfilerActivity, profile
 
     from vargen.ops import cpu_kernels
@@ -142,11 +144,12 @@ def test_compiled_batch_one_steps_call_the_cpu_kernel(fresh_dynamo):
         pytest.skip(f"CPU kernels not in use: {cpu_kernels.status()}")
     model = make_gpt("c2i").to(torch.bfloat16)
     compiled = compile_model(model, "default")
-    cond = torch.tensor([1])
-    eager, _ = decode_ar(model, cond, SAMPLING, seeds=[7])
-    decode_ar(compiled, cond, SAMPLING, seeds=[7])  # compiles
+    cond = torch.tensor([1, 4, 2][:batch])
+    seeds = [7, 8, 9][:batch]
+    eager, _ = decode_ar(model, cond, SAMPLING, seeds=seeds)
+    decode_ar(compiled, cond, SAMPLING, seeds=seeds)  # compiles
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        out, _ = decode_ar(compiled, cond, SAMPLING, seeds=[7])
+        out, _ = decode_ar(compiled, cond, SAMPLING, seeds=seeds)
     calls = {e.key: e.count for e in prof.key_averages()}
     layers = len(model.layers)
     # every linear of every image step: wqkv, wo, w1, w3, w2 per layer and the head

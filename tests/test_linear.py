@@ -1,4 +1,7 @@
-"""The prepacked bf16 CPU linear: same outputs as F.linear, never stale, never on the training path."""
+"""The prepacked oneDNN bf16 CPU linear: same outputs as F.linear, never stale, never on the training path.
+
+It serves shapes vargen's CPU kernel does not take and CPUs without it; the kernel is disabled here so that every
+shape runs this path (the kernel's own tests: test_cpu_kernels.py)."""
 import copy
 
 import pytest
@@ -11,6 +14,11 @@ from vargen.models.linear import Linear
 from conftest import make_gpt
 
 pytestmark = pytest.mark.skipif(not linear_mod._PACKED, reason="this PyTorch build has no oneDNN linear")
+
+
+@pytest.fixture(autouse=True)
+def onednn_only(monkeypatch):
+    monkeypatch.setenv("VARGEN_NO_EXT", "1")
 
 
 def _layer(seed=0):

@@ -13,12 +13,12 @@ the weight in memory (35 MB at the default model's 17.5 M parameters in bf16). O
 fp32 packed matmuls were slower at 34 rows and not bit-identical. Training (grad enabled), autocast and
 ``torch.compile`` tracing keep ``F.linear``, so the state dict, gradients and compiled graphs are unchanged.
 
-Steps of at most four rows (batch 1, both CFG halves) go further: oneDNN streams a weight at ~20 GB/s on the
-2-core EPYC, where a plain read runs at ~55, so on CPUs with AVX-512 BF16 they run vargen's own kernel
-(:mod:`vargen.ops.cpu_kernels`) on another copy, laid out as one sequential stream and made on first use like the
-oneDNN one (a process that runs both paths, e.g. AR steps and SJD's 34-row verify passes, keeps three copies of
-every weight: 105 MB at the default model's size in bf16). Both round each fp32-accumulated output to bf16 once;
-the sums' order differs, so outputs can differ from oneDNN's in the last bf16 place.
+On CPUs with AVX-512 BF16, bf16 inference goes further: vargen's own kernel (:mod:`vargen.ops.cpu_kernels`) runs
+every matmul whose shape it takes (out features a multiple of 16, every LlamaGen size) on another copy of the
+weight, laid out as one sequential stream and made on first use like the oneDNN one, which is then never made. It
+streams a batch-1 step's weights at ~45 GB/s where oneDNN reads ~20, and runs a verify pass's 34 rows at the bf16
+peak where oneDNN reached ~83% of it. Both round each fp32-accumulated output to bf16 once; the sums' order
+differs, so outputs can differ from oneDNN's in the last bf16 place.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         print(f"{label}: build failed after {time.perf_counter() - t0:.0f} s\n{type(e).__name__}: {e}", file=sys.stderr)
         return 1
     if args.cpu:
-        use = "in use for bf16 steps of <= 4 rows" if module.supported() else \
+        use = "in use for bf16 inference matmuls" if module.supported() else \
             "not used: this CPU lacks AVX-512 BF16 (oneDNN runs every matmul)"
         print(f"{label}: built and imported {module.__file__} in {time.perf_counter() - t0:.0f} s; {use}")
         return 0

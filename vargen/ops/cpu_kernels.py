@@ -1,10 +1,13 @@
-"""The ``csrc/cpu/`` extension: bf16 matmuls of a decode step's few rows on CPUs with AVX-512 BF16.
+"""The ``csrc/cpu/`` extension: bf16 inference matmuls on CPUs with AVX-512 BF16.
 
 A batch-1 step multiplies 1-4 rows by every weight once, so its matmuls stream weights, and oneDNN's prepacked
-bf16 path reads them at ~20 GB/s on the 2-core EPYC these presets are timed on, against ~55 GB/s for a plain read.
-``gemv_bf16.cpp`` reads a weight laid out for it as one sequential stream (see there). Built with the host C++
-compiler alone (no nvcc) by ``python -m vargen.ops.build --cpu`` / ``make cpu-ext``, else on first use; a failed build, a CPU
-without AVX-512 BF16 or ``VARGEN_NO_EXT=1`` leave :class:`vargen.models.linear.Linear` on oneDNN.
+bf16 path reads them at ~20 GB/s on the 2-core EPYC these presets are timed on, against ~55 GB/s for a plain read;
+a verify pass of 17-72 tokens is compute-bound, where oneDNN reached ~83% of the bf16 peak at the default model's
+shapes. ``matmul_bf16.cpp`` reads a weight laid out for it as one sequential stream of 64-output panels with a
+register-blocked micro-kernel, and is the faster of the two at every row count measured (1 to 544, the default
+model's and GPT-B's shapes; see there). Built with the host C++ compiler alone (no nvcc) by
+``python -m vargen.ops.build --cpu`` / ``make cpu-ext``, else on first use; a failed build, a CPU without AVX-512
+BF16 or ``VARGEN_NO_EXT=1`` leave :class:`vargen.models.linear.Linear` on oneDNN.
 """
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ import torch
 from . import _build
 
 NAME = "vargen_cpu_ops"
-MAX_ROWS = 4  # rows the kernel takes; more rows are compute-bound and stay on oneDNN
 FUNCTIONS = ("supported", "pack_weight", "linear")
 
 _lock = threading.Lock()
@@ -82,9 +84,9 @@ def status() -> str:
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` fits the kernel: bf16 on a CPU, at most :data:`MAX_ROWS` rows, out features a
-    multiple of 4 and in features of 32 (every LlamaGen size). Says nothing about the extension being there."""
+    """Whether ``x @ weight.T`` fits the kernel: bf16 on a CPU, out features a multiple of 16 and in features
+    even (every LlamaGen size). Says nothing about the extension being there."""
     n, k = weight.shape
     return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.numel() <= MAX_ROWS * k and n % 4 == 0 and k % 32 == 0)
+            and n % 16 == 0 and k % 2 == 0)
 
