@@ -134,8 +134,9 @@ def test_inductor_on_cpu_prepacks_the_weights(fresh_dynamo, monkeypatch):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_compiled_steps_call_the_cpu_kernel(fresh_dynamo, batch):
-    """Compiled steps (batch 1 under CFG: 2 rows; batch 3: 6) call vargen's CPU kernel from inside the graph, as a
-    dispatcher op on weights laid out for it when the model was wrapped (vargen.models.linear)."""
+    """Compiled steps (batch 1 under CFG: 2 rows; batch 3: 6) call vargen's CPU kernels from inside the graph, as
+    dispatcher ops: the matmul on weights laid out for it when the model was wrapped (vargen.models.linear), and
+    the attention."""
     from torch.profiler import ProfilerActivity, profile
 
     from vargen.ops import cpu_kernels
@@ -154,6 +155,7 @@ def test_compiled_steps_call_the_cpu_kernel(fresh_dynamo, batch):
     layers = len(model.layers)
     # every linear of every image step: wqkv, wo, w1, w3, w2 per layer and the head
     assert calls.get("vargen_cpu::stream_linear", 0) == (5 * layers + 1) * (model.num_tokens - 1), calls
+    assert calls.get("vargen_cpu::attention", 0) == layers * (model.num_tokens - 1), calls  # and its attention
     assert out.shape == eager.shape
 
 

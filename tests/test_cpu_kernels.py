@@ -95,6 +95,136 @@ def test_bf16_gpt_on_the_kernel_matches_onednn_to_bf16_rounding(kernels, monkeyp
     assert float((ours.argmax(-1) == onednn.argmax(-1)).float().mean()) >= 0.9
 
 
+def attention_reference(q, k, v, mask, scale):
+    """fp32 attention of q [B, T, H, D] over k / v [B, Hk, S, D] (kv heads repeated), mask [B, T, S]; a query
+    with nothing to attend gets zeros."""
+    rep = q.shape[2] // k.shape[1]
+    keys, values = (t.float().repeat_interleave(rep, 1) for t in (k, v))
+    scores = (q.float().transpose(1, 2) @ keys.transpose(-1, -2)) * scale
+    probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+    return (probs @ values).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("b, t, h, hk, s, d", [
+    (2, 1, 6, 6, 272, 64),   # an AR step of the default model under CFG
+    (2, 17, 6, 6, 160, 64),  # a verify window
+    (3, 72, 4, 2, 75, 32),   # grouped kv heads, slots not a multiple of 16 or 64
+    (1, 3, 2, 1, 5, 128),    # odd slot count, a head wider than one panel
+    (2, 4, 2, 2, 17, 16),
+])
+def test_attention_matches_fp32_attention_over_cache_views(kernels, b, t, h, hk, s, d):
+    g = torch.Generator().manual_seed(b * t * s + d)
+    qk = torch.randn(b, t, h + hk, d, generator=g).bfloat16()  # q as the model has it: a view of q and k together
+    q = qk[:, :, :h]
+    cache_k, cache_v = (torch.randn(b, hk, s + 9, d, generator=g).bfloat16() for _ in range(2))
+    k, v = cache_k[:, :, :s], cache_v[:, :, :s]  # the slots in use of a longer static cache
+    mask = torch.rand(b, t, s, generator=g) < 0.6
+    mask[..., 0] = True
+    if t > 2:
+        mask[0, 1] = False  # a query that sees nothing
+    ref = attention_reference(q, k, v, mask, d ** -0.5)
+    out = kernels.attention(q, k, v, mask, d ** -0.5)
+    assert out.dtype == torch.bfloat16 and out.shape == (b, t, h * d)
+    # bf16 probabilities (as SDPA's flash kernel) and one output rounding: a few bf16 ulps of values ~N(0, 1)
+    assert float((out.float() - ref).abs().max()) < 0.03
+    if t > 2:
+        assert bool((out[0, 1] == 0).all())
+    # control: the same call without the mask is a different function
+    unmasked = kernels.attention(q, k, v, torch.ones_like(mask), d ** -0.5)
+    assert float((unmasked.float() - ref).abs().max()) > 0.1
+
+
+def test_attention_refuses_what_it_cannot_take(kernels):
+    q, k = torch.randn(1, 2, 2, 24).bfloat16(), torch.randn(1, 2, 5, 24).bfloat16()
+    with pytest.raises(RuntimeError, match="head dim must be a multiple of 16, got 24"):
+        kernels.attention(q, k, k, torch.ones(1, 2, 5, dtype=torch.bool), 0.2)
+    q, k = torch.randn(1, 2, 2, 32).bfloat16(), torch.randn(1, 2, 5, 32).bfloat16()
+    with pytest.raises(RuntimeError, match=r"mask must be \[1, 2, 5\]"):
+        kernels.attention(q, k, k, torch.ones(1, 2, 4, dtype=torch.bool), 0.2)
+    with pytest.raises(RuntimeError, match="bf16 CPU q, k, v and a bool mask"):
+        kernels.attention(q.float(), k, k, torch.ones(1, 2, 5, dtype=torch.bool), 0.2)
+
+
+def test_gpt_decode_steps_on_the_attention_kernel_match_sdpa(kernels, monkeypatch):
+    """Cached decoding (prefix, then 1- and 5-token steps) of a bf16 GPT: the attention kernel against SDPA and
+    the single-query path (kernel disabled), to bf16 rounding."""
+    from conftest import make_gpt
+
+    gpt = make_gpt(vocab=64).to(torch.bfloat16).eval()
+    calls = []
+    real = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *a: calls.append(a[0].shape) or real(*a), raising=False)
+
+    def decode():
+        cache = gpt.new_cache(2)
+        tokens = torch.randint(0, 64, (2, gpt.num_tokens), generator=torch.Generator().manual_seed(1))
+        cond = gpt.condition_embeddings(torch.tensor([1, 2]))
+        prefix = torch.arange(gpt.prefix_len).expand(2, -1)
+        outs = [gpt(embeds=cond, positions=torch.full_like(prefix, -1), slots=prefix, cache=cache)]
+        n = 0
+        for width in (1, 5, 1):
+            pos = torch.arange(n, n + width).expand(2, -1)
+            outs.append(gpt(tokens=tokens[:, n:n + width], positions=pos, slots=pos + gpt.prefix_len, cache=cache))
+            n += width
+        return torch.cat([o.float().flatten(1) for o in outs], 1)
+
+    with torch.no_grad():
+        ours = decode()
+        assert len(calls) == 4 * len(gpt.layers)
+        monkeypatch.setenv("VARGEN_NO_EXT", "1")
+        reference = decode()
+    assert len(calls) == 4 * len(gpt.layers)
+    assert float((ours - reference).abs().max()) <= 0.05 * float(reference.abs().max())
+
+
+def test_layer_ops_match_the_pytorch_code_they_replace(kernels):
+    """RMSNorm, RoPE (on q and k as the strided view the model has) and SwiGLU's gate against the modules'
+    PyTorch code in bf16: the same roundings, so at most a last-place difference from an fp32 sum's order."""
+    from vargen.models.llamagen import RMSNorm
+    from vargen.models.rope import apply_rope, rope_factors
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 17, 70, generator=g) * 3).bfloat16()
+    norm = RMSNorm(70).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(70, generator=g) * 0.5 + 1)
+        torch.set_grad_enabled(True)
+        reference = norm(x)  # grad enabled: the PyTorch path
+        torch.set_grad_enabled(False)
+        assert torch.equal(norm(x), kernels.rms_norm(x, norm.weight, norm.eps))  # no grad: the module uses it
+    assert float((kernels.rms_norm(x, norm.weight, norm.eps).float() - reference.float()).abs().max()) <= \
+        2 ** -7 * float(reference.float().abs().max())
+    qkv = torch.randn(2, 17, 7, 64, generator=g).bfloat16()
+    factors = rope_factors(torch.randn(2, 17, 32, 2, generator=g))
+    qk = qkv[:, :, :5]  # heads 0-4 of every token: tokens strided
+    ours, theirs = kernels.rope(qk, *factors), apply_rope(qk, factors)
+    assert ours.is_contiguous() and float((ours.float() - theirs.float()).abs().max()) <= 2 ** -7 * 8
+    assert float((ours != theirs).float().mean()) < 0.01
+    assert not torch.equal(kernels.rope(qkv[:, :, 1:6], *factors), theirs)  # control: other heads differ
+    a, b = (torch.randn(3, 5, 96, generator=g) * 4).bfloat16(), torch.randn(3, 5, 96, generator=g).bfloat16()
+    gate = kernels.silu_mul(a, b)
+    assert float((gate.float() - (F.silu(a) * b).float()).abs().max()) <= 2 ** -7 * float(gate.float().abs().max())
+    with pytest.raises(RuntimeError, match="weight has 3 features, the input 70"):
+        kernels.rms_norm(x, torch.ones(3).bfloat16(), 1e-5)
+    with pytest.raises(RuntimeError, match="shapes differ"):
+        kernels.silu_mul(a, b[:, :4])
+
+
+def test_write_kv_matches_indexed_writes(kernels):
+    g = torch.Generator().manual_seed(5)
+    caches = [torch.randn(2, 3, 10, 16, generator=g).bfloat16() for _ in range(2)]
+    kv = torch.randn(2, 4, 2, 3, 16, generator=g).bfloat16()  # k and v as one tensor's views: strided
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    slots = torch.tensor([[0, 1, 2, 9], [5, 3, -1, 7]])
+    expected = [c.clone() for c in caches]
+    rows = torch.arange(2)[:, None]
+    expected[0][rows, :, slots], expected[1][rows, :, slots] = k, v
+    kernels.write_kv(caches[0], caches[1], slots, k, v)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+    with pytest.raises(RuntimeError, match="slot 10 outside a cache of 10"):
+        kernels.write_kv(caches[0], caches[1], torch.tensor([[0, 1, 2, 10], [0, 1, 2, 3]]), k, v)
+
+
 def test_disabled_extension_leaves_every_matmul_on_onednn(monkeypatch):
     monkeypatch.setenv("VARGEN_NO_EXT", "1")
     monkeypatch.setattr(cpu_kernels, "build", lambda verbose=False: pytest.fail("must not build"))
@@ -122,7 +252,10 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
 
 
 def test_sources_ship_apart_from_the_cuda_extension():
-    assert [p.rsplit("/", 1)[-1] for p in cpu_kernels.sources()] == ["matmul_bf16.cpp"]
+    names = lambda paths: [p.rsplit("/", 1)[-1] for p in paths]  # noqa: E731
+    assert names(cpu_kernels.sources()) == ["attention_bf16.cpp", "layer_ops_bf16.cpp", "matmul_bf16.cpp",
+                                            "module.cpp"]
+    assert names(cpu_kernels.headers()) == ["kernels.h", "simd.h", "tile.h"]  # a changed header rebuilds too
     assert not any("/cpu/" in p for p in _build.sources())  # nvcc's extension does not compile them
 
 

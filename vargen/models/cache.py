@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops import cpu_kernels
+
 
 @dataclass
 class StaticKVCache:
@@ -51,6 +53,9 @@ class StaticKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``k, v`` (``[B, T, H, D]``) at ``slots`` (``[B, T]``) of ``layer``."""
+        kernels = cpu_kernels.for_eager(k, v, self.k[layer], self.v[layer])
+        if kernels is not None and slots.dtype == torch.long:  # one op instead of two indexed writes and casts
+            return kernels.write_kv(self.k[layer], self.v[layer], slots, k, v)
         rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
         self.k[layer][rows, :, slots] = k.to(self.k[layer].dtype)
         self.v[layer][rows, :, slots] = v.to(self.v[layer].dtype)

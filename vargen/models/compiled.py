@@ -52,10 +52,13 @@ class CompiledModel:
         # oneDNN: the matrix-vector products of a batch-1 step run about 1.7x faster (GPT-B, bf16). Inductor
         # reads the flag when it compiles, i.e. inside the first call of each shape.
         self._freeze = backend == "inductor" and next(model.parameters()).device.type == "cpu"
-        if self._freeze:  # steps of <= 4 rows call vargen's CPU kernel (vargen.models.linear) as an opaque op
+        if self._freeze:  # linears and attention call vargen's CPU kernels as opaque ops where they are built
+            param = next(model.parameters())
             for module in model.modules():
                 if isinstance(module, Linear):
                     module.freeze_stream_weight()
+                elif hasattr(module, "freeze_cpu_kernel"):  # vargen.models.llamagen.Attention
+                    module.freeze_cpu_kernel(param.dtype, param.device)
         # one graph per step shape and cache length: a few methods (ZipAR's active rows alone take several shapes)
         # pass dynamo's default of 8, after which it would run every later step eagerly, without a word
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)

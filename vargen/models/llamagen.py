@@ -18,6 +18,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from .cache import StaticKVCache, causal_slot_mask
 from .checkpoint import CheckpointError, checkpoint_args, load_checked, read_checkpoint, read_state_dict
+from ..ops import cpu_kernels
 from .linear import Linear
 from .rope import apply_rope, rope_2d_table, rope_factors
 
@@ -144,6 +145,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if (kernels := cpu_kernels.for_eager(x, self.weight)) is not None:  # one op instead of seven
+            return kernels.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
@@ -204,6 +207,8 @@ class FeedForward(nn.Module):
         self.ffn_dropout = nn.Dropout(dropout)
 
     def forward(self, x):
+        if (kernels := cpu_kernels.for_eager(x)) is not None:  # one op for the gate (eager bf16 on a CPU)
+            return self.ffn_dropout(self.w2(kernels.silu_mul(self.w1(x), self.w3(x))))
         return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
@@ -214,7 +219,8 @@ def single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     On the CPU, SDPA's flash kernel spends ~260 us on this shape (2 x 6 heads x 272 slots, bf16: 0.8 MFLOP)
     against ~105 us for these three small fp32 ops, with the same error against an fp32 reference (the flash
     kernel also scores in fp32); at the default model's size that took an AR step from 10.1 to 9.1 ms in a
-    same-run comparison. Longer queries (verify windows) stay on SDPA, which wins there."""
+    same-run comparison. Longer queries (verify windows) stay on SDPA, which wins there. Both give way to vargen's
+    CPU attention kernel in bf16 where it is built (:meth:`Attention.uses_cpu_kernel`)."""
     scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
     weights = scores.masked_fill_(~mask, float("-inf")).softmax(-1)
     return torch.matmul(weights, values.float()).to(q.dtype)
@@ -230,12 +236,33 @@ class Attention(nn.Module):
         self.attn_dropout_p = attn_dropout
         self.resid_dropout = nn.Dropout(resid_dropout)
 
+    def uses_cpu_kernel(self, q: torch.Tensor) -> bool:
+        """Whether this step's attention runs vargen's CPU kernel (``csrc/cpu/attention_bf16.cpp``): bf16
+        inference on a CPU with the extension in use, head dim a multiple of 16. It beat SDPA's flash kernel 2-4x
+        and the fp32 single-query path ~1.7x at the default model's shapes (mask, softmax and sums in fp32, the
+        probabilities rounded to bf16 as SDPA's flash kernel does). Compiled graphs decide once, when
+        :class:`~vargen.models.compiled.CompiledModel` wraps the model (:meth:`freeze_cpu_kernel`)."""
+        if torch.compiler.is_compiling():
+            return self.__dict__.get("cpu_kernel_frozen", False) and q.dtype == torch.bfloat16
+        return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and self.head_dim % 16 == 0
+                and not torch.is_grad_enabled() and cpu_kernels.kernels() is not None)
+
+    def freeze_cpu_kernel(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Let compiled graphs call the CPU attention kernel as the op ``vargen_cpu::attention`` (for a bf16 CPU
+        model whose extension loads); returns whether they will."""
+        use = (dtype == torch.bfloat16 and device.type == "cpu" and self.head_dim % 16 == 0
+               and cpu_kernels.kernels() is not None)
+        self.__dict__["cpu_kernel_frozen"] = use
+        return use
+
     def forward(self, x, rope, mask, cache: Optional[StaticKVCache], layer: int, slots):
         B, T, _ = x.shape
         kv = self.n_kv_head * self.head_dim
         qk, v = self.wqkv(x).split([self.dim + kv, kv], dim=-1)
         # q and k rotated in one call: the same elementwise ops, half the op launches of a decode step's RoPE
-        qk = apply_rope(qk.view(B, T, self.n_head + self.n_kv_head, self.head_dim), rope)
+        qk = qk.view(B, T, self.n_head + self.n_kv_head, self.head_dim)
+        kernels = cpu_kernels.for_eager(qk)
+        qk = apply_rope(qk, rope) if kernels is None else kernels.rope(qk, *rope)
         q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         if cache is not None:
@@ -244,6 +271,9 @@ class Attention(nn.Module):
             keys, values = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
+        if mask is not None and not self.training and self.uses_cpu_kernel(q):
+            attend = torch.ops.vargen_cpu.attention if torch.compiler.is_compiling() else cpu_kernels.kernels().attention
+            return self.resid_dropout(self.wo(attend(q, keys, values, mask, self.head_dim ** -0.5)))
         if self.n_kv_head != self.n_head:
             rep = self.n_head // self.n_kv_head
             keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)

@@ -22,7 +22,7 @@ import torch
 from . import _build
 
 NAME = "vargen_cpu_ops"
-FUNCTIONS = ("supported", "pack_weight", "linear")
+FUNCTIONS = ("supported", "pack_weight", "linear", "attention", "rms_norm", "rope", "silu_mul", "write_kv")
 
 _lock = threading.Lock()
 _state = {"tried": False, "module": None, "status": None}
@@ -30,6 +30,10 @@ _state = {"tried": False, "module": None, "status": None}
 
 def sources() -> list:
     return sorted(str(p) for p in (_build.csrc_dir() / "cpu").glob("*.cpp"))
+
+
+def headers() -> list:
+    return sorted(str(p) for p in (_build.csrc_dir() / "cpu").glob("*.h"))
 
 
 def library_path():
@@ -40,7 +44,7 @@ def build(verbose: bool = False) -> ModuleType:
     """Compile (if the sources changed) and import the extension; raises with the compiler output on failure.
     ``-fopenmp``: ATen's ``parallel_for`` is a header template, threaded only when compiled with OpenMP."""
     path = library_path()
-    if path.exists() and not _build.stale(path, sources()):
+    if path.exists() and not _build.stale(path, sources() + headers()):
         return import_built()  # up to date: skip cpp_extension (its import alone warns about CUDA on a CPU host)
     from torch.utils.cpp_extension import load
 
@@ -90,3 +94,13 @@ def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
             and n % 16 == 0 and k % 2 == 0)
 
+
+def for_eager(*tensors: torch.Tensor) -> Optional[ModuleType]:
+    """The extension when eager bf16 inference on the CPU can use its layer ops (RMSNorm, RoPE, SwiGLU's gate,
+    the KV-cache write) on ``tensors``: all bf16 on a CPU, no autograd, not inside ``torch.compile`` (inductor fuses those steps
+    itself) and the kernels in use; else ``None``."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return None
+    if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors):
+        return None
+    return kernels()

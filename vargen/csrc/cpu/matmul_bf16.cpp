@@ -14,60 +14,12 @@
 // accumulated in fp32 and rounded to bf16 once (round to nearest even), as oneDNN does; the sums' order differs,
 // so the last bf16 place can. Only the kernel functions are compiled for AVX-512 BF16 (target attributes);
 // `supported()` says whether this CPU runs them, so the module imports anywhere.
-#include <torch/extension.h>
+#include "kernels.h"
+#include "tile.h"
+
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 namespace vargen_cpu {
-
-constexpr int NB = 4;               // 16-wide fp32 accumulator registers per row of a full panel's tile
-constexpr int64_t PANEL = 16 * NB;  // output features per full panel
-constexpr int MR = 4;               // rows per tile: 4 x 4 accumulators + 4 panel registers + 1 broadcast
-
-#define VARGEN_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
-template <int M, int BLOCKS>
-VARGEN_AVX512_BF16 static void tile(const at::BFloat16* x, const at::BFloat16* panel, at::BFloat16* y, int64_t K,
-                                    int64_t N) {
-  // x: M rows of K features; panel: [K / 2][BLOCKS][16][2]; y: M rows of N outputs, at this panel's first column
-  __m512 acc[M][BLOCKS];
-#pragma GCC unroll 4
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 4
-    for (int j = 0; j < BLOCKS; ++j) acc[m][j] = _mm512_setzero_ps();
-  const int64_t pairs = K / 2;
-  const auto* x32 = reinterpret_cast<const int32_t*>(x);  // one int32 = one pair of bf16 features
-  for (int64_t p = 0; p < pairs; ++p) {
-    __m512bh w[BLOCKS];
-#pragma GCC unroll 4
-    for (int j = 0; j < BLOCKS; ++j) w[j] = (__m512bh)_mm512_loadu_si512(panel + (p * BLOCKS + j) * 32);
-#pragma GCC unroll 4
-    for (int m = 0; m < M; ++m) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(x32[m * pairs + p]);
-#pragma GCC unroll 4
-      for (int j = 0; j < BLOCKS; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], a, w[j]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 4
-    for (int j = 0; j < BLOCKS; ++j)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * N + 16 * j), (__m256i)_mm512_cvtneps_pbh(acc[m][j]));
-}
-
-template <int BLOCKS>
-static void panel_rows(const at::BFloat16* x, const at::BFloat16* panel, at::BFloat16* y, int64_t M, int64_t K,
-                       int64_t N) {
-  // every row against one panel: after the first tile the panel is read from L2, so the weight leaves DRAM once
-  int64_t m = 0;
-  for (; m + MR <= M; m += MR) tile<MR, BLOCKS>(x + m * K, panel, y + m * N, K, N);
-  switch (M - m) {
-    case 1: tile<1, BLOCKS>(x + m * K, panel, y + m * N, K, N); break;
-    case 2: tile<2, BLOCKS>(x + m * K, panel, y + m * N, K, N); break;
-    case 3: tile<3, BLOCKS>(x + m * K, panel, y + m * N, K, N); break;
-    default: break;
-  }
-}
 
 bool supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16"); }
@@ -107,12 +59,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed) {
     for (int64_t p = p0; p < p1; ++p) {
       const auto* panel = W + p * PANEL * K;
       auto* y = Y + p * PANEL;
-      switch (p < full ? NB : tail) {
-        case 4: panel_rows<4>(X, panel, y, M, K, N); break;
-        case 3: panel_rows<3>(X, panel, y, M, K, N); break;
-        case 2: panel_rows<2>(X, panel, y, M, K, N); break;
-        default: panel_rows<1>(X, panel, y, M, K, N); break;
-      }
+      panel_rows(p < full ? NB : tail, X, K, M, panel, K, y, N);
     }
   });
   return y;
@@ -125,16 +72,3 @@ torch::Tensor linear_meta(const torch::Tensor& x, const torch::Tensor& packed) {
 }
 
 }  // namespace vargen_cpu
-
-// the same kernel as a dispatcher op, so a compiled graph calls it without a trip through Python
-TORCH_LIBRARY(vargen_cpu, m) { m.def("stream_linear(Tensor x, Tensor packed) -> Tensor"); }
-TORCH_LIBRARY_IMPL(vargen_cpu, CPU, m) { m.impl("stream_linear", &vargen_cpu::linear); }
-TORCH_LIBRARY_IMPL(vargen_cpu, Meta, m) { m.impl("stream_linear", &vargen_cpu::linear_meta); }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "vargen CPU kernels: bf16 inference matmuls on a weight laid out as one sequential stream of panels";
-  m.def("supported", &vargen_cpu::supported, "whether this CPU runs the AVX-512 BF16 kernels");
-  m.def("pack_weight", &vargen_cpu::pack_weight, "[N, K] bf16 weight -> the kernel's layout", py::arg("weight"));
-  m.def("linear", &vargen_cpu::linear, "x [..., K] @ packed weight^T -> [..., N] bf16", py::arg("x"),
-        py::arg("packed"));
-}
