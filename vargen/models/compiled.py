@@ -35,8 +35,8 @@ class CompiledModel:
     Args:
         model: the model to compile (weights are shared, not copied).
         mode: ``torch.compile`` mode; ``"reduce-overhead"`` uses CUDA graphs on a GPU. On a CPU, inductor also
-            freezes the weights (prepacked for oneDNN; a second copy of them in memory, and changes to the
-            module's weights after the first call are not seen).
+            freezes the weights (laid out for vargen's CPU kernel, or prepacked for oneDNN without it; a second
+            copy of them in memory, and changes to the module's weights after the first call are not seen).
         backend: ``"inductor"`` (default); ``"eager"`` / ``"aot_eager"`` trace without code
             generation (tests use them to check graph breaks and recompilations on CPU).
         fullgraph: fail on a graph break instead of silently running pieces eagerly.
