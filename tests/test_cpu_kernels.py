@@ -225,6 +225,28 @@ def test_write_kv_matches_indexed_writes(kernels):
         kernels.write_kv(caches[0], caches[1], torch.tensor([[0, 1, 2, 10], [0, 1, 2, 3]]), k, v)
 
 
+def test_eager_ops_stay_off_under_autograd_autocast_and_other_dtypes(kernels):
+    from conftest import make_gpt
+
+    x = torch.ones(2, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert cpu_kernels.for_eager(x) is kernels
+        assert cpu_kernels.for_eager(x, x.float()) is None
+        with torch.autocast("cpu", torch.bfloat16):
+            assert cpu_kernels.for_eager(x) is None
+    assert cpu_kernels.for_eager(x) is None  # autograd on
+    # an fp32 model under bf16 autocast (bf16 activations, an fp32 cache) decodes on the PyTorch path
+    gpt = make_gpt(vocab=64)
+    cache = gpt.new_cache(1)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        prefix = torch.arange(gpt.prefix_len)[None]
+        gpt(embeds=gpt.condition_embeddings(torch.tensor([1])), positions=torch.full_like(prefix, -1), slots=prefix,
+            cache=cache)
+        step = torch.tensor([[0]])
+        logits = gpt(tokens=step, positions=step, slots=step + gpt.prefix_len, cache=cache)
+    assert logits.shape == (1, 1, 64) and bool(torch.isfinite(logits).all())
+
+
 def test_disabled_extension_leaves_every_matmul_on_onednn(monkeypatch):
     monkeypatch.setenv("VARGEN_NO_EXT", "1")
     monkeypatch.setattr(cpu_kernels, "build", lambda verbose=False: pytest.fail("must not build"))

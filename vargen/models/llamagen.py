@@ -245,7 +245,7 @@ class Attention(nn.Module):
         if torch.compiler.is_compiling():
             return self.__dict__.get("cpu_kernel_frozen", False) and q.dtype == torch.bfloat16
         return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and self.head_dim % 16 == 0
-                and not torch.is_grad_enabled() and cpu_kernels.kernels() is not None)
+                and cpu_kernels.for_eager(q) is not None)
 
     def freeze_cpu_kernel(self, dtype: torch.dtype, device: torch.device) -> bool:
         """Let compiled graphs call the CPU attention kernel as the op ``vargen_cpu::attention`` (for a bf16 CPU
@@ -271,8 +271,9 @@ class Attention(nn.Module):
             keys, values = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
-        if mask is not None and not self.training and self.uses_cpu_kernel(q):
-            attend = torch.ops.vargen_cpu.attention if torch.compiler.is_compiling() else cpu_kernels.kernels().attention
+        if mask is not None and not self.training and keys.dtype == torch.bfloat16 and self.uses_cpu_kernel(q):
+            compiling = torch.compiler.is_compiling()
+            attend = torch.ops.vargen_cpu.attention if compiling else cpu_kernels.kernels().attention
             return self.resid_dropout(self.wo(attend(q, keys, values, mask, self.head_dim ** -0.5)))
         if self.n_kv_head != self.n_head:
             rep = self.n_head // self.n_kv_head
