@@ -171,8 +171,8 @@ def bench_speed(pipe, methods: Sequence[str], n: int = 32, seed: int = 0, batch_
 
 
 def _device_name(device) -> str:
-    """The device as a report names it; on a CPU also whether steps of <= 4 rows ran vargen's kernel (read when the
-    report is made, after the decodes), which moves AR's batch-1 step by ~1.4x."""
+    """The device as a report names it; on a CPU also whether vargen's CPU kernels ran (read when the report is
+    made, after the decodes), which moved AR's batch-1 step by ~1.8x on the default model."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -95,9 +95,9 @@ class Linear(nn.Linear):
                 y = torch.ops.vargen_cpu.stream_linear(x, frozen)  # registered by the extension
                 return y if self.bias is None else y + self.bias
             return F.linear(x, self.weight, self.bias)
+        if cpu_kernels.takes(x, self.weight) and (kernels := cpu_kernels.for_eager(x, self.weight)) is not None:
+            y = kernels.linear(x, self.stream_weight(kernels))
+            return y if self.bias is None else y + self.bias
         if self._packable(x):
-            if cpu_kernels.takes(x, self.weight) and (kernels := cpu_kernels.kernels()) is not None:
-                y = kernels.linear(x, self.stream_weight(kernels))
-                return y if self.bias is None else y + self.bias
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -236,16 +236,15 @@ class Attention(nn.Module):
         self.attn_dropout_p = attn_dropout
         self.resid_dropout = nn.Dropout(resid_dropout)
 
-    def uses_cpu_kernel(self, q: torch.Tensor) -> bool:
+    def uses_cpu_kernel(self, q: torch.Tensor, keys: torch.Tensor) -> bool:
         """Whether this step's attention runs vargen's CPU kernel (``csrc/cpu/attention_bf16.cpp``): bf16
         inference on a CPU with the extension in use, head dim a multiple of 16. It beat SDPA's flash kernel 2-4x
         and the fp32 single-query path ~1.7x at the default model's shapes (mask, softmax and sums in fp32, the
         probabilities rounded to bf16 as SDPA's flash kernel does). Compiled graphs decide once, when
         :class:`~vargen.models.compiled.CompiledModel` wraps the model (:meth:`freeze_cpu_kernel`)."""
         if torch.compiler.is_compiling():
-            return self.__dict__.get("cpu_kernel_frozen", False) and q.dtype == torch.bfloat16
-        return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and self.head_dim % 16 == 0
-                and cpu_kernels.for_eager(q) is not None)
+            return self.__dict__.get("cpu_kernel_frozen", False) and q.dtype == keys.dtype == torch.bfloat16
+        return self.head_dim % 16 == 0 and cpu_kernels.for_eager(q, keys) is not None
 
     def freeze_cpu_kernel(self, dtype: torch.dtype, device: torch.device) -> bool:
         """Let compiled graphs call the CPU attention kernel as the op ``vargen_cpu::attention`` (for a bf16 CPU
@@ -271,7 +270,7 @@ class Attention(nn.Module):
             keys, values = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
-        if mask is not None and not self.training and keys.dtype == torch.bfloat16 and self.uses_cpu_kernel(q):
+        if mask is not None and not self.training and self.uses_cpu_kernel(q, keys):
             compiling = torch.compiler.is_compiling()
             attend = torch.ops.vargen_cpu.attention if compiling else cpu_kernels.kernels().attention
             return self.resid_dropout(self.wo(attend(q, keys, values, mask, self.head_dim ** -0.5)))
