@@ -97,9 +97,9 @@ def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def for_eager(*tensors: torch.Tensor) -> Optional[ModuleType]:
     """The extension when eager bf16 inference on the CPU can use its ops (the matmul, the attention and the layer
-    ops: RMSNorm, RoPE, SwiGLU's gate, the KV-cache write) on ``tensors``: all bf16 on a CPU, no autograd, no autocast (whose
-    mixed dtypes the PyTorch code handles), not inside ``torch.compile`` (inductor fuses the layer ops itself) and
-    the kernels in use; else ``None``."""
+    ops: RMSNorm, RoPE, SwiGLU's gate, the KV-cache write) on ``tensors``: all bf16 on a CPU, no autograd, no
+    autocast (whose mixed dtypes the PyTorch code handles), not inside ``torch.compile`` (inductor fuses the layer
+    ops itself) and the kernels in use; else ``None``."""
     if torch.compiler.is_compiling() or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return None
     if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors):
