@@ -1,4 +1,5 @@
-"""The csrc/cpu/ bf16 matmul kernel (decode steps, verify windows, batches), and the Linear path that takes it."""
+"""The csrc/cpu/ kernels: the bf16 matmul (decode steps, verify windows, batches) and the Linear path that takes it,
+the attention and layer ops, and the fp32 sampling ops of a verify step."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -247,6 +248,80 @@ def test_eager_ops_stay_off_under_autograd_autocast_and_other_dtypes(kernels):
     assert logits.shape == (1, 1, 64) and bool(torch.isfinite(logits).all())
 
 
+def _window(seed, B=48, L=6, V=300):
+    """Random verify-step inputs with sharp distributions, zero-probability tokens and drafts that often pass."""
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(B, L + 1, V, generator=g) ** 6
+    probs[..., :5] = 0
+    probs /= probs.sum(-1, keepdim=True)
+    q = torch.rand(B, L, V, generator=g) ** 6
+    q /= q.sum(-1, keepdim=True)
+    drafts = torch.randint(5, V, (B, L), generator=g)
+    q.scatter_(-1, drafts[..., None], probs[:, :L].gather(-1, drafts[..., None]) * 0.7)  # p > q there: passes
+    coins, valid = torch.rand(B, L, generator=g), torch.rand(B, L, generator=g) < 0.95
+    noise = -torch.rand(B, V, generator=g).log1p()
+    return probs, q, drafts, coins, valid, noise, torch.rand(B, L, generator=g) * 0.01, g
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampling_kernels_agree_with_the_reference(kernels, seed):
+    from vargen import ops
+    from vargen.ops import reference
+
+    probs, q, drafts, coins, valid, noise, extra, g = _window(seed)
+    for e in (None, extra):
+        r, x = kernels.verify_window(probs, q, drafts, coins, valid, noise, e)
+        r_ref, x_ref = reference.verify_window(probs, q, drafts, coins, valid, noise, e)
+        assert torch.equal(r, r_ref) and torch.equal(x, x_ref)
+        assert 0 < int((r > 0).sum()) and int((r < drafts.shape[1]).sum()) > 0  # accepts and rejects both occur
+    p, old = probs[:, 1:], q.clone()
+    old[:4] = p[:4]  # residuals without mass: drawn from p
+    u, residual = torch.rand(p.shape[:-1], generator=g), torch.rand(p.shape[:-1], generator=g) < 0.5
+    for args in ((None, None), (old, residual)):
+        drawn = ops.draw_categorical(p, u, *args)
+        assert torch.equal(drawn, reference.draw_categorical(p, u, *args))  # the running sums agree to the bit
+        assert bool((p.gather(-1, drawn[..., None]) > 0).all())  # never a token of probability 0
+    res = (p - old).clamp_min(0)
+    picked = ops.draw_categorical(p, u, old, residual).masked_select(residual & (res.sum(-1) > 0))
+    assert bool((res[residual & (res.sum(-1) > 0)].gather(-1, picked[:, None]) > 0).all())  # from the residual
+    # control: the kernel really ran (the reference is not called while the extension is loaded)
+    calls = []
+    real = reference.draw_categorical
+    reference.draw_categorical = lambda *a: calls.append(1) or real(*a)
+    try:
+        ops.draw_categorical(p, u)
+    finally:
+        reference.draw_categorical = real
+    assert calls == []
+
+
+def test_inverse_cdf_draws_follow_their_distribution(kernels):
+    from vargen import ops
+    from vargen.decoding.acceptance import residual
+
+    p = torch.tensor([0.05, 0.0, 0.4, 0.25, 0.3])
+    q = torch.tensor([0.2, 0.1, 0.1, 0.5, 0.1])
+    n = 200_000
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(n, generator=g)
+    for args, target in (((), p), ((q.expand(n, 5), torch.ones(n, dtype=torch.bool)), residual(p, q))):
+        freq = torch.bincount(ops.draw_categorical(p.expand(n, 5), u, *args), minlength=5).double() / n
+        assert float((freq - target.double()).abs().max()) < 4e-3
+        assert not float((freq - p.roll(1).double()).abs().max()) < 4e-3  # control: another distribution fails
+
+
+def test_sampling_kernels_only_run_on_loaded_cpu_tensors_outside_autograd(kernels, monkeypatch):
+    x = torch.rand(2, 8)
+    assert cpu_kernels.for_sampling(x, None) is kernels
+    assert cpu_kernels.for_sampling(x, torch.rand(2, requires_grad=True)) is None  # the kernels have no backward
+    assert cpu_kernels.for_sampling(x, torch.rand(2, device="meta")) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert cpu_kernels.for_sampling(x) is None
+    monkeypatch.undo()
+    monkeypatch.setitem(cpu_kernels._state, "module", None)  # not loaded (an fp32 run): the reference
+    assert cpu_kernels.for_sampling(x) is None
+
+
 def test_disabled_extension_leaves_every_matmul_on_onednn(monkeypatch):
     monkeypatch.setenv("VARGEN_NO_EXT", "1")
     monkeypatch.setattr(cpu_kernels, "build", lambda verbose=False: pytest.fail("must not build"))
@@ -276,7 +351,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
 def test_sources_ship_apart_from_the_cuda_extension():
     names = lambda paths: [p.rsplit("/", 1)[-1] for p in paths]  # noqa: E731
     assert names(cpu_kernels.sources()) == ["attention_bf16.cpp", "layer_ops_bf16.cpp", "matmul_bf16.cpp",
-                                            "module.cpp"]
+                                            "module.cpp", "sampling_cpu.cpp"]
     assert names(cpu_kernels.headers()) == ["kernels.h", "simd.h", "tile.h"]  # a changed header rebuilds too
     assert not any("/cpu/" in p for p in _build.sources())  # nvcc's extension does not compile them
 

@@ -10,6 +10,7 @@ from vargen.decoding.acceptance import ExactAcceptance, drop_tokens
 from vargen.decoding.methods import compose_method
 from vargen.decoding.pac import pac_layout, sibling_drafts, tree_tokens
 from vargen.decoding.speculative import decode_sjd
+from vargen.ops import draw_categorical
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,9 @@ def test_pac_samples_follow_the_exact_ar_distribution(one_thread, small, init, c
     expected = exact_distribution(small, 1, sampling)
     tokens, stats = sample(small, sampling, window=window, init=init, coupling=coupling, pac_width=width,
                            pac_depth=depth, pac_chain=chain, pac_siblings=siblings)
-    assert chi_square_p(tokens, expected, 4) > 1e-3
+    # 1e-4, not 1e-3: seeds 0..3999 give p = 2e-4 for ("left", "maximal", 3, 4, 2, 0, "q") with the inverse-CDF
+    # redraws, while 80,000 other seeds of it give p = 0.44; the broken controls below fail at < 1e-6
+    assert chi_square_p(tokens, expected, 4) > 1e-4
     assert stats.method == speculative.sjd_method_name(coupling, "exact", True) and stats.extra["pac"]
     assert len(set(stats.per_sample_forward_passes)) > 1  # samples advance by different lengths in one batch
 
@@ -71,7 +74,8 @@ def test_the_chi_square_test_catches_a_broken_tree_walk(one_thread, broken, sibl
 
 def test_naive_continuation_that_keeps_drafts_untested_is_not_lossless(one_thread, small, monkeypatch):
     """The naive reading of continuation: keep every later draft as it is, judged next pass against this pass's p."""
-    monkeypatch.setattr(speculative, "couple", lambda new_q, old_q, old_draft, coins, noise: old_draft)
+    monkeypatch.setattr(speculative, "couple", lambda new_q, old_q, old_draft, coins, u, where:
+                        torch.where(where, old_draft, draw_categorical(new_q, u)))
     tokens, _ = sample(small, SHARP, window=3, init="left")
     assert chi_square_p(tokens, exact_distribution(small, 1, SHARP), 4) < 1e-6
 

@@ -14,7 +14,6 @@ import torch
 
 from .. import ops
 from ..ops.reference import gather_prob, residual, settle_window  # one implementation
-from .sampling import sample_categorical
 
 __all__ = ["ExactAcceptance", "LanternAcceptance", "GroupedAcceptance", "codebook_neighbours", "couple",
            "drop_tokens", "gather_prob", "residual"]
@@ -119,16 +118,19 @@ def drop_tokens(p: torch.Tensor, ids: torch.Tensor, drop: Optional[torch.Tensor]
 
 
 def couple(new_q: torch.Tensor, old_q: torch.Tensor, old_draft: torch.Tensor, coins: torch.Tensor,
-           noise: torch.Tensor) -> torch.Tensor:
+           u: torch.Tensor, where: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Maximal coupling of a redraw: a token distributed exactly as ``new_q`` that equals ``old_draft``
     (drawn from ``old_q``) with the largest possible probability, ``sum min(new_q, old_q)``.
 
     This is one step of speculative sampling with the old draft as the proposal, which is
-    why the marginal is exact whatever ``old_q`` was.
+    why the marginal is exact whatever ``old_q`` was: keep the old draft iff ``coins * old_q(d) < new_q(d)``,
+    else draw from ``norm(max(new_q - old_q, 0))`` by inverse CDF with the U(0, 1) ``u``
+    (:func:`vargen.ops.draw_categorical`). Cells where ``where`` is False are not coupled: a plain draw from
+    ``new_q`` with the same ``u``, in the same kernel call.
     """
-    keep = coins * gather_prob(old_q, old_draft) < gather_prob(new_q, old_draft)
-    fresh = sample_categorical(residual(new_q, old_q), noise=noise)
-    return torch.where(keep, old_draft, fresh)
+    coupled = torch.ones_like(old_draft, dtype=torch.bool) if where is None else where
+    keep = coupled & (coins * gather_prob(old_q, old_draft) < gather_prob(new_q, old_draft))
+    return torch.where(keep, old_draft, ops.draw_categorical(new_q, u, old_q, coupled))
 
 
 def codebook_neighbours(codebook: torch.Tensor, k: int = 1000) -> torch.Tensor:

@@ -290,7 +290,9 @@ def decode_eagle(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds
     stats.extra.update(
         tree=tree, depth=shape.D, tree_tokens=shape.M, topk=shape.K if shape.dynamic else None,
         acceptance=acceptance.name, drafter_passes=run.drafter_passes,
-        mean_accepted=float(verify.float().mean() + 1) if len(verify) else 0.0,
+        # every sample commits N - 1 tokens in its verify passes (a pass that accepts up to the last cell has no
+        # token of its own, so accepted drafts + 1 would overcount there)
+        mean_accepted=B * (N - 1) / len(verify) if len(verify) else 0.0,
         mean_accepted_drafts=float(verify.float().mean()) if len(verify) else 0.0,
         accepted_cells=run.from_draft[:, :N].float().mean(0).tolist())
     return run.canvas[:, :N], stats

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from ..models.lpd import LPD, TRAIN_HINT, load_lpd
 from .lpd_order import ORDERS, group_bounds, group_schedule, iter_groups, order_generator
-from .sampling import SamplingConfig, exponential_noise, sample_categorical
+from .. import ops
+from .sampling import SamplingConfig, uniform_noise
 from .session import DecodeSession, target_pass
 from .trained import resolve_trained
 
@@ -37,10 +38,11 @@ def lpd_pass(model, sampling: SamplingConfig, cache, prefix_len: int, tokens: to
              slots: torch.Tensor, mask: torch.Tensor, ramp: torch.Tensor, noise: torch.Tensor) -> tuple:
     """One LPD pass as a function of its inputs and its draws (``--compile`` captures it whole): the previous
     group's tokens and this group's queries in, this group's tokens out, each query row guided with its ``ramp``
-    scale and sampled with its ``noise`` row (``[B, queries, V]``, drawn outside the graph in eager's order).
+    scale and drawn with its ``noise`` uniform (``[B, queries]``, drawn outside the graph in eager's order;
+    :func:`vargen.ops.draw_categorical`).
     Returns ``(tokens [B, queries], count of positions with non-finite logits)``."""
     probs, bad = target_pass(model, sampling, cache, prefix_len, tokens, positions, slots, mask, cfg_scale=ramp)
-    return sample_categorical(probs[:, tokens.shape[1] - noise.shape[1]:], noise=noise), bad
+    return ops.draw_categorical(probs[:, tokens.shape[1] - noise.shape[1]:], noise), bad
 
 
 @torch.no_grad()
@@ -68,7 +70,7 @@ def decode_lpd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     if order not in ORDERS:
         raise ValueError(f"unknown LPD order {order!r}; choose from {ORDERS}")
     lpd = resolve_lpd(model, weights)
-    N, V = lpd.num_tokens, lpd.vocab_size
+    N = lpd.num_tokens
     sizes = group_schedule(N, steps)
     bounds = group_bounds(sizes)
     # --compile (the pipeline's GPT wrapped): LPD's own model, compiled alike, runs each pass as one graph
@@ -94,7 +96,7 @@ def decode_lpd(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
                           (slot_ids[None, :] < limit[:, None]).expand(B, -1, -1)], 2)
         rank = torch.cat([torch.zeros(a - prev, device=dev), torch.arange(a, b, device=dev) / N])
         ramp = 1 + (sampling.cfg_scale - 1) * rank  # only the query rows' scales matter
-        noise = exponential_noise((b - a, V), session.generators, dev)
+        noise = uniform_noise((b - a,), session.generators, dev)
         generated[:, a:b], bad = step(lpd, session.sampling, session.cache, P, tokens, orders[:, prev:b],
                                       slot_ids[prev:b].expand(B, -1), mask, ramp[None, :, None], noise)
         session.count_pass(bad)

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ..models.nar import TRAIN_HINT, NARModel, load_nar
 from .nar_order import anti_diagonals, proximity_slot_mask
-from .sampling import SamplingConfig, exponential_noise, sample_categorical
+from .. import ops
+from .sampling import SamplingConfig, sample_categorical, uniform_noise
 from .session import DecodeSession, target_pass
 from .trained import resolve_trained
 
@@ -33,11 +34,12 @@ def nar_pass(model, sampling: SamplingConfig, cache, prefix_len: int, tokens: to
              mask: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor) -> tuple:
     """One NAR pass as a function of its inputs and its draws (``--compile`` captures it whole): the tokens of one
     anti-diagonal in at their ``cells`` (position and raster slot), the next diagonal's ``targets`` sampled with
-    ``noise`` (``[B, targets, V]``, drawn outside the graph in eager's order). Returns ``(tokens [B, targets],
+    ``noise`` (``[B, targets]`` U(0, 1), drawn outside the graph in eager's order;
+    :func:`vargen.ops.draw_categorical`). Returns ``(tokens [B, targets],
     count of positions with non-finite logits)``."""
     probs, bad = target_pass(model, sampling, cache, prefix_len, tokens, cells, cells, mask,
                              model_inputs={"targets": targets})
-    return sample_categorical(probs, noise=noise), bad
+    return ops.draw_categorical(probs, noise), bad
 
 
 @torch.no_grad()
@@ -58,7 +60,7 @@ def decode_nar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
         gives cell (0, 0)); ``stats.extra["step_compression"] == N / (H + W - 1)``.
     """
     nar = resolve_nar(model, weights)
-    grid, N, V = nar.grid, nar.num_tokens, nar.vocab_size
+    grid, N = nar.grid, nar.num_tokens
     # --compile (the pipeline's GPT wrapped): NAR's own model, compiled alike, runs each pass as one graph
     runner = model.companion(nar) if hasattr(model, "companion") else None
     step = runner.whole_step(nar_pass, dynamic=None) if runner is not None else nar_pass
@@ -76,7 +78,7 @@ def decode_nar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds: 
     for c in tqdm(range(1, len(groups)), disable=not progress, desc="nar", leave=False):
         parents, children = cells[c - 1].expand(B, -1), cells[c].expand(B, -1)
         mask = proximity_slot_mask(grid, c - 1, parents.shape[1], cond_visible, session.cache.max_len)
-        noise = exponential_noise((children.shape[1], V), session.generators, dev)
+        noise = uniform_noise((children.shape[1],), session.generators, dev)
         new, bad = step(nar, session.sampling, session.cache, P, tokens.gather(1, parents), parents, mask, children,
                         noise)
         session.count_pass(bad)

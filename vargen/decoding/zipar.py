@@ -18,7 +18,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from .sampling import SamplingConfig, exponential_noise, sample_categorical
+from .. import ops
+from .sampling import SamplingConfig, sample_categorical, uniform_noise
 from .session import DecodeSession, target_pass
 
 Step = List[Tuple[int, int, int]]  # (input cell, slot/position cell, predicted cell or -1)
@@ -69,10 +70,11 @@ def zipar_pass(model, sampling: SamplingConfig, cache, prefix_len: int, tokens: 
                slots: torch.Tensor, real: torch.Tensor, noise: torch.Tensor) -> tuple:
     """One ZipAR pass as a function of its inputs and its draws (``--compile`` captures it whole): one token per
     active row in at its raster ``slots`` and ``positions`` (padding inputs write the scratch slot), and the
-    predictions of the inputs ``real`` sampled with ``noise`` (``[B, len(real), V]``, drawn outside the graph
-    in eager's order). Returns ``(tokens [B, len(real)], count of positions with non-finite logits)``."""
+    predictions of the inputs ``real`` drawn with ``noise`` (``[B, len(real)]`` U(0, 1), one per token, drawn
+    outside the graph in eager's order; :func:`vargen.ops.draw_categorical`). Returns ``(tokens [B, len(real)],
+    count of positions with non-finite logits)``."""
     probs, bad = target_pass(model, sampling, cache, prefix_len, tokens, positions, slots)
-    return sample_categorical(probs[:, real], noise=noise), bad
+    return ops.draw_categorical(probs[:, real], noise), bad
 
 
 @torch.no_grad()
@@ -87,7 +89,7 @@ def decode_zipar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds
         ``(tokens [B, N], DecodeStats)``.
     """
     H, W = model.grid
-    N, V = model.num_tokens, model.vocab_size
+    N = model.num_tokens
     schedule = zipar_schedule(H, W, window)
     width = max(len(s) for s in schedule) if schedule else 1
     session = DecodeSession(model, cond, sampling, seeds, cond_mask, method="zipar",
@@ -111,7 +113,7 @@ def decode_zipar(model, cond, sampling: SamplingConfig = SamplingConfig(), seeds
     committed = torch.ones(B, dtype=torch.long, device=dev)
     session.advance(committed)
     for i, (src, slot, real, target) in enumerate(tqdm(passes, disable=not progress, desc="zipar", leave=False)):
-        noise = exponential_noise((len(real), V), gens, dev)
+        noise = uniform_noise((len(real),), gens, dev)
         tokens[:, target], bad = step(target_model, session.sampling, session.cache, session.prefix_len,
                                       tokens[:, src], slot.clamp(max=N - 1), slot, real, noise)
         session.count_pass(bad)

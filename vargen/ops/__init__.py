@@ -1,8 +1,10 @@
 """Fused decoding/rendering ops: CUDA kernels (``csrc/``) with PyTorch reference fallbacks.
 
 Each op runs its kernel when every tensor is on a CUDA device, no gradient is needed and
-the extension is available (see :func:`extension_status`); otherwise it runs the
-reference in :mod:`vargen.ops.reference`, which is what CPU decoding always uses.
+the extension is available (see :func:`extension_status`); :func:`verify_window` and
+:func:`draw_categorical` also run CPU kernels (``csrc/cpu/sampling_cpu.cpp``) once vargen's CPU
+extension is loaded (:func:`vargen.ops.cpu_kernels.for_sampling`). Otherwise each runs the
+reference in :mod:`vargen.ops.reference`, which also defines what the kernels compute.
 Kernels and references agree exactly on discrete outputs (accepted lengths, tokens,
 supports) up to float rounding at ties and boundaries, and on probabilities to ~1e-6.
 """
@@ -12,10 +14,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference
+from . import cpu_kernels, reference
 from ._build import extension, extension_status
 
-__all__ = ["sampling_probs", "verify_window", "lantern_pooled_mass", "liif_corners", "extension",
+__all__ = ["sampling_probs", "verify_window", "draw_categorical", "lantern_pooled_mass", "liif_corners", "extension",
            "extension_status", "reference"]
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -69,6 +71,12 @@ def verify_window(probs: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, co
         and valid) and ``argmax(dist / noise)`` with ``dist = norm(max(p_r - q_r, 0))`` (``p_r`` if that
         mass is 0) when ``r < L``, else ``p_L``.
     """
+    cpu = cpu_kernels.for_sampling(probs, q, drafts, coins, valid, noise, extra)
+    if cpu is not None and probs.dtype == q.dtype == coins.dtype == noise.dtype == torch.float32 and q.shape[1] > 0 \
+            and (extra is None or extra.dtype == torch.float32):
+        return cpu.verify_window(probs.contiguous(), q.contiguous(), drafts.long().contiguous(), coins.contiguous(),
+                                 valid.bool().contiguous(), noise.contiguous(),
+                                 None if extra is None else extra.contiguous())
     ext = _kernels(probs, q, drafts, coins, valid, noise, extra)
     if ext is None or any(t.dtype != torch.float32 for t in (probs, q, coins, noise)) or \
             (extra is not None and extra.dtype != torch.float32) or q.shape[1] == 0:
@@ -77,6 +85,24 @@ def verify_window(probs: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, co
                              valid.bool().contiguous(), noise.contiguous(),
                              None if extra is None else extra.contiguous())
     return r, x
+
+
+def draw_categorical(p: torch.Tensor, u: torch.Tensor, q: Optional[torch.Tensor] = None,
+                     residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One exact draw per row of ``p`` ``[..., V]`` by inverse CDF with ``u`` ``[...]`` U(0, 1); where ``residual``
+    is True, from ``max(p - q, 0)`` (:func:`vargen.ops.reference.draw_categorical`). Returns ``[...]`` long."""
+    if (q is None) != (residual is None):
+        raise ValueError("draw_categorical takes q and residual together")
+    cpu = cpu_kernels.for_sampling(p, u, q, residual)
+    if cpu is None or p.dtype != torch.float32 or u.dtype != torch.float32 or (q is not None and q.dtype != p.dtype) \
+            or p.numel() == 0:
+        return reference.draw_categorical(p, u, q, residual)
+    V = p.shape[-1]
+    rows = lambda t: t.reshape(-1, V).contiguous()  # noqa: E731
+    out = cpu.draw_categorical(rows(p), None if q is None else rows(q.expand_as(p)),
+                               None if residual is None else residual.expand(p.shape[:-1]).reshape(-1).contiguous(),
+                               u.expand(p.shape[:-1]).reshape(-1).contiguous())
+    return out.view(p.shape[:-1])
 
 
 def lantern_pooled_mass(p: torch.Tensor, drafts: torch.Tensor, neighbours: torch.Tensor,

@@ -22,7 +22,8 @@ import torch
 from . import _build
 
 NAME = "vargen_cpu_ops"
-FUNCTIONS = ("supported", "pack_weight", "linear", "attention", "rms_norm", "rope", "silu_mul", "write_kv")
+FUNCTIONS = ("supported", "pack_weight", "linear", "attention", "rms_norm", "rope", "silu_mul", "write_kv",
+             "draw_categorical", "verify_window")
 
 _lock = threading.Lock()
 _state = {"tried": False, "module": None, "status": None}
@@ -93,6 +94,20 @@ def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     n, k = weight.shape
     return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
             and n % 16 == 0 and k % 2 == 0)
+
+
+def for_sampling(*tensors: Optional[torch.Tensor]) -> Optional[ModuleType]:
+    """The extension when its fp32 sampling ops (``sampling_cpu.cpp``: a window's verification, inverse-CDF draws)
+    can run on ``tensors`` (``None`` entries ignored): all on a CPU, none needing a gradient, not inside
+    ``torch.compile`` (graphs trace the reference) and the extension already loaded, i.e. by a bf16 model's first
+    step. Sampling alone never builds it: an fp32 run without it keeps the reference, which agrees with the kernels."""
+    if torch.compiler.is_compiling() or not in_use():
+        return None
+    present = [t for t in tensors if t is not None]
+    if not all(t.device.type == "cpu" for t in present) or \
+            (torch.is_grad_enabled() and any(t.requires_grad for t in present)):
+        return None
+    return _state["module"]
 
 
 def for_eager(*tensors: torch.Tensor) -> Optional[ModuleType]:

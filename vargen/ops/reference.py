@@ -67,6 +67,20 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, r / mass.clamp_min(1e-30), p)
 
 
+def draw_categorical(p: torch.Tensor, u: torch.Tensor, q: Optional[torch.Tensor] = None,
+                     residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One exact draw per row of ``p`` ``[..., V]`` (unnormalised weights) by inverse CDF with ``u`` ``[...]`` U(0, 1):
+    the first token whose cumulative weight reaches ``(1 - u)`` of the total, so a token of weight 0 is never
+    drawn. Where ``residual`` ``[...]`` is True the weights are ``max(p - q, 0)`` (the speculative residual; ``p``
+    where that has no mass). One uniform per draw where ``argmax(p / E)`` takes ``V`` Exp(1) numbers."""
+    w = p
+    if q is not None:
+        res = (p - q).clamp_min(0)
+        w = torch.where((residual & (res.sum(-1, dtype=torch.float64) > 0))[..., None], res, p)
+    cum = w.cumsum(-1)  # on a CPU, summed in double and rounded to fp32 (the CPU kernel does the same)
+    return (cum < ((1 - u) * cum[..., -1])[..., None]).sum(-1)
+
+
 def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, coins: torch.Tensor,
                   extra: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Bool ``[...]``: ``coins * q(d) < p(d) + extra`` (``extra`` = mass a relaxed rule adds to ``p(d)``)."""

@@ -1,4 +1,5 @@
-// vargen CPU kernels: the functions the module exports (matmul_bf16.cpp, attention_bf16.cpp, layer_ops_bf16.cpp).
+// vargen CPU kernels: the functions the module exports (matmul_bf16.cpp, attention_bf16.cpp, layer_ops_bf16.cpp,
+// sampling_cpu.cpp).
 #pragma once
 #include <torch/extension.h>
 
@@ -18,5 +19,12 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
 torch::Tensor silu_mul(const torch::Tensor& a, const torch::Tensor& b);
 void write_kv(torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots, const torch::Tensor& k,
               const torch::Tensor& v);
+
+torch::Tensor draw_categorical(const torch::Tensor& p, const c10::optional<torch::Tensor>& q,
+                               const c10::optional<torch::Tensor>& residual, const torch::Tensor& u);
+std::tuple<torch::Tensor, torch::Tensor> verify_window(const torch::Tensor& probs, const torch::Tensor& q,
+                                                       const torch::Tensor& drafts, const torch::Tensor& coins,
+                                                       const torch::Tensor& valid, const torch::Tensor& noise,
+                                                       const c10::optional<torch::Tensor>& extra);
 
 }  // namespace vargen_cpu

@@ -17,7 +17,7 @@ TORCH_LIBRARY_IMPL(vargen_cpu, Meta, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "vargen CPU kernels: bf16 inference matmuls and KV-cache attention with AVX-512 BF16";
+  m.doc() = "vargen CPU kernels: bf16 matmuls and KV-cache attention (AVX-512 BF16), a verify step's sampling";
   m.def("supported", &vargen_cpu::supported, "whether this CPU runs the AVX-512 BF16 kernels");
   m.def("pack_weight", &vargen_cpu::pack_weight, "[N, K] bf16 weight -> the kernel's layout", py::arg("weight"));
   m.def("linear", &vargen_cpu::linear, "x [..., K] @ packed weight^T -> [..., N] bf16", py::arg("x"),
@@ -33,4 +33,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &vargen_cpu::silu_mul, "bf16(bf16(silu(a)) b)", py::arg("a"), py::arg("b"));
   m.def("write_kv", &vargen_cpu::write_kv, "k / v [B, T, H, D] into caches [B, H, L, D] at slots [B, T], in place",
         py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("k"), py::arg("v"));
+  // the sampling side of a verify step (fp32, any CPU the module loads on): vargen.ops dispatches to these
+  m.def("draw_categorical", &vargen_cpu::draw_categorical,
+        "inverse-CDF draw per row of p [R, V] (of max(p - q, 0) where residual) with u [R]", py::arg("p"),
+        py::arg("q"), py::arg("residual"), py::arg("u"));
+  m.def("verify_window", &vargen_cpu::verify_window, "as vargen.ops.reference.verify_window -> (r [B], x [B])",
+        py::arg("probs"), py::arg("q"), py::arg("drafts"), py::arg("coins"), py::arg("valid"), py::arg("noise"),
+        py::arg("extra"));
 }
