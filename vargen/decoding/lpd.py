@@ -21,9 +21,9 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .. import ops
 from ..models.lpd import LPD, TRAIN_HINT, load_lpd
 from .lpd_order import ORDERS, group_bounds, group_schedule, iter_groups, order_generator
-from .. import ops
 from .sampling import SamplingConfig, uniform_noise
 from .session import DecodeSession, target_pass
 from .trained import resolve_trained

@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .. import ops
 from ..models.nar import TRAIN_HINT, NARModel, load_nar
 from .nar_order import anti_diagonals, proximity_slot_mask
-from .. import ops
 from .sampling import SamplingConfig, sample_categorical, uniform_noise
 from .session import DecodeSession, target_pass
 from .trained import resolve_trained

@@ -71,20 +71,15 @@ def verify_window(probs: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, co
         and valid) and ``argmax(dist / noise)`` with ``dist = norm(max(p_r - q_r, 0))`` (``p_r`` if that
         mass is 0) when ``r < L``, else ``p_L``.
     """
-    cpu = cpu_kernels.for_sampling(probs, q, drafts, coins, valid, noise, extra)
-    if cpu is not None and probs.dtype == q.dtype == coins.dtype == noise.dtype == torch.float32 and q.shape[1] > 0 \
-            and (extra is None or extra.dtype == torch.float32):
-        return cpu.verify_window(probs.contiguous(), q.contiguous(), drafts.long().contiguous(), coins.contiguous(),
-                                 valid.bool().contiguous(), noise.contiguous(),
-                                 None if extra is None else extra.contiguous())
-    ext = _kernels(probs, q, drafts, coins, valid, noise, extra)
-    if ext is None or any(t.dtype != torch.float32 for t in (probs, q, coins, noise)) or \
-            (extra is not None and extra.dtype != torch.float32) or q.shape[1] == 0:
-        return reference.verify_window(probs, q, drafts, coins, valid, noise, extra)
-    r, x = ext.verify_window(probs.contiguous(), q.contiguous(), drafts.long().contiguous(), coins.contiguous(),
-                             valid.bool().contiguous(), noise.contiguous(),
-                             None if extra is None else extra.contiguous())
-    return r, x
+    tensors = (probs, q, drafts, coins, valid, noise, extra)
+    fits = q.shape[1] > 0 and all(t.dtype == torch.float32 for t in (probs, q, coins, noise, extra) if t is not None)
+    # the CPU kernel on CPU tensors, the CUDA one on CUDA tensors: the same signature
+    kernel = (cpu_kernels.for_sampling(*tensors) or _kernels(*tensors)) if fits else None
+    if kernel is None:
+        return reference.verify_window(*tensors)
+    return kernel.verify_window(probs.contiguous(), q.contiguous(), drafts.long().contiguous(), coins.contiguous(),
+                                valid.bool().contiguous(), noise.contiguous(),
+                                None if extra is None else extra.contiguous())
 
 
 def draw_categorical(p: torch.Tensor, u: torch.Tensor, q: Optional[torch.Tensor] = None,
