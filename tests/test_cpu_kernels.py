@@ -21,6 +21,22 @@ def bf16_reference(x, w):
     return F.linear(x.float(), w.float())
 
 
+def cached_decode(gpt):
+    """A bf16 GPT's cached decode of 2 samples: the condition prefix, then 1-, 5- and 1-token steps. Returns every
+    call's logits and the cache."""
+    cache = gpt.new_cache(2)
+    tokens = torch.randint(0, 64, (2, gpt.num_tokens), generator=torch.Generator().manual_seed(1))
+    cond = gpt.condition_embeddings(torch.tensor([1, 2]))
+    prefix = torch.arange(gpt.prefix_len).expand(2, -1)
+    outs = [gpt(embeds=cond, positions=torch.full_like(prefix, -1), slots=prefix, cache=cache)]
+    n = 0
+    for width in (1, 5, 1):
+        pos = torch.arange(n, n + width).expand(2, -1)
+        outs.append(gpt(tokens=tokens[:, n:n + width], positions=pos, slots=pos + gpt.prefix_len, cache=cache))
+        n += width
+    return outs, cache
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17, 34])
 @pytest.mark.parametrize("k, n", [(32, 16), (24, 48), (384, 1152), (1024, 384), (64, 112)])
 def test_kernel_matches_an_fp32_matmul_to_one_bf16_rounding(kernels, rows, k, n):
@@ -150,23 +166,16 @@ def test_gpt_decode_steps_on_the_attention_kernel_match_sdpa(kernels, monkeypatc
     """Cached decoding (prefix, then 1- and 5-token steps) of a bf16 GPT: the attention kernel against SDPA and
     the single-query path (kernel disabled), to bf16 rounding."""
     from conftest import make_gpt
+    from vargen.models.llamagen import TransformerBlock
 
     gpt = make_gpt(vocab=64).to(torch.bfloat16).eval()
+    monkeypatch.setattr(TransformerBlock, "_fused", lambda *a: None)  # the module path, which calls the kernel here
     calls = []
     real = kernels.attention
     monkeypatch.setattr(kernels, "attention", lambda *a: calls.append(a[0].shape) or real(*a), raising=False)
 
     def decode():
-        cache = gpt.new_cache(2)
-        tokens = torch.randint(0, 64, (2, gpt.num_tokens), generator=torch.Generator().manual_seed(1))
-        cond = gpt.condition_embeddings(torch.tensor([1, 2]))
-        prefix = torch.arange(gpt.prefix_len).expand(2, -1)
-        outs = [gpt(embeds=cond, positions=torch.full_like(prefix, -1), slots=prefix, cache=cache)]
-        n = 0
-        for width in (1, 5, 1):
-            pos = torch.arange(n, n + width).expand(2, -1)
-            outs.append(gpt(tokens=tokens[:, n:n + width], positions=pos, slots=pos + gpt.prefix_len, cache=cache))
-            n += width
+        outs, _ = cached_decode(gpt)
         return torch.cat([o.float().flatten(1) for o in outs], 1)
 
     with torch.no_grad():
@@ -176,6 +185,37 @@ def test_gpt_decode_steps_on_the_attention_kernel_match_sdpa(kernels, monkeypatc
         reference = decode()
     assert len(calls) == 4 * len(gpt.layers)
     assert float((ours - reference).abs().max()) <= 0.05 * float(reference.abs().max())
+
+
+@pytest.mark.parametrize("n_kv_head", [None, 2])
+def test_fused_block_gives_the_module_path_bit_for_bit(kernels, monkeypatch, n_kv_head):
+    """A whole transformer block as one op (csrc/cpu/block_bf16.cpp) runs the modules' kernels in their order: the
+    logits and every cache entry of a cached decode (prefix, 1-, 5- and 1-token steps, grouped-query heads too) are
+    the same bits as the module path's, and the op runs once per layer and step. Control: a block with other
+    weights changes the logits."""
+    from conftest import make_gpt
+    from vargen.models.llamagen import TransformerBlock
+
+    gpt = make_gpt(vocab=64, **({} if n_kv_head is None else {"n_kv_head": n_kv_head})).to(torch.bfloat16).eval()
+    calls = []
+    real = kernels.block
+    monkeypatch.setattr(kernels, "block", lambda *a: calls.append(a[0].shape) or real(*a), raising=False)
+
+    def decode():
+        return cached_decode(gpt)
+
+    with torch.no_grad():
+        fused, fused_cache = decode()
+        assert len(calls) == 4 * len(gpt.layers)
+        with monkeypatch.context() as m:
+            m.setattr(TransformerBlock, "_fused", lambda *a: None)
+            modules, module_cache = decode()
+        assert len(calls) == 4 * len(gpt.layers)  # the module path did not call it
+        assert all(torch.equal(a, b) for a, b in zip(fused, modules))
+        assert all(torch.equal(a, b) for a, b in zip(fused_cache.k + fused_cache.v, module_cache.k + module_cache.v))
+        gpt.layers[1].feed_forward.w2.weight.mul_(1.5)  # control
+        changed, _ = decode()
+    assert not torch.equal(changed[-1], fused[-1])
 
 
 def test_layer_ops_match_the_pytorch_code_they_replace(kernels):
@@ -350,8 +390,8 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
 
 def test_sources_ship_apart_from_the_cuda_extension():
     names = lambda paths: [p.rsplit("/", 1)[-1] for p in paths]  # noqa: E731
-    assert names(cpu_kernels.sources()) == ["attention_bf16.cpp", "layer_ops_bf16.cpp", "matmul_bf16.cpp",
-                                            "module.cpp", "sampling_cpu.cpp"]
+    assert names(cpu_kernels.sources()) == ["attention_bf16.cpp", "block_bf16.cpp", "layer_ops_bf16.cpp",
+                                            "matmul_bf16.cpp", "module.cpp", "sampling_cpu.cpp"]
     assert names(cpu_kernels.headers()) == ["kernels.h", "simd.h", "tile.h"]  # a changed header rebuilds too
     assert not any("/cpu/" in p for p in _build.sources())  # nvcc's extension does not compile them
 

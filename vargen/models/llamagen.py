@@ -305,8 +305,32 @@ class TransformerBlock(nn.Module):
             self.drop_path = nn.Identity()
 
     def forward(self, x, rope, mask, cache, layer, slots):
+        if (kernels := self._fused(x, mask, cache, layer, slots)) is not None:
+            return self._fused_forward(kernels, x, rope, mask, cache, layer, slots)
         h = x + self.drop_path(self.attention(self.attention_norm(x), rope, mask, cache, layer, slots))
         return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
+
+    def _fused(self, x, mask, cache, layer, slots):
+        """The CPU extension when this block can run as its one op ``block`` (``csrc/cpu/block_bf16.cpp``, the same
+        kernels as the modules below in their order, so the same bits): eager bf16 inference with a cache and a
+        mask, every matmul, the attention and the cache write on vargen's kernels; else ``None``."""
+        if self.training or mask is None or cache is None or slots.dtype != torch.long:
+            return None
+        kernels = cpu_kernels.for_eager(x, cache.k[layer])
+        attn, ffn = self.attention, self.feed_forward
+        linears = (attn.wqkv, attn.wo, ffn.w1, ffn.w3, ffn.w2)
+        if kernels is None or attn.head_dim % 16 or any(m.bias is not None or not cpu_kernels.takes(x, m.weight)
+                                                        for m in linears):
+            return None
+        return kernels
+
+    def _fused_forward(self, kernels, x, rope, mask, cache, layer, slots):
+        attn, ffn = self.attention, self.feed_forward
+        return kernels.block(x, self.attention_norm.weight, self.ffn_norm.weight, self.attention_norm.eps,
+                             attn.wqkv.stream_weight(kernels), attn.wo.stream_weight(kernels),
+                             ffn.w1.stream_weight(kernels), ffn.w3.stream_weight(kernels),
+                             ffn.w2.stream_weight(kernels), rope[0], rope[1], cache.k[layer], cache.v[layer], slots,
+                             mask, attn.n_head, attn.n_kv_head, attn.head_dim ** -0.5)
 
 
 class LlamaGen(ModelMixin, ConfigMixin):

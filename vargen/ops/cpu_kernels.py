@@ -22,7 +22,7 @@ import torch
 from . import _build
 
 NAME = "vargen_cpu_ops"
-FUNCTIONS = ("supported", "pack_weight", "linear", "attention", "rms_norm", "rope", "silu_mul", "write_kv",
+FUNCTIONS = ("supported", "pack_weight", "linear", "attention", "rms_norm", "rope", "silu_mul", "write_kv", "block",
              "draw_categorical", "verify_window")
 
 _lock = threading.Lock()

@@ -33,6 +33,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &vargen_cpu::silu_mul, "bf16(bf16(silu(a)) b)", py::arg("a"), py::arg("b"));
   m.def("write_kv", &vargen_cpu::write_kv, "k / v [B, T, H, D] into caches [B, H, L, D] at slots [B, T], in place",
         py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("k"), py::arg("v"));
+  m.def("block", &vargen_cpu::block,
+        "a LlamaGen block (the ops above in TransformerBlock's order) on x [B, T, dim] with a KV cache -> [B, T, dim]",
+        py::arg("x"), py::arg("attention_norm"), py::arg("ffn_norm"), py::arg("eps"), py::arg("wqkv"), py::arg("wo"),
+        py::arg("w1"), py::arg("w3"), py::arg("w2"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("slots"), py::arg("mask"), py::arg("n_head"), py::arg("n_kv_head"),
+        py::arg("scale"));
   // the sampling side of a verify step (fp32, any CPU the module loads on): vargen.ops dispatches to these
   m.def("draw_categorical", &vargen_cpu::draw_categorical,
         "inverse-CDF draw per row of p [R, V] (of max(p - q, 0) where residual) with u [R]", py::arg("p"),
