@@ -5,13 +5,20 @@ import pytest
 import torch
 
 from vargen.cli import main
-from vargen.eval.latency import bench_latency, copy_bandwidth, depends_on_acceptance, parameter_bytes, random_gpt
+from vargen.eval.latency import (bench_latency, copy_bandwidth, depends_on_acceptance, matmul_parameters, matmul_peak,
+                                 parameter_bytes, random_gpt)
 
 
 def test_floor_ingredients():
     assert copy_bandwidth("cpu", megabytes=16, reps=2) > 1e8  # any machine copies more than 100 MB/s
+    assert matmul_peak("cpu", torch.float32, n=256, reps=2) > 1e8  # and multiplies faster than 0.1 GFLOP/s
     model = random_gpt("GPT-tiny", 16, "cpu", torch.bfloat16, vocab_size=64)
-    assert parameter_bytes(model) == 2 * sum(p.numel() for p in model.parameters())
+    tables = model.tok_embeddings.weight.numel() + model.cls_embedding.embedding_table.weight.numel()
+    assert parameter_bytes(model) == 2 * (sum(p.numel() for p in model.parameters()) - tables)  # a row of each read
+    layer = model.layers[0]
+    per_layer = sum(m.weight.numel() for m in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w1,
+                                                layer.feed_forward.w2, layer.feed_forward.w3))
+    assert matmul_parameters(model) == len(model.layers) * per_layer + model.output.weight.numel()
     assert depends_on_acceptance("sjd+coupling") and not depends_on_acceptance("zipar")
 
 
@@ -29,6 +36,11 @@ def test_table_ratios_follow_from_timed_steps_and_compression():
         assert r["speedup"] == pytest.approx(ar["steps_per_image"] * ar["ms_per_step"]
                                              / (r["steps_per_image"] * r["ms_per_step"]))
         assert r["step_vs_floor"] == pytest.approx(r["ms_per_step"] / r["floor_ms"])
+        assert r["floor_ms"] == max(r["read_floor_ms"], r["compute_floor_ms"])
+    # rows per step, counted in each loop: AR one per sample, SJD the last token and a window of 4, ZipAR a token of
+    # each active image row
+    assert ar["rows_per_pass"] == 1 and sjd["rows_per_pass"] == 5 and zipar["rows_per_pass"] > 1
+    assert sjd["compute_floor_ms"] == pytest.approx(5 * ar["compute_floor_ms"])
     with pytest.raises(ValueError, match=r"no step compression for \['sjd\+coupling'\]"):
         bench_latency(["GPT-tiny"], [1], [16], ["sjd+coupling"], {}, device="cpu", progress=False)
 

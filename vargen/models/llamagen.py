@@ -317,12 +317,20 @@ class TransformerBlock(nn.Module):
         if self.training or mask is None or cache is None or slots.dtype != torch.long:
             return None
         kernels = cpu_kernels.for_eager(x, cache.k[layer])
+        return kernels if kernels is not None and self._fits_kernels() else None
+
+    def _fits_kernels(self) -> bool:
+        """Whether the weights fit the kernels (bf16 CPU matmuls of the shapes they take, no biases, head dim a
+        multiple of 16): decided once per weight dtype and device, not in every step."""
         attn, ffn = self.attention, self.feed_forward
-        linears = (attn.wqkv, attn.wo, ffn.w1, ffn.w3, ffn.w2)
-        if kernels is None or attn.head_dim % 16 or any(m.bias is not None or not cpu_kernels.takes(x, m.weight)
-                                                        for m in linears):
-            return None
-        return kernels
+        w = attn.wqkv.weight
+        key = (w.dtype, w.device)
+        cached = self.__dict__.get("_fits")
+        if cached is None or cached[0] != key:
+            linears = (attn.wqkv, attn.wo, ffn.w1, ffn.w3, ffn.w2)
+            fits = attn.head_dim % 16 == 0 and all(m.bias is None and cpu_kernels.takes(w, m.weight) for m in linears)
+            cached = self.__dict__["_fits"] = (key, fits)
+        return cached[1]
 
     def _fused_forward(self, kernels, x, rope, mask, cache, layer, slots):
         attn, ffn = self.attention, self.feed_forward
