@@ -128,6 +128,8 @@ def attention_reference(q, k, v, mask, scale):
     (3, 72, 4, 2, 75, 32),   # grouped kv heads, slots not a multiple of 16 or 64
     (1, 3, 2, 1, 5, 128),    # odd slot count, a head wider than one panel
     (2, 4, 2, 2, 17, 16),
+    (2, 8, 4, 2, 40, 48),    # the most queries read straight off the cache (no packing), a partial 64-feature block
+    (2, 9, 4, 2, 40, 48),    # the fewest packed
 ])
 def test_attention_matches_fp32_attention_over_cache_views(kernels, b, t, h, hk, s, d):
     g = torch.Generator().manual_seed(b * t * s + d)

@@ -3,10 +3,12 @@
 // A step's queries (1 for AR, 17-72 for a verify window, per sample and CFG half) attend to the cache's slots in
 // use. SDPA's CPU flash kernel spent ~140-290 us per layer on the default model's verify shapes (2 x 6 heads x 17
 // queries x 160-272 slots, ~14 MFLOP), and vargen's fp32 single-query path copied the whole cache to fp32 in every
-// layer of every AR step. Here each (sample, head) is one task: its keys are gathered into the matmul kernel's
-// panel layout (tile.h) and multiplied by the queries into fp32 scores; the mask, a max-subtracted softmax in fp32
-// and the 1/sum follow in AVX-512; the probabilities are rounded to bf16 (as SDPA's flash kernel does for bf16)
-// and multiplied by the values, packed as pairs of slots, into fp32 sums rounded to bf16 once.
+// layer of every AR step. Here each (sample, head) is one task. Up to DIRECT_QUERIES queries read the keys and
+// values where they lie (VDPBF16PS dot products, fp32 sums of the values). More queries: the keys are gathered
+// into the matmul kernel's panel layout (tile.h) and multiplied by the queries into fp32 scores. Either way the
+// mask, a max-subtracted softmax in fp32 and the 1/sum follow in AVX-512, the probabilities are rounded to bf16 (as
+// SDPA's flash kernel does for bf16) and multiplied by the values (packed as pairs of slots for many queries) into
+// fp32 sums rounded to bf16 once.
 #include "kernels.h"
 #include "tile.h"
 
@@ -21,6 +23,11 @@ namespace vargen_cpu {
 namespace {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Up to this many queries per sample the keys and values are read where they lie: packing them costs ~S x D gathers
+// per (sample, head) whatever T is, more than T <= 8 queries' products (2 x 6 heads x 150 slots: 16 us against 29 for
+// one query; at batch 16 under CFG 292 us against 628 over 276 slots)
+constexpr int64_t DIRECT_QUERIES = 8;
 
 VARGEN_AVX512_BF16 void pack_keys(const at::BFloat16* k, int64_t ldk, int64_t S, int64_t D, at::BFloat16* out) {
   // keys [S, D] (row stride ldk) -> pack_weight's layout of a [round_up(S, 16), D] matrix, slots past S zero
@@ -104,6 +111,38 @@ VARGEN_AVX512_BF16 void softmax_rows(float* scores, const bool* mask, int64_t T,
   }
 }
 
+VARGEN_AVX512_BF16 void direct_scores(const at::BFloat16* q, const at::BFloat16* k, int64_t ldk, int64_t S,
+                                      int64_t D, float* scores) {
+  // scores[l] = q . k_l for a few queries: fp32 sums of bf16 products read straight from the cache (no packing)
+  for (int64_t l = 0; l < S; ++l) {
+    const at::BFloat16* kl = k + l * ldk;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      const __mmask32 in = D - d >= 32 ? ~static_cast<__mmask32>(0) : static_cast<__mmask32>((1u << (D - d)) - 1);
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(in, q + d),
+                             (__m512bh)_mm512_maskz_loadu_epi16(in, kl + d));
+    }
+    scores[l] = _mm512_reduce_add_ps(acc);
+  }
+}
+
+VARGEN_AVX512_BF16 void direct_values(const at::BFloat16* probs, const at::BFloat16* v, int64_t ldv, int64_t S,
+                                      int64_t D, at::BFloat16* out) {
+  // out = sum_l probs[l] v_l in fp32, 64 features at a time, rounded to bf16 once
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int blocks = static_cast<int>(std::min<int64_t>(64, D - d0) / 16);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t l = 0; l < S; ++l) {
+      const float p = static_cast<float>(probs[l]);
+      if (p == 0.0f) continue;  // masked slots
+      const __m512 bp = _mm512_set1_ps(p);
+      const at::BFloat16* vl = v + l * ldv + d0;
+      for (int j = 0; j < blocks; ++j) acc[j] = _mm512_fmadd_ps(bp, load_bf16(vl + 16 * j, 0xFFFF), acc[j]);
+    }
+    for (int j = 0; j < blocks; ++j) store_bf16(out + d0 + 16 * j, acc[j], 0xFFFF);
+  }
+}
+
 }  // namespace
 
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -133,6 +172,27 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
   const auto* Vc = v.data_ptr<at::BFloat16>();
   const bool* M = m.data_ptr<bool>();
   auto* O = out.data_ptr<at::BFloat16>();
+  if (T <= DIRECT_QUERIES) {
+    // an AR or ZipAR step's few queries: dot products straight off the cache; packing every (sample, head)'s keys
+    // and values for one query cost more than the products (and grew with the batch: 16 images x 2 CFG halves x
+    // 6 heads x 8 layers of packing took most of a batch-16 AR step)
+    at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scores(T * S16);
+      std::vector<at::BFloat16> probs(T * S16);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / H, h = i % H;
+        const at::BFloat16* ks = Kc + b * k.stride(0) + (h / rep) * k.stride(1);
+        const at::BFloat16* vs = Vc + b * v.stride(0) + (h / rep) * v.stride(1);
+        for (int64_t t = 0; t < T; ++t)
+          direct_scores(Q + b * q.stride(0) + t * q.stride(1) + h * q.stride(2), ks, k.stride(2), S, D,
+                        scores.data() + t * S16);
+        softmax_rows(scores.data(), M + b * T * S, T, S, S16, static_cast<float>(scale), probs.data());
+        for (int64_t t = 0; t < T; ++t)
+          direct_values(probs.data() + t * S16, vs, v.stride(2), S, D, O + (b * T + t) * H * D + h * D);
+      }
+    });
+    return out;
+  }
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<at::BFloat16> keys(S16 * D), values(S2 * D), probs(T * S16);
     std::vector<float> scores(T * S16);
